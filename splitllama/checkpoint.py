@@ -1,0 +1,221 @@
+"""Lazy, validated reading of single-file or sharded safetensors checkpoints.
+
+In the spirit of mergekit's lazy loader: a :class:`LazyCheckpoint` reads only the headers when it
+opens a directory (so a missing shard, a truncated file or a malformed index fails at once, naming
+the file), and reads a tensor's bytes only when asked, one tensor (or one slice of one tensor, for
+tensor parallelism) at a time. Assembling a split model from a 70B donor therefore never holds
+the donor in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file is missing, malformed, or lacks a tensor; names the file."""
+
+
+class _ShardHeader:
+    """Parsed header of one safetensors file, checked against the file's size."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                raw_len = f.read(8)
+                if len(raw_len) < 8:
+                    raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+                (header_len,) = struct.unpack("<Q", raw_len)
+                if header_len > size - 8:
+                    raise CheckpointError(f"{path}: truncated or corrupt (header of {header_len} bytes, file of {size})")
+                header: dict[str, Any] = json.loads(f.read(header_len))
+        except CheckpointError:
+            raise
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: cannot read safetensors header: {exc}") from exc
+        header.pop("__metadata__", None)
+        data_size = size - 8 - header_len
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: truncated: tensors need {end} bytes of data but the file holds {data_size}"
+            )
+        self.entries = header
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _ST_DTYPES[self.entries[name]["dtype"]]
+
+    def nbytes(self, name: str) -> int:
+        start, end = self.entries[name]["data_offsets"]
+        return int(end) - int(start)
+
+
+class LazyCheckpoint:
+    """A Hugging Face checkpoint directory whose tensors are read on demand.
+
+    Args:
+        path: a directory holding ``model.safetensors`` or ``model.safetensors.index.json`` and
+            its shards (or any single ``*.safetensors`` file).
+        role: how error messages name this checkpoint (``path8b``, ``path70b``, ``adapter``...).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], role: str = "checkpoint") -> None:
+        self.path = Path(path)
+        self.role = role
+        if self.path.is_file() and self.path.suffix == ".safetensors":
+            files = {None: self.path}
+            self._weight_map: dict[str, Path] | None = None
+        elif not self.path.is_dir():
+            raise CheckpointError(f"{role}: {self.path} is not a directory (expected a Hugging Face checkpoint)")
+        else:
+            files, self._weight_map = self._discover()
+        self._headers = {p: _ShardHeader(p) for p in set(files.values())}
+        if self._weight_map is None:
+            (only,) = self._headers.values()
+            self._weight_map = {name: only.path for name in only.entries}
+        else:
+            for name, shard in self._weight_map.items():
+                if name not in self._headers[shard].entries:
+                    raise CheckpointError(f"{role}: {INDEX_FILE} puts {name!r} in {shard.name}, which does not hold it")
+        self._handles: dict[Path, Any] = {}
+
+    def _discover(self) -> tuple[dict[Any, Path], dict[str, Path] | None]:
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise CheckpointError(f"{self.role}: {index} is not a valid safetensors index: {exc}") from exc
+            shards = {shard: self.path / shard for shard in set(weight_map.values())}
+            for shard, p in sorted(shards.items()):
+                if not p.is_file():
+                    raise CheckpointError(f"{self.role}: shard {p} listed in {INDEX_FILE} is missing")
+            return shards, {name: shards[shard] for name, shard in weight_map.items()}
+        single = self.path / SINGLE_FILE
+        if single.is_file():
+            return {None: single}, None
+        others = sorted(self.path.glob("*.safetensors"))
+        if len(others) == 1:
+            return {None: others[0]}, None
+        legacy = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt*"))
+        hint = f" (found {legacy[:3]}: convert to safetensors first)" if legacy else ""
+        raise CheckpointError(f"{self.role}: no {SINGLE_FILE} or {INDEX_FILE} in {self.path}{hint}")
+
+    # ------------------------------------------------------------------ metadata (no tensor bytes read)
+    def names(self) -> list[str]:
+        assert self._weight_map is not None
+        return list(self._weight_map)
+
+    def __contains__(self, name: object) -> bool:
+        assert self._weight_map is not None
+        return name in self._weight_map
+
+    def _header(self, name: str) -> _ShardHeader:
+        assert self._weight_map is not None
+        if name not in self._weight_map:
+            raise CheckpointError(f"{self.role}: tensor {name!r} not found in {self.path}")
+        return self._headers[self._weight_map[name]]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._header(name).shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._header(name).dtype(name)
+
+    def nbytes(self, name: str) -> int:
+        return self._header(name).nbytes(name)
+
+    def shard_of(self, name: str) -> Path:
+        return self._header(name).path
+
+    # ------------------------------------------------------------------ reading
+    def _handle(self, shard: Path) -> Any:
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(shard), framework="pt", device="cpu")
+        return self._handles[shard]
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read one tensor (only its bytes), optionally cast to ``dtype``."""
+        tensor = self._handle(self._header(name).path).get_tensor(name)
+        return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read ``tensor[..., start:stop, ...]`` along ``dim`` without reading the rest (TP shards)."""
+        view = self._handle(self._header(name).path).get_slice(name)
+        index = [slice(None)] * len(view.get_shape())
+        index[dim] = slice(start, stop)
+        tensor = view[tuple(index)]
+        return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+    def iter_tensors(self, names: list[str] | None = None, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` one at a time, in shard order, for streaming loaders."""
+        wanted = self.names() if names is None else names
+        for name in sorted(wanted, key=lambda n: (str(self.shard_of(n)), n)):
+            yield name, self.get(name, dtype)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> LazyCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_adapter_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read an adapter checkpoint: ``.safetensors`` or a ``.pt``/``.bin`` read with ``weights_only=True``.
+
+    Keys may be relative to the adapter (``adapter_linear_1.weight``), to the base model
+    (``adapter.adapter_linear_1.weight``) or full (``model.adapter.adapter_linear_1.weight``);
+    they are returned relative to the adapter.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"adapter_checkpoint: {p} does not exist")
+    if p.suffix == ".safetensors":
+        ckpt = LazyCheckpoint(p, role="adapter_checkpoint")
+        state = dict(ckpt.iter_tensors())
+    else:
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"adapter_checkpoint: cannot read {p} (safetensors or a weights-only torch file): {exc}") from exc
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"adapter_checkpoint: {p} does not hold a dict of tensors")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        rel = key
+        for prefix in ("model.adapter.", "adapter."):
+            if rel.startswith(prefix):
+                rel = rel[len(prefix):]
+                break
+        out[rel] = value
+    return out
+
+
+__all__ = ["CheckpointError", "INDEX_FILE", "SINGLE_FILE", "LazyCheckpoint", "load_adapter_state"]
