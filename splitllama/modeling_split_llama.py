@@ -36,6 +36,9 @@ from .configuration_split_llama import SplitLlamaConfig
 
 logger = logging.getLogger(__name__)
 
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
+)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -124,6 +127,24 @@ class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
 
+    def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
+        """Save weights, config and remote code, plus the small donor's tokenizer when available.
+
+        The split model reads the small donor's token ids, so its tokenizer is the model's
+        tokenizer; it is copied from ``config.path8b`` unless the directory already has one.
+        """
+        super().save_pretrained(save_directory, *args, **kwargs)
+        source = getattr(self.config, "path8b", None)
+        if not source or not os.path.isdir(source) or os.path.exists(os.path.join(save_directory, "tokenizer_config.json")):
+            return
+        import shutil
+
+        for name in TOKENIZER_FILES:
+            src = os.path.join(source, name)
+            if os.path.isfile(src):
+                shutil.copy2(src, os.path.join(save_directory, name))
+
+
 class CustomSplitLLamaModel(CustomSplitLLamaPreTrainedModel):
     """Embeddings, small-donor layers, adapter, large-donor layers and final norm."""
 
@@ -159,8 +180,9 @@ class CustomSplitLLamaModel(CustomSplitLLamaPreTrainedModel):
 
     def reset_rotary_embeddings(self, device: torch.device | str | None = None) -> None:
         """Recompute the (non-persistent) rotary buffers, e.g. after building on the meta device."""
-        self.rotary_emb_first = LlamaRotaryEmbedding(config=self.config.config_8b, device=device)
-        self.rotary_emb_last = LlamaRotaryEmbedding(config=self.config.config_70b, device=device)
+        with torch.device(device or "cpu"):  # (transformers 5.17 and 5.19 differ in a `device` argument)
+            self.rotary_emb_first = LlamaRotaryEmbedding(config=self.config.config_8b)
+            self.rotary_emb_last = LlamaRotaryEmbedding(config=self.config.config_70b)
 
     def forward(
         self,

@@ -1,0 +1,456 @@
+"""Assemble a split model from two ordinary Hugging Face LLaMA checkpoints.
+
+The model is created on the meta device (no random weights are allocated), then every parameter
+is filled from exactly one place: a donor tensor named by :mod:`splitllama.weight_map`, the
+adapter checkpoint, or a named, logged adapter initialisation. Before a single tensor byte is
+read, the whole plan is checked against the donors' safetensors headers (missing tensors, wrong
+shapes), so a bad checkpoint fails in milliseconds with a message listing what is wrong.
+
+Only the needed tensors are read, one at a time, from single-file or sharded safetensors: peak
+memory is the split model plus one tensor, whatever the size of the large donor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import LlamaConfig
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from .checkpoint import CheckpointError, LazyCheckpoint, load_adapter_state
+from .configuration_split_llama import SplitLlamaConfig, _field_error
+from .modeling_split_llama import CustomSplitLLamaForCausalLM, CustomSplitLLamaModel, CustomSplitLLamaPreTrainedModel
+from .weight_map import ADAPTER_PREFIX, TensorSource, adapter_tensor_names, plan_weights
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_INITS = ("random", "identity", "lstsq")
+ADAPTER_FILES = ("adapter.safetensors", "adapter.pt")
+
+Calibration = Sequence[str] | torch.Tensor
+
+
+def build_split_model(
+    path8b: str | os.PathLike[str],
+    path70b: str | os.PathLike[str],
+    num_layers_8: int | None = None,
+    num_layers_70: int | None = None,
+    adapter: str = "linear",
+    adapter_checkpoint: str | os.PathLike[str] | None = None,
+    *,
+    layers_8: list[int] | None = None,
+    layers_70: list[int] | None = None,
+    adapter_init: str | None = None,
+    adapter_hidden_size: int | None = None,
+    adapter_rank: int | None = None,
+    adapter_bias: bool = True,
+    calibration: Calibration | None = None,
+    calibration_seq_len: int = 256,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    model_class: type[CustomSplitLLamaPreTrainedModel] = CustomSplitLLamaForCausalLM,
+) -> CustomSplitLLamaPreTrainedModel:
+    """Build a split model: the first layers of ``path8b``, an adapter, the last layers of ``path70b``.
+
+    Args:
+        path8b, path70b: donor directories (``config.json`` + single-file or sharded safetensors).
+        num_layers_8, num_layers_70: how many layers to take (first of the small donor, last of
+            the large one); or give ``layers_8`` / ``layers_70`` as explicit index lists.
+        adapter: ``linear`` | ``mlp`` | ``identity`` | ``lowrank`` (with ``adapter_rank``).
+        adapter_checkpoint: trained adapter weights (``.safetensors``, or ``.pt`` read with
+            ``weights_only=True``). Without it the adapter is initialised by ``adapter_init``.
+        adapter_init: ``random`` (default for linear/mlp/lowrank), ``identity`` (eye, padded or
+            truncated) or ``lstsq`` (least-squares stitching fitted on ``calibration``).
+        calibration: texts (tokenised with the small donor's tokenizer) or a LongTensor of token
+            ids ``(batch, seq)`` for ``lstsq``.
+        dtype, device: of the assembled model. ``seed`` seeds the random adapter initialisation.
+        model_class: :class:`CustomSplitLLamaForCausalLM` or :class:`CustomSplitLLamaForValue`.
+    """
+    config = SplitLlamaConfig(
+        path8b=os.fspath(path8b),
+        path70b=os.fspath(path70b),
+        num_layers_8=num_layers_8,
+        num_layers_70=num_layers_70,
+        layers_8=layers_8,
+        layers_70=layers_70,
+        adapter=adapter,
+        adapter_hidden_size=adapter_hidden_size,
+        adapter_rank=adapter_rank,
+        adapter_bias=adapter_bias,
+    )
+    return assemble(
+        config,
+        adapter_checkpoint=adapter_checkpoint,
+        adapter_init=adapter_init,
+        calibration=calibration,
+        calibration_seq_len=calibration_seq_len,
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+        seed=seed,
+        model_class=model_class,
+    )
+
+
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(str(dtype), str(dtype))
+    value = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype: unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+    return value
+
+
+def _resolve_adapter_init(config: SplitLlamaConfig, adapter_init: str | None, has_checkpoint: bool) -> str | None:
+    if has_checkpoint:
+        if adapter_init is not None:
+            raise ValueError("adapter_init: give either adapter_checkpoint or adapter_init, not both")
+        return None
+    if config.adapter == "identity":
+        return None  # no parameters
+    init = adapter_init or "random"
+    if init not in ADAPTER_INITS:
+        raise ValueError(f"adapter_init: must be one of {', '.join(ADAPTER_INITS)}, got {init!r}")
+    if init in ("identity", "lstsq") and config.adapter == "mlp":
+        raise ValueError(
+            f"adapter_init: {init!r} applies to the linear and lowrank adapters; the mlp adapter takes 'random' "
+            "(or an adapter_checkpoint)"
+        )
+    return init
+
+
+def check_plan(
+    config: SplitLlamaConfig,
+    small: LazyCheckpoint,
+    large: LazyCheckpoint,
+    expected: dict[str, tuple[int, ...]],
+    adapter_state: dict[str, torch.Tensor] | None,
+) -> list[tuple[TensorSource, str]]:
+    """Resolve every planned tensor against the donors' headers; raise one error listing all faults.
+
+    Returns ``(source, donor name to read)`` pairs for the parameters ``expected`` holds.
+    """
+    problems: list[str] = []
+    resolved: list[tuple[TensorSource, str]] = []
+    for src in plan_weights(config):
+        if src.target not in expected:
+            continue  # e.g. lm_head of a value model
+        ckpt = small if src.donor == "small" else large
+        name = src.source
+        if name not in ckpt:
+            if src.fallback and src.fallback in ckpt:
+                name = src.fallback
+            else:
+                problems.append(f"missing tensor {src.source!r} in {ckpt.role} ({ckpt.path})")
+                continue
+        shape = ckpt.shape(name)
+        if shape != tuple(expected[src.target]):
+            problems.append(
+                f"{ckpt.role}: tensor {name!r} has shape {list(shape)}, but {src.target} needs {list(expected[src.target])}"
+            )
+            continue
+        resolved.append((src, name))
+    adapter_expected = adapter_tensor_names(config)
+    if adapter_state is not None:
+        full = {ADAPTER_PREFIX + k: v for k, v in adapter_state.items()}
+        for name in sorted(set(adapter_expected) - set(full)):
+            problems.append(f"adapter_checkpoint: missing {name[len(ADAPTER_PREFIX):]!r} (shape {list(adapter_expected[name])})")
+        for name in sorted(set(full) - set(adapter_expected)):
+            problems.append(f"adapter_checkpoint: unexpected {name[len(ADAPTER_PREFIX):]!r} for a {config.adapter} adapter")
+        for name in sorted(set(full) & set(adapter_expected)):
+            if tuple(full[name].shape) != tuple(adapter_expected[name]):
+                problems.append(
+                    f"adapter_checkpoint: {name[len(ADAPTER_PREFIX):]!r} has shape {list(full[name].shape)}, "
+                    f"expected {list(adapter_expected[name])}"
+                )
+    if problems:
+        raise CheckpointError("cannot assemble the split model:\n  " + "\n  ".join(problems))
+    return resolved
+
+
+def assemble(
+    config: SplitLlamaConfig,
+    *,
+    adapter_checkpoint: str | os.PathLike[str] | None = None,
+    adapter_init: str | None = None,
+    calibration: Calibration | None = None,
+    calibration_seq_len: int = 256,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    model_class: type[CustomSplitLLamaPreTrainedModel] = CustomSplitLLamaForCausalLM,
+) -> CustomSplitLLamaPreTrainedModel:
+    """Assemble ``config``'s split model from the donors at ``config.path8b`` / ``config.path70b``."""
+    if config.path8b is None or config.path70b is None:
+        raise _field_error("path8b" if config.path8b is None else "path70b", "a donor directory is needed to assemble weights")
+    dtype = _resolve_dtype(dtype)
+    init = _resolve_adapter_init(config, adapter_init, adapter_checkpoint is not None)
+    if init == "lstsq" and calibration is None:
+        raise ValueError("adapter_init: 'lstsq' needs calibration texts or token ids (calibration=...)")
+    small = LazyCheckpoint(config.path8b, role="path8b")
+    large = LazyCheckpoint(config.path70b, role="path70b")
+    adapter_state = load_adapter_state(adapter_checkpoint) if adapter_checkpoint is not None else None
+
+    config._attn_implementation = attn_implementation
+    config.dtype = dtype
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    resolved = check_plan(config, small, large, expected, adapter_state)
+
+    from tqdm.auto import tqdm
+
+    state: dict[str, torch.Tensor] = {}
+    total = sum((small if s.donor == "small" else large).nbytes(n) for s, n in resolved)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="reading donor tensors", disable=total < 2**28) as bar:
+        for src, name in resolved:
+            ckpt = small if src.donor == "small" else large
+            state[src.target] = ckpt.get(name, dtype).to(device)
+            bar.update(ckpt.nbytes(name))
+    if adapter_state is not None:
+        for rel, tensor in adapter_state.items():
+            state[ADAPTER_PREFIX + rel] = tensor.to(dtype=dtype, device=device)
+        logger.info("adapter loaded from %s", adapter_checkpoint)
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
+    small.close()
+    large.close()
+
+    base: CustomSplitLLamaModel = model.model
+    base.reset_rotary_embeddings(device)
+    if adapter_state is None:
+        _materialise_new_parameters(model, dtype, device)
+        if init is not None:
+            initialise_adapter(model, init, seed=seed, calibration=calibration, calibration_seq_len=calibration_seq_len)
+    leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+    if leftover:  # every parameter must come from somewhere
+        raise RuntimeError(f"split model parameters not filled: {leftover}")
+    model.eval()
+    logger.info("%s", config.describe())
+    return model
+
+
+def _materialise_new_parameters(model: CustomSplitLLamaPreTrainedModel, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Give the adapter (and a value head) real storage; values are set by the named initialiser next."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                setattr(module, name, nn.Parameter(torch.zeros(param.shape, dtype=dtype, device=device)))
+    value_head = getattr(model, "value_head", None)
+    if value_head is not None:
+        logger.info("value_head initialised to zeros")
+
+
+@torch.no_grad()
+def initialise_adapter(
+    model: CustomSplitLLamaPreTrainedModel,
+    method: str,
+    *,
+    seed: int = 0,
+    calibration: Calibration | None = None,
+    calibration_seq_len: int = 256,
+) -> None:
+    """Initialise the adapter in place by ``method`` (``random`` | ``identity`` | ``lstsq``) and log it."""
+    config: SplitLlamaConfig = model.config
+    adapter = model.model.adapter
+    linears = [m for m in (getattr(adapter, "adapter_linear_1", None), getattr(adapter, "adapter_linear_2", None)) if m is not None]
+    if method == "random":
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        for lin in linears:  # PyTorch's nn.Linear default (Kaiming-uniform), drawn from a seeded generator
+            bound = 1.0 / math.sqrt(lin.in_features)
+            lin.weight.copy_(torch.empty(lin.weight.shape).uniform_(-bound, bound, generator=generator))
+            if lin.bias is not None:
+                lin.bias.copy_(torch.empty(lin.bias.shape).uniform_(-bound, bound, generator=generator))
+    elif method == "identity":
+        for lin in linears:
+            lin.weight.copy_(torch.eye(lin.out_features, lin.in_features))
+            if lin.bias is not None:
+                lin.bias.zero_()
+    elif method == "lstsq":
+        if calibration is None:
+            raise ValueError("adapter_init: 'lstsq' needs calibration texts or token ids")
+        weight, bias = fit_lstsq_adapter(model, calibration, seq_len=calibration_seq_len)
+        _set_linear_map(adapter, config, weight, bias)
+    else:
+        raise ValueError(f"adapter_init: must be one of {', '.join(ADAPTER_INITS)}, got {method!r}")
+    logger.info("adapter (%s) initialised: %s", config.adapter, method)
+
+
+def _set_linear_map(adapter: nn.Module, config: SplitLlamaConfig, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Write the affine map ``x @ weight.T + bias`` into a linear or (truncated-SVD) low-rank adapter."""
+    if config.adapter == "linear":
+        adapter.adapter_linear_1.weight.copy_(weight)
+        if adapter.adapter_linear_1.bias is not None:
+            adapter.adapter_linear_1.bias.copy_(bias)
+        return
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    r = config.adapter_rank
+    root = s[:r].sqrt()
+    adapter.adapter_linear_1.weight.copy_(root[:, None] * vh[:r])
+    adapter.adapter_linear_2.weight.copy_(u[:, :r] * root[None, :])
+    if adapter.adapter_linear_2.bias is not None:
+        adapter.adapter_linear_2.bias.copy_(bias)
+
+
+def _calibration_ids(calibration: Calibration, tokenizer_dir: str | None, seq_len: int) -> torch.Tensor:
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dtype not in (torch.int64, torch.int32) or calibration.dim() != 2:
+            raise ValueError("calibration: token ids must be an integer tensor of shape (batch, seq)")
+        return calibration.long()
+    from transformers import AutoTokenizer
+
+    if tokenizer_dir is None:
+        raise ValueError("calibration: texts need the small donor's tokenizer (path8b)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"calibration: cannot load a tokenizer from path8b={tokenizer_dir}: {exc}") from exc
+    ids: list[int] = []
+    for text in calibration:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"calibration: {len(ids)} tokens, fewer than one sequence of {seq_len}")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+def _run_llama_layers(
+    layers: list[nn.Module], config: LlamaConfig, hidden: torch.Tensor, rotary: nn.Module
+) -> torch.Tensor:
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=position_ids)
+    position_embeddings = rotary(hidden, position_ids=position_ids)
+    for layer in layers:
+        hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+    return hidden
+
+
+@torch.no_grad()
+def large_donor_hidden_states(config: SplitLlamaConfig, input_ids: torch.Tensor, before_layer: int, batch_size: int = 8) -> torch.Tensor:
+    """Hidden states of the large donor entering layer ``before_layer``, streamed layer by layer.
+
+    Only the embeddings and one decoder layer are in memory at a time, so this works for a 70B
+    donor on a machine that holds the split model.
+    """
+    large_cfg = config.config_70b
+    large_cfg._attn_implementation = config._attn_implementation or "sdpa"
+    ckpt = LazyCheckpoint(config.path70b, role="path70b")
+    embed = ckpt.get("model.embed_tokens.weight", torch.float32)
+    hidden = torch.nn.functional.embedding(input_ids, embed)
+    del embed
+    rotary = LlamaRotaryEmbedding(config=large_cfg)
+    for index in range(before_layer):
+        with torch.device("meta"):
+            layer = LlamaDecoderLayer(large_cfg, layer_idx=index)
+        state = {name: ckpt.get(f"model.layers.{index}.{name}", torch.float32) for name, _ in layer.named_parameters()}
+        layer.load_state_dict(state, assign=True)
+        layer.eval()
+        hidden = torch.cat([_run_llama_layers([layer], large_cfg, chunk, rotary) for chunk in hidden.split(batch_size)])
+    return hidden
+
+
+@torch.no_grad()
+def small_split_hidden_states(model: CustomSplitLLamaPreTrainedModel, input_ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Hidden states of the split model entering its adapter (after the last small-donor layer)."""
+    base: CustomSplitLLamaModel = model.model
+    base._sync_attn_implementation()
+    outs = []
+    for chunk in input_ids.split(batch_size):
+        hidden = base.embed_tokens(chunk.to(base.embed_tokens.weight.device)).float()
+        hidden = _run_llama_layers(list(base.layers_first), model.config.config_8b, hidden.to(base.embed_tokens.weight.dtype), base.rotary_emb_first)
+        outs.append(hidden.float().cpu())
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def fit_lstsq_adapter(
+    model: CustomSplitLLamaPreTrainedModel, calibration: Calibration, *, seq_len: int = 256, ridge: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares stitching: the affine map from small to large donor hidden states.
+
+    Fits ``W, b`` minimising ``|| h_s W^T + b - h_l ||^2`` over calibration tokens, where ``h_s``
+    is the small donor's hidden state after its last selected layer and ``h_l`` the large
+    donor's hidden state before its first selected layer (the model-stitching baseline). A tiny
+    ridge term keeps the normal equations well conditioned.
+    """
+    config: SplitLlamaConfig = model.config
+    input_ids = _calibration_ids(calibration, config.path8b, seq_len)
+    h_s = small_split_hidden_states(model, input_ids).reshape(-1, config.hidden_size_8).double()
+    first_large = config.layers_70[0] if config.layers_70 else config.config_70b.num_hidden_layers
+    h_l = large_donor_hidden_states(config, input_ids, first_large).reshape(-1, config.hidden_size_70).double()
+    if h_s.shape[0] <= config.hidden_size_8:
+        logger.warning("lstsq adapter: %d calibration tokens for %d inputs; the fit is underdetermined", h_s.shape[0], config.hidden_size_8)
+    x = torch.cat([h_s, torch.ones(h_s.shape[0], 1, dtype=h_s.dtype)], dim=1)
+    gram = x.T @ x
+    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    solution = torch.linalg.solve(gram, x.T @ h_l)  # (h_s + 1, h_l)
+    weight, bias = solution[:-1].T.contiguous(), solution[-1].contiguous()
+    residual = (x @ solution - h_l).pow(2).mean() / h_l.pow(2).mean()
+    logger.info("lstsq adapter fitted on %d tokens: relative residual %.4f", h_s.shape[0], residual.item())
+    dtype = model.model.embed_tokens.weight.dtype
+    return weight.to(dtype), bias.to(dtype)
+
+
+def build_from_seed_dir(
+    path: str | os.PathLike[str],
+    *,
+    model_class: type[CustomSplitLLamaPreTrainedModel] = CustomSplitLLamaForCausalLM,
+    adapter_checkpoint: str | os.PathLike[str] | None = None,
+    adapter_init: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    attn_implementation: str | None = None,
+    **unused: Any,
+) -> CustomSplitLLamaPreTrainedModel:
+    """Assemble from a seed-style directory: a ``config.json`` with ``path8b``, ``path70b``, layer counts, no weights.
+
+    The adapter comes from ``adapter_checkpoint``, else from ``adapter.safetensors`` /
+    ``adapter.pt`` in the directory, else from ``adapter_init`` (default ``random``, logged).
+    """
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    for field in ("path8b", "path70b"):
+        if not raw.get(field):
+            raise _field_error(field, f"{path / 'config.json'} has no weights and no {field} to assemble from")
+    config = SplitLlamaConfig.from_pretrained(os.fspath(path))
+    if adapter_checkpoint is None and adapter_init is None:
+        for name in ADAPTER_FILES:
+            if (path / name).is_file():
+                adapter_checkpoint = path / name
+                break
+    if adapter_checkpoint is None and adapter_init is None and config.adapter != "identity":
+        logger.warning("%s: no adapter weights found (%s); initialising the adapter 'random'", path, " or ".join(ADAPTER_FILES))
+    return assemble(
+        config,
+        adapter_checkpoint=adapter_checkpoint,
+        adapter_init=adapter_init,
+        dtype=_resolve_dtype(dtype) if dtype not in (None, "auto") else torch.float32,
+        device=device if isinstance(device, (str, torch.device)) else "cpu",
+        attn_implementation=attn_implementation or "sdpa",
+        model_class=model_class,
+    )
+
+
+__all__ = [
+    "ADAPTER_INITS",
+    "assemble",
+    "build_from_seed_dir",
+    "build_split_model",
+    "check_plan",
+    "fit_lstsq_adapter",
+    "initialise_adapter",
+    "large_donor_hidden_states",
+]
