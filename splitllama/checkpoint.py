@@ -60,6 +60,7 @@ class _ShardHeader:
                 f"{path}: truncated: tensors need {end} bytes of data but the file holds {data_size}"
             )
         self.entries = header
+        self.data_start = 8 + header_len
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
@@ -157,8 +158,25 @@ class LazyCheckpoint:
         return self._handles[shard]
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read one tensor (only its bytes), optionally cast to ``dtype``."""
-        tensor = self._handle(self._header(name).path).get_tensor(name)
+        """Read one tensor (only its bytes), optionally cast to ``dtype``.
+
+        The bytes are read with plain file reads straight into the tensor's storage: no memory
+        map, so reading a tensor costs its size once and leaves nothing mapped behind.
+        """
+        header = self._header(name)
+        entry = header.entries[name]
+        start, end = (int(x) for x in entry["data_offsets"])
+        tensor = torch.empty(tuple(entry["shape"]), dtype=header.dtype(name))
+        if end > start:
+            buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+            with open(header.path, "rb", buffering=0) as f:
+                f.seek(header.data_start + start)
+                read = 0
+                while read < end - start:
+                    n = f.readinto(buffer[read:])
+                    if not n:
+                        raise CheckpointError(f"{self.role}: {header.path} ended while reading {name!r}")
+                    read += n
         return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
     def get_slice(self, name: str, dim: int, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
