@@ -142,8 +142,17 @@ def worker(method: str, small: str, large: str, n8: int, n70: int) -> dict:
     else:
         raise SystemExit(f"unknown method {method}")
     result["wall_s"] = time.perf_counter() - start
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss_bytes"] = peak_rss_bytes()
     return result
+
+
+def peak_rss_bytes() -> int:
+    """This process's own RSS high-water mark (VmHWM; unlike ru_maxrss it does not inherit the
+    parent's peak across fork/exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_worker(method: str, small: Path, large: Path, n8: int, n70: int) -> dict:
