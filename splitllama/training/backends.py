@@ -1,0 +1,215 @@
+"""Backend factory: the one place the LightningModule gets its split model from.
+
+A backend builds the split model (assembled from donors, or loaded from a saved split model),
+selects what trains, and exports a Hugging Face split checkpoint. The LightningModule only calls
+:func:`build_backend` and the :class:`SplitBackend` methods, so another implementation (the
+megatron-core backend in ``splitllama.megatron.lightning``) plugs in with
+:func:`register_backend` and a ``conf/backend/<name>.yaml`` whose ``name`` selects it::
+
+    register_backend("megatron", build_megatron_backend)   # factory(spec, options) -> SplitBackend
+
+Which donor tensor lands where is decided by :mod:`splitllama.weight_map` in every backend;
+a backend adds only its own layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..configuration_split_llama import SplitLlamaConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitModelSpec:
+    """What to build: a split model from two donors, or a saved split model (``model_dir``)."""
+
+    path8b: str | None = None
+    path70b: str | None = None
+    num_layers_8: int | None = None
+    num_layers_70: int | None = None
+    layers_8: list[int] | None = None
+    layers_70: list[int] | None = None
+    adapter: str = "linear"
+    adapter_init: str | None = None
+    adapter_hidden_size: int | None = None
+    adapter_rank: int | None = None
+    adapter_bias: bool = True
+    adapter_checkpoint: str | None = None
+    #: token ids ``(batch, seq)`` for ``adapter_init="lstsq"``
+    calibration: torch.Tensor | None = field(default=None, repr=False)
+    model_dir: str | None = None
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    seed: int = 0
+
+    def split_config(self) -> SplitLlamaConfig:
+        """Validate the split-model fields (reads only the donors' config.json, no weights)."""
+        if self.model_dir is not None:
+            return SplitLlamaConfig.from_pretrained(self.model_dir)
+        return SplitLlamaConfig(
+            path8b=self.path8b, path70b=self.path70b, num_layers_8=self.num_layers_8, num_layers_70=self.num_layers_70,
+            layers_8=self.layers_8, layers_70=self.layers_70, adapter=self.adapter,
+            adapter_hidden_size=self.adapter_hidden_size, adapter_rank=self.adapter_rank, adapter_bias=self.adapter_bias,
+        )
+
+
+@runtime_checkable
+class SplitBackend(Protocol):
+    """What the LightningModule needs from a backend."""
+
+    name: str
+    #: the trainable module (registered under the LightningModule); forward(input_ids) -> logits via :meth:`logits`
+    model: nn.Module
+    config: SplitLlamaConfig
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def select_trainable(self, parts: Sequence[str], lora: dict[str, Any] | None) -> list[str]: ...
+
+    def export_hf(self, out_dir: str | os.PathLike[str], tokenizer: Any | None = None) -> Path: ...
+
+
+BackendFactory = Callable[[SplitModelSpec, dict[str, Any]], SplitBackend]
+_BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    """Make ``backend.name=<name>`` build its model with ``factory(spec, options)``."""
+    _BACKENDS[name] = factory
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def build_backend(name: str, spec: SplitModelSpec, options: dict[str, Any] | None = None) -> SplitBackend:
+    """Build the split model with the backend called ``name`` (``backend.name`` in the config)."""
+    if name not in _BACKENDS:
+        raise ValueError(f"backend.name={name}: unknown backend; available: {', '.join(available_backends())}")
+    return _BACKENDS[name](spec, dict(options or {}))
+
+
+# ------------------------------------------------------------------------------------------ HF backend
+#: HF split-model parameter name prefixes of each part ``finetune.trainable`` can name.
+HF_PART_PREFIXES: dict[str, tuple[str, ...]] = {
+    "adapter": ("model.adapter.",),
+    "first": ("model.layers_first.",),
+    "last": ("model.layers_last.",),
+    "embeddings": ("model.embed_tokens.",),
+    "norm": ("model.norm.",),
+    "head": ("lm_head.",),
+    "all": ("",),
+}
+HF_LORA_PARTS = {"first": "layers_first", "last": "layers_last"}
+
+
+def lora_target_regex(target_modules: Sequence[str], parts: Sequence[str]) -> str:
+    """A peft ``target_modules`` regex matching the named projections in the chosen donor layers only."""
+    layer_lists = "|".join(HF_LORA_PARTS[p] for p in parts)
+    modules = "|".join(re.escape(m) for m in target_modules)
+    return rf"model\.({layer_lists})\.\d+\.(self_attn|mlp)\.({modules})"
+
+
+class HFBackend:
+    """The transformers implementation (:class:`splitllama.CustomSplitLLamaForCausalLM`)."""
+
+    name = "hf"
+
+    def __init__(self, spec: SplitModelSpec, options: dict[str, Any]) -> None:
+        from transformers import AutoModelForCausalLM
+
+        from ..assembly import build_split_model
+
+        self.spec = spec
+        if spec.model_dir is not None:
+            self.model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=getattr(torch, spec.dtype))
+            self.model.config._attn_implementation = spec.attn_implementation
+        else:
+            self.model = build_split_model(
+                spec.path8b, spec.path70b, spec.num_layers_8, spec.num_layers_70, adapter=spec.adapter,
+                adapter_checkpoint=spec.adapter_checkpoint, layers_8=spec.layers_8, layers_70=spec.layers_70,
+                adapter_init=spec.adapter_init, adapter_hidden_size=spec.adapter_hidden_size, adapter_rank=spec.adapter_rank,
+                adapter_bias=spec.adapter_bias, calibration=spec.calibration, dtype=spec.dtype,
+                attn_implementation=spec.attn_implementation, seed=spec.seed,
+            )
+        self.config: SplitLlamaConfig = self.model.config
+        self.config.use_cache = False
+        if options.get("gradient_checkpointing"):
+            self.model.gradient_checkpointing_enable()
+        self._lora = False
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def select_trainable(self, parts: Sequence[str], lora: dict[str, Any] | None) -> list[str]:
+        """Freeze everything, then unfreeze ``parts`` and add LoRA (peft) if enabled; returns trainable names."""
+        if lora and lora.get("enabled"):
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                target_modules=lora_target_regex(lora["target_modules"], lora["parts"]), bias="none",
+            )
+            self.model = get_peft_model(self.model, config)
+            self._lora = True
+        prefixes = tuple(prefix for part in parts for prefix in HF_PART_PREFIXES[part])
+        trainable = []
+        for name, param in self.model.named_parameters():
+            plain = self._plain_name(name)
+            want = (self._lora and "lora_" in name) or (bool(prefixes) and plain.startswith(prefixes))
+            param.requires_grad_(want)
+            if want:
+                trainable.append(name)
+        if not trainable:
+            raise ValueError(
+                f"finetune.trainable={list(parts)}: no parameter matches (the {self.config.adapter} adapter has none?)"
+            )
+        return trainable
+
+    @staticmethod
+    def _plain_name(name: str) -> str:
+        """Parameter name in the split model's own naming (peft adds ``base_model.model.`` and ``base_layer``)."""
+        return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+    def hf_model(self) -> nn.Module:
+        """The split model with LoRA merged in (a copy when LoRA is on: training state is untouched)."""
+        if not self._lora:
+            return self.model
+        import copy
+
+        return copy.deepcopy(self.model).merge_and_unload()
+
+    def export_hf(self, out_dir: str | os.PathLike[str], tokenizer: Any | None = None) -> Path:
+        out = Path(out_dir)
+        model = self.hf_model()
+        model.config.use_cache = True
+        model.save_pretrained(out)
+        model.config.use_cache = False
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        return out
+
+
+register_backend("hf", HFBackend)
+
+
+__all__ = [
+    "HFBackend",
+    "SplitBackend",
+    "SplitModelSpec",
+    "available_backends",
+    "build_backend",
+    "lora_target_regex",
+    "register_backend",
+]

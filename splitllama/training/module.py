@@ -1,0 +1,272 @@
+"""The LightningModule that trains a split model, whatever backend runs it.
+
+The module asks :func:`splitllama.training.backends.build_backend` for the model (in
+``configure_model``, so strategies such as FSDP can wrap it), freezes all but what the config
+says trains, and optimises the chosen objective with AdamW, linear warmup and cosine decay.
+
+Per step it logs ``train/loss`` (and its parts), ``train/lr``, ``train/tokens_per_s`` and
+``train/grad_norm`` (before clipping); per validation ``val/loss`` (next-token loss, averaged
+over every predicted token) and ``val/ppl``; once ``params/total``, ``params/trainable`` and
+``flops/per_token``.
+
+Checkpoints hold only the trainable tensors (the frozen ones come from the donors when the
+model is rebuilt), the optimizer and scheduler, and the RNG states; with the data module's
+position this makes ``ckpt_path=...`` continue a run exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from .backends import SplitBackend, SplitModelSpec, build_backend
+from .objectives import Objective, next_token_loss
+
+logger = logging.getLogger(__name__)
+
+# Our data module records its own position (see data.py); Lightning cannot know that.
+warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+
+
+@dataclass
+class OptimSettings:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    total_steps: int = 100
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1 over ``warmup_steps``, then cosine down to ``min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def count_flops_per_token(config: Any, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token of the split model: ``6 * matmul parameters + 6 * seq * width`` per layer.
+
+    Matmul parameters include the LM head and the adapter, not the embeddings; the attention
+    term uses each layer's own attention width (heads x head_dim). Forward alone is a third.
+    """
+    small, large = config.config_8b, config.config_70b
+
+    def layer_params(c: Any) -> int:
+        attn = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+        return attn + 3 * c.hidden_size * c.intermediate_size
+
+    adapter = sum(math.prod(shape) for name, shape in config.adapter_shapes.items() if name.endswith("weight"))
+    matmul = (
+        config.num_layers_8 * layer_params(small) + config.num_layers_70 * layer_params(large)
+        + adapter + large.hidden_size * config.vocab_size
+    )
+    attention = seq_len * (
+        config.num_layers_8 * small.num_attention_heads * small.head_dim
+        + config.num_layers_70 * large.num_attention_heads * large.head_dim
+    )
+    train = 6.0 * matmul + 6.0 * attention
+    return {"train_flops_per_token": train, "forward_flops_per_token": train / 3, "matmul_parameters": float(matmul)}
+
+
+class SplitLlamaLitModule(pl.LightningModule):
+    """Trains the split model that ``build_backend(backend_name, spec, backend_options)`` returns.
+
+    Args:
+        spec: what to build (donor paths and layers, adapter, or a saved model directory).
+        backend_name, backend_options: which backend (``hf``; others via ``register_backend``).
+        trainable: parts that train (adapter, first, last, embeddings, norm, head, all).
+        lora: ``finetune.lora`` settings (peft LoRA on donor layers) or ``None``.
+        objective: the loss; a distillation objective loads the teacher from ``teacher_path``.
+        optim: AdamW and schedule settings.
+        seq_len: training sequence length (for the FLOPs count).
+    """
+
+    def __init__(
+        self,
+        spec: SplitModelSpec,
+        *,
+        backend_name: str = "hf",
+        backend_options: dict[str, Any] | None = None,
+        trainable: list[str] | None = None,
+        lora: dict[str, Any] | None = None,
+        objective: Objective | None = None,
+        optim: OptimSettings | None = None,
+        teacher_path: str | None = None,
+        seq_len: int = 256,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.backend_name = backend_name
+        self.backend_options = dict(backend_options or {})
+        self.trainable_parts = list(trainable if trainable is not None else ["adapter"])
+        self.lora = lora
+        self.objective = objective or Objective()
+        self.optim = optim or OptimSettings()
+        self.teacher_path = teacher_path
+        self.seq_len = seq_len
+        self.backend: SplitBackend | None = None
+        self.trainable_names: list[str] = []
+        self._teacher: list[torch.nn.Module] = []  # a list keeps the frozen teacher out of state_dict
+        self._val_sum = 0.0
+        self._val_count = 0
+        self._val_distill_sum = 0.0
+        self._step_started = 0.0
+        self._rng_to_restore: dict[str, Any] | None = None
+        self.strict_loading = False  # checkpoints hold only trainable tensors; checked in on_load_checkpoint
+
+    # ------------------------------------------------------------------ building
+    def configure_model(self) -> None:
+        if self.backend is not None:
+            return
+        self.backend = build_backend(self.backend_name, self.spec, self.backend_options)
+        self.trainable_names = self.backend.select_trainable(self.trainable_parts, self.lora)
+        self.model = self.backend.model  # registered as a submodule: Lightning moves, wraps and saves it
+        self.model.train()  # assembly returns eval mode; Lightning keeps a module's mode when fitting
+        if self.objective.needs_teacher:
+            self._teacher = [load_teacher(self.teacher_path, self.spec.dtype, self.spec.attn_implementation)]
+
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        return self._teacher[0] if self._teacher else None
+
+    def parameter_counts(self) -> dict[str, int]:
+        params = list(self.model.parameters())
+        return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+    def flops(self) -> dict[str, float]:
+        return count_flops_per_token(self.backend.config, self.seq_len)
+
+    # ------------------------------------------------------------------ steps
+    def _teacher_logits(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        teacher = self.teacher
+        if teacher is None:
+            return None
+        if next(teacher.parameters()).device != input_ids.device:
+            teacher.to(input_ids.device)
+        with torch.no_grad():
+            return teacher(input_ids=input_ids, use_cache=False).logits
+
+    def on_fit_start(self) -> None:
+        counts, flops = self.parameter_counts(), self.flops()
+        metrics = {
+            "params/total": float(counts["total"]), "params/trainable": float(counts["trainable"]),
+            "flops/train_per_token": flops["train_flops_per_token"], "flops/forward_per_token": flops["forward_flops_per_token"],
+        }
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step=self.global_step)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # continue the interrupted run's random stream exactly
+            torch.set_rng_state(self._rng_to_restore["torch"])
+            if torch.cuda.is_available() and self._rng_to_restore.get("cuda") is not None:
+                torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
+            self._rng_to_restore = None
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        input_ids = batch["input_ids"]
+        logits = self.backend.logits(input_ids)
+        parts = self.objective(logits, input_ids, self._teacher_logits(input_ids))
+        size = input_ids.shape[0]
+        self.log("train/loss", parts["loss"], prog_bar=True, batch_size=size)
+        if self.objective.kind != "lm":
+            self.log("train/lm_loss", parts["lm_loss"], batch_size=size)
+            self.log("train/distill_loss", parts["distill_loss"], batch_size=size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        return parts["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.zeros(())
+        self.log("train/grad_norm", norm, batch_size=1)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        tokens = batch["input_ids"].numel() * self.trainer.world_size
+        self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), batch_size=1)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum, self._val_count, self._val_distill_sum = 0.0, 0, 0.0
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        input_ids = batch["input_ids"]
+        logits = self.backend.logits(input_ids)
+        n = input_ids.shape[0] * (input_ids.shape[1] - 1)
+        self._val_sum += next_token_loss(logits, input_ids).item() * n
+        self._val_count += n
+        teacher_logits = self._teacher_logits(input_ids)
+        if teacher_logits is not None:
+            from .objectives import distillation_loss
+
+            self._val_distill_sum += distillation_loss(logits, teacher_logits, self.objective.temperature).item() * n
+
+    def on_validation_epoch_end(self) -> None:
+        totals = torch.tensor([self._val_sum, float(self._val_count), self._val_distill_sum], dtype=torch.float64, device=self.device)
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum") if self.trainer.world_size > 1 else totals
+        if totals[1] == 0:
+            return
+        loss = (totals[0] / totals[1]).item()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", math.exp(min(loss, 50.0)), sync_dist=False)
+        if self.teacher is not None:
+            self.log("val/distill_loss", (totals[2] / totals[1]).item(), sync_dist=False)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps
+        )
+        settings = self.optim
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, settings.warmup_steps, settings.total_steps, settings.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {f"model.{n}" for n in self.trainable_names}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["splitllama"] = {
+            "trainable": sorted(trainable),
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected = {f"model.{n}" for n in self.trainable_names}
+        missing = sorted(expected - set(checkpoint.get("state_dict", {})))
+        if missing:
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} trainable tensor(s) of this run ({missing[:5]}...): was it made with "
+                "different finetune.trainable / finetune.lora / adapter settings?"
+            )
+        self._rng_to_restore = checkpoint.get("splitllama", {}).get("rng")
+
+
+def load_teacher(path: str | None, dtype: str = "float32", attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """The distillation teacher: the full large donor, frozen, in eval mode."""
+    if path is None:
+        raise ValueError("objective: distillation needs the large donor (donors.path70b) as teacher")
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+__all__ = ["OptimSettings", "SplitLlamaLitModule", "count_flops_per_token", "load_teacher", "warmup_cosine"]

@@ -1,0 +1,294 @@
+"""The shared pieces run.py's tasks are made of: validate, donors, data, model spec, loggers, trainer.
+
+Each function takes the composed Hydra config (see :mod:`splitllama.training.schema`) and does
+one thing; the tasks in ``run.py`` read top to bottom as calls of these.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..configuration_split_llama import SplitConfigError, SplitLlamaConfig
+from .schema import AdapterInit, AdapterKind, DataSource, RunConfigError, explain_split_error, validate_run_settings
+
+logger = logging.getLogger(__name__)
+
+
+def plain(value: Any) -> Any:
+    """An enum member's name, anything else unchanged."""
+    return value.name if isinstance(value, Enum) else value
+
+
+def config_dict(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data (for results.json and W&B)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False, enum_to_str=True)  # type: ignore[return-value]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (LoRA initialisation, dropout): same seed, same run."""
+    from lightning.pytorch import seed_everything as seed_all
+
+    seed_all(seed, workers=True, verbose=False)
+
+
+def uses_embedded_donors(cfg: DictConfig) -> bool:
+    return cfg.donors.path8b is None and cfg.donors.path70b is None
+
+
+def embedded_recipe(cfg: DictConfig) -> Any:
+    from ..embedded import EmbeddedRecipe
+
+    return EmbeddedRecipe.from_dict(OmegaConf.to_container(cfg.donors.embedded, resolve=True))  # type: ignore[arg-type]
+
+
+def cache_dir(cfg: DictConfig) -> Path:
+    return Path(os.path.expanduser(cfg.paths.cache_dir))
+
+
+def layer_selection(cfg: DictConfig) -> dict[str, Any]:
+    """``num_layers_8/70`` and ``layers_8/70`` for SplitLlamaConfig (counts default to the donor preset's)."""
+    layers = cfg.layers
+    list8 = list(layers.list8) if layers.list8 is not None else None
+    list70 = list(layers.list70) if layers.list70 is not None else None
+    n8 = layers.n8 if layers.n8 is not None else (None if list8 is not None else cfg.donors.default_n8)
+    n70 = layers.n70 if layers.n70 is not None else (None if list70 is not None else cfg.donors.default_n70)
+    return {"num_layers_8": n8, "num_layers_70": n70, "layers_8": list8, "layers_70": list70}
+
+
+def validate(cfg: DictConfig) -> SplitLlamaConfig:
+    """Check the whole config before anything heavy; returns the split model's config.
+
+    Split-model fields go through :class:`SplitLlamaConfig`, against the donors' configs only
+    (``config.json`` of real donors; the recipe of the embedded ones, which need not be built
+    yet). Errors name the override: ``layers.n70=99: must be an integer in 0..8 ...``.
+    """
+    for key in ("path8b", "path70b"):
+        if OmegaConf.is_missing(cfg.donors, key):
+            raise RunConfigError(
+                f"donors.{key}=???: required for donors={cfg.donors.name}; give donors.{key}=/path/to/checkpoint "
+                "(a Hugging Face LLaMA directory with config.json and safetensors)"
+            )
+    if (cfg.donors.path8b is None) != (cfg.donors.path70b is None):
+        missing = "path8b" if cfg.donors.path8b is None else "path70b"
+        raise RunConfigError(f"donors.{missing}=null: give both donor paths, or neither for the embedded tiny donors")
+    validate_run_settings(cfg)
+    kind, init = cfg.adapter.kind, cfg.adapter.init
+    if kind == AdapterKind.mlp and init in (AdapterInit.identity, AdapterInit.lstsq):
+        raise RunConfigError(f"adapter.init={init.name}: applies to the linear and lowrank adapters; the mlp adapter takes random")
+    if cfg.task.model_dir is not None and cfg.task.name.name in ("eval", "generate"):
+        try:
+            return SplitLlamaConfig.from_pretrained(os.path.expanduser(cfg.task.model_dir))
+        except Exception as exc:  # noqa: BLE001
+            raise RunConfigError(f"task.model_dir={cfg.task.model_dir}: not a saved split model ({exc})") from exc
+    fields: dict[str, Any] = {
+        **layer_selection(cfg),
+        "adapter": kind.name,
+        "adapter_hidden_size": cfg.adapter.hidden_size,
+        "adapter_rank": cfg.adapter.rank,
+        "adapter_bias": cfg.adapter.bias,
+    }
+    if uses_embedded_donors(cfg):
+        recipe = embedded_recipe(cfg)
+        fields.update(config_8b=recipe.llama_config("small"), config_70b=recipe.llama_config("large"))
+    else:
+        fields.update(path8b=os.path.expanduser(cfg.donors.path8b), path70b=os.path.expanduser(cfg.donors.path70b))
+    try:
+        return SplitLlamaConfig(**fields)
+    except SplitConfigError as exc:
+        raise RunConfigError(explain_split_error(str(exc), cfg)) from None
+
+
+@dataclass
+class Donors:
+    path8b: str
+    path70b: str
+    #: the embedded donors' manifest (recipe, build metrics), or None for user donors
+    manifest: dict[str, Any] | None = None
+    built_now: bool = False
+
+
+def resolve_donors(cfg: DictConfig) -> Donors:
+    """User donors as given, or the embedded tiny donors (built on first use, then cached)."""
+    if not uses_embedded_donors(cfg):
+        return Donors(os.path.expanduser(cfg.donors.path8b), os.path.expanduser(cfg.donors.path70b))
+    from ..embedded import ensure_embedded_donors
+
+    built = ensure_embedded_donors(embedded_recipe(cfg), cache_dir(cfg), progress=cfg.trainer.enable_progress_bar)
+    return Donors(str(built.path8b), str(built.path70b), built.manifest, built.built_now)
+
+
+def load_tokenizer(path: str) -> Any:
+    """The split model's tokenizer: the small donor's (or a saved split model's)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        raise RunConfigError(f"{path}: cannot load the tokenizer ({exc}); the small donor must ship its tokenizer") from exc
+
+
+def load_documents(cfg: DictConfig) -> list[str]:
+    from .data import read_text_files
+
+    if cfg.data.source == DataSource.stdlib_docs:
+        from ..embedded import load_stdlib_corpus
+
+        return load_stdlib_corpus(cache_dir(cfg), cfg.data.min_doc_chars, progress=cfg.trainer.enable_progress_bar)
+    return read_text_files(list(cfg.data.files), cfg.data.text_field)
+
+
+def make_datamodule(cfg: DictConfig, tokenizer: Any) -> Any:
+    from .data import SplitTextDataModule
+
+    return SplitTextDataModule(
+        tokenizer, load_documents(cfg), seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+        val_batch_size=cfg.data.val_batch_size, val_fraction=cfg.data.val_fraction, train_steps=cfg.trainer.max_steps,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, max_val_blocks=cfg.data.max_val_blocks,
+        num_workers=cfg.data.num_workers, seed=cfg.seed,
+    )
+
+
+def model_spec(cfg: DictConfig, donors: Donors | None, *, calibration: Any = None, model_dir: str | None = None) -> Any:
+    from .backends import SplitModelSpec
+
+    init = plain(cfg.adapter.init)
+    if cfg.adapter.kind == AdapterKind.identity or cfg.adapter.checkpoint is not None:
+        init = None
+    return SplitModelSpec(
+        path8b=donors.path8b if donors else None, path70b=donors.path70b if donors else None,
+        **layer_selection(cfg), adapter=plain(cfg.adapter.kind), adapter_init=init,
+        adapter_hidden_size=cfg.adapter.hidden_size, adapter_rank=cfg.adapter.rank, adapter_bias=cfg.adapter.bias,
+        adapter_checkpoint=cfg.adapter.checkpoint, calibration=calibration if init == "lstsq" else None,
+        model_dir=model_dir, dtype=cfg.backend.dtype, attn_implementation=cfg.backend.attn_implementation, seed=cfg.seed,
+    )
+
+
+def make_module(cfg: DictConfig, spec: Any, teacher_path: str | None, objective_kind: str | None = None) -> Any:
+    """The LightningModule; ``objective_kind`` overrides ``objective.kind`` (evaluation scores ``lm``)."""
+    from .module import OptimSettings, SplitLlamaLitModule
+    from .objectives import Objective
+
+    options = {"gradient_checkpointing": cfg.backend.gradient_checkpointing, **OmegaConf.to_container(cfg.backend.options, resolve=True)}
+    lora = OmegaConf.to_container(cfg.finetune.lora, resolve=True) if cfg.finetune.lora.enabled else None
+    return SplitLlamaLitModule(
+        spec,
+        backend_name=cfg.backend.name,
+        backend_options=options,
+        trainable=list(cfg.finetune.trainable),
+        lora=lora,
+        objective=Objective(
+            kind=objective_kind or plain(cfg.objective.kind), lm_weight=cfg.objective.lm_weight,
+            distill_weight=cfg.objective.distill_weight, temperature=cfg.objective.temperature,
+        ),
+        optim=OptimSettings(
+            lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+            warmup_steps=cfg.optim.warmup_steps, min_lr_ratio=cfg.optim.min_lr_ratio, total_steps=cfg.trainer.max_steps,
+        ),
+        teacher_path=teacher_path,
+        seq_len=cfg.data.seq_len,
+    )
+
+
+def make_strategy(cfg: DictConfig) -> Any:
+    """Lightning strategy for ``parallel``: auto (one device), ddp, or FSDP wrapping each decoder layer."""
+    strategy = cfg.parallel.strategy
+    if strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        return FSDPStrategy(
+            auto_wrap_policy={LlamaDecoderLayer} if cfg.parallel.fsdp_wrap_decoder_layers else None,
+            sharding_strategy=cfg.parallel.fsdp_sharding_strategy,
+            use_orig_params=True,  # frozen and trainable parameters share flat parameters
+        )
+    if strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=False)
+    return strategy
+
+
+def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> Any:
+    import lightning.pytorch as pl
+
+    t = cfg.trainer
+    interval = t.val_check_interval
+    return pl.Trainer(
+        accelerator=cfg.parallel.accelerator,
+        devices=cfg.parallel.devices,
+        num_nodes=cfg.parallel.num_nodes,
+        strategy=make_strategy(cfg),
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        # iteration-based validation: every `interval` training batches, across epochs
+        val_check_interval=interval if interval else 1.0,
+        check_val_every_n_epoch=None if interval else 1,
+        precision=t.precision,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        fast_dev_run=t.fast_dev_run,
+        overfit_batches=t.overfit_batches,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        deterministic=t.deterministic,
+        logger=loggers if loggers else False,
+        callbacks=callbacks,
+        default_root_dir=cfg.paths.output_dir,
+        use_distributed_sampler=False,  # our sampler shards by rank itself (and resumes exactly)
+        enable_model_summary=False,
+    )
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path``: ``last`` (this run dir's checkpoints/last.ckpt), a run directory, or a .ckpt file."""
+    value = cfg.ckpt_path
+    if value is None:
+        return None
+    if value == "last":
+        path = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
+        hint = (
+            "ckpt_path=last resumes the run in the current run directory: pass hydra.run.dir=<the interrupted run's "
+            "directory>, or ckpt_path=<that directory or a .ckpt file>"
+        )
+    else:
+        path = Path(os.path.expanduser(value))
+        if path.is_dir():
+            path = path / "checkpoints" / "last.ckpt"
+        hint = "give a .ckpt file or a run directory that has checkpoints/last.ckpt"
+    if not path.is_file():
+        raise RunConfigError(f"ckpt_path={value}: no checkpoint at {path}; {hint}")
+    return str(path)
+
+
+def run_name(cfg: DictConfig) -> str:
+    sel = layer_selection(cfg)
+    n8 = sel["num_layers_8"] if sel["num_layers_8"] is not None else len(sel["layers_8"])
+    n70 = sel["num_layers_70"] if sel["num_layers_70"] is not None else len(sel["layers_70"])
+    return cfg.logger.name or f"{plain(cfg.task.name)}-{plain(cfg.adapter.kind)}-n8_{n8}-n70_{n70}-{plain(cfg.objective.kind)}"
+
+
+__all__ = [
+    "Donors",
+    "config_dict",
+    "layer_selection",
+    "load_documents",
+    "load_tokenizer",
+    "make_datamodule",
+    "make_module",
+    "make_strategy",
+    "make_trainer",
+    "model_spec",
+    "resolve_ckpt_path",
+    "resolve_donors",
+    "run_name",
+    "seed_everything",
+    "validate",
+]

@@ -1,0 +1,406 @@
+"""Typed schema of ``run.py``'s configuration (Hydra structured configs).
+
+The dataclasses below are stored in Hydra's ConfigStore as ``run_schema`` and sit first in
+``conf/config.yaml``'s defaults list, so every config group option and every command-line
+override is merged into a typed node: a misspelt key, a wrong type or an unknown enum value
+fails at composition with the full key named (``layers.n8=abc``, ``adapter.kind=mlpp``).
+
+Checks that need more than a type (ranges, donor layer counts) run in :func:`validate_run_config`
+before anything heavy: the split-model fields go through :class:`splitllama.SplitLlamaConfig`
+(the one home of that validation) and its errors are reported under the override's name, e.g.
+``layers.n70=99: must be an integer in 0..8 ...``.
+
+This module imports neither torch nor transformers, so bad overrides fail in about a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Optional  # noqa: UP035 - OmegaConf reads typing generics
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class TaskName(Enum):
+    train = "train"
+    assemble = "assemble"
+    eval = "eval"
+    generate = "generate"
+
+
+class AdapterKind(Enum):
+    linear = "linear"
+    mlp = "mlp"
+    identity = "identity"
+    lowrank = "lowrank"
+
+
+class AdapterInit(Enum):
+    random = "random"
+    identity = "identity"
+    lstsq = "lstsq"
+
+
+class ObjectiveKind(Enum):
+    lm = "lm"
+    distill = "distill"
+    mixed = "mixed"
+
+
+class LoggerKind(Enum):
+    wandb = "wandb"
+    csv = "csv"
+    none = "none"
+
+
+class WandbMode(Enum):
+    offline = "offline"
+    online = "online"
+
+
+class DataSource(Enum):
+    stdlib_docs = "stdlib_docs"
+    files = "files"
+
+
+#: What ``finetune.trainable`` may list.
+TRAINABLE_PARTS = ("adapter", "first", "last", "embeddings", "norm", "head", "all")
+
+
+@dataclass
+class TaskConfig:
+    """What run.py does. ``train``: assemble, train, evaluate, export. ``assemble``: build and save
+    without training. ``eval``: score a saved split model (``model_dir``) or a fresh assembly.
+    ``generate``: sample from ``model_dir`` (or a fresh assembly) with vLLM or transformers."""
+
+    name: TaskName = TaskName.train
+    eval_before: bool = True
+    export: bool = True
+    model_dir: Optional[str] = None
+    # generate
+    engine: str = "vllm"
+    prompts: List[str] = field(default_factory=lambda: ["Return the number of"])
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    # debugging: stop training after this many steps, as an interrupted run would (resume with ckpt_path)
+    stop_after_steps: Optional[int] = None
+
+
+@dataclass
+class DonorShapeConfig:
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 448
+    pretrain_steps: int = 200
+    lr: float = 3e-3
+
+
+@dataclass
+class EmbeddedConfig:
+    """Recipe of the embedded donors (see :mod:`splitllama.embedded`); its hash keys the cache."""
+
+    vocab_size: int = 8192
+    seq_len: int = 256
+    batch_size: int = 16
+    val_fraction: float = 0.05
+    min_doc_chars: int = 80
+    seed: int = 0
+    small: DonorShapeConfig = field(default_factory=DonorShapeConfig)
+    large: DonorShapeConfig = field(
+        default_factory=lambda: DonorShapeConfig(
+            hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=896, pretrain_steps=100
+        )
+    )
+
+
+@dataclass
+class DonorsConfig:
+    """The two donors. ``path8b``/``path70b`` null: the embedded tiny donors (built and cached)."""
+
+    name: str = "tiny"
+    path8b: Optional[str] = None
+    path70b: Optional[str] = None
+    #: layer counts used when ``layers.n8`` / ``layers.n70`` are not given
+    default_n8: int = 2
+    default_n70: int = 4
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+
+
+@dataclass
+class LayersConfig:
+    """Donor layers: ``n8`` first layers of the small donor, ``n70`` last of the large one, or
+    explicit increasing index lists ``list8`` / ``list70``."""
+
+    n8: Optional[int] = None
+    n70: Optional[int] = None
+    list8: Optional[List[int]] = None
+    list70: Optional[List[int]] = None
+
+
+@dataclass
+class AdapterConfig:
+    kind: AdapterKind = AdapterKind.linear
+    #: null: ``random`` (``identity`` needs none); ``lstsq`` fits on ``calibration_blocks`` training blocks
+    init: Optional[AdapterInit] = None
+    hidden_size: Optional[int] = None
+    rank: Optional[int] = None
+    bias: bool = True
+    checkpoint: Optional[str] = None
+    calibration_blocks: int = 64
+
+
+@dataclass
+class BackendConfig:
+    """Which implementation runs the split model; ``options`` go to the backend's factory."""
+
+    name: str = "hf"
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    options: Any = field(default_factory=dict)
+
+
+@dataclass
+class ParallelConfig:
+    name: str = "single"
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    #: FSDP only: sharding strategy and whether each decoder layer is its own FSDP unit
+    fsdp_sharding_strategy: str = "FULL_SHARD"
+    fsdp_wrap_decoder_layers: bool = True
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib_docs"
+    source: DataSource = DataSource.stdlib_docs
+    files: List[str] = field(default_factory=list)
+    text_field: str = "text"
+    min_doc_chars: int = 80
+    seq_len: int = 256
+    batch_size: int = 8
+    val_batch_size: Optional[int] = None
+    val_fraction: float = 0.05
+    max_val_blocks: Optional[int] = None
+    num_workers: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer arguments (the ones a run needs; see conf/trainer/)."""
+
+    max_steps: int = 150
+    val_check_interval: Optional[int] = 50
+    precision: str = "32-true"
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 1
+    checkpoint_every_n_steps: int = 50
+    fast_dev_run: Any = False
+    overfit_batches: float = 0.0
+    num_sanity_val_steps: int = 0
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 15
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class ObjectiveConfig:
+    """``lm``: next-token loss. ``distill``: KL to the full large donor's logits. ``mixed``:
+    ``lm_weight * lm + distill_weight * distill``."""
+
+    kind: ObjectiveKind = ObjectiveKind.lm
+    lm_weight: float = 1.0
+    distill_weight: float = 1.0
+    temperature: float = 1.0
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    #: which donor layers get LoRA: ``first`` (small donor), ``last`` (large donor)
+    parts: List[str] = field(default_factory=lambda: ["first", "last"])
+
+
+@dataclass
+class FinetuneConfig:
+    """What trains: any of adapter, first, last, embeddings, norm, head, all; plus LoRA."""
+
+    trainable: List[str] = field(default_factory=lambda: ["adapter"])
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class LoggerConfig:
+    kind: LoggerKind = LoggerKind.wandb
+    mode: WandbMode = WandbMode.offline
+    project: str = "splitllama"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    #: also write metrics.csv next to W&B
+    csv: bool = True
+    init_timeout: float = 60.0
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    output_dir: str = "."
+    cache_dir: str = "~/.cache/splitllama"
+    export_dir: str = "hf_model"
+    checkpoint_dir: str = "checkpoints"
+
+
+@dataclass
+class RunConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    donors: DonorsConfig = field(default_factory=DonorsConfig)
+    layers: LayersConfig = field(default_factory=LayersConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    #: resume: ``last`` (this run dir's checkpoints/last.ckpt), a .ckpt file, or another run's directory
+    ckpt_path: Optional[str] = None
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore (conf/config.yaml lists ``run_schema`` first)."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+# ------------------------------------------------------------------------------------------ validation
+class RunConfigError(ValueError):
+    """A run configuration value is invalid; the message starts with the override that fixes it."""
+
+
+#: SplitLlamaConfig field -> the run-config key a user overrides.
+SPLIT_FIELD_TO_KEY = {
+    "num_layers_8": "layers.n8",
+    "num_layers_70": "layers.n70",
+    "layers_8": "layers.list8",
+    "layers_70": "layers.list70",
+    "adapter": "adapter.kind",
+    "mlp": "adapter.kind",
+    "adapter_hidden_size": "adapter.hidden_size",
+    "adapter_rank": "adapter.rank",
+    "adapter_bias": "adapter.bias",
+    "path8b": "donors.path8b",
+    "path70b": "donors.path70b",
+    "config_8b": "donors.path8b",
+    "config_70b": "donors.path70b",
+}
+#: which donor a split field concerns, for the message
+SPLIT_FIELD_DONOR = {"num_layers_8": "small", "layers_8": "small", "num_layers_70": "large", "layers_70": "large"}
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise RunConfigError(f"{key}={value}: {rule}")
+
+
+def validate_run_settings(cfg: Any) -> None:
+    """Range checks of fields that need no donor (cheap; run before anything else)."""
+    _check(cfg.data.seq_len >= 2, "data.seq_len", cfg.data.seq_len, "must be >= 2")
+    _check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1")
+    _check(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
+    _check(cfg.trainer.max_steps >= 1, "trainer.max_steps", cfg.trainer.max_steps, "must be >= 1")
+    _check(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches, "must be >= 1")
+    _check(cfg.trainer.checkpoint_every_n_steps >= 1, "trainer.checkpoint_every_n_steps", cfg.trainer.checkpoint_every_n_steps, "must be >= 1")
+    _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
+    _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay, "must be >= 0")
+    _check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", cfg.optim.warmup_steps, "must be >= 0")
+    _check(0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", cfg.optim.min_lr_ratio, "must be in [0, 1]")
+    _check(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", list(cfg.optim.betas), "must be two numbers in [0, 1)")
+    _check(cfg.objective.lm_weight >= 0, "objective.lm_weight", cfg.objective.lm_weight, "must be >= 0")
+    _check(cfg.objective.distill_weight >= 0, "objective.distill_weight", cfg.objective.distill_weight, "must be >= 0")
+    _check(cfg.objective.temperature > 0, "objective.temperature", cfg.objective.temperature, "must be > 0")
+    for part in cfg.finetune.trainable:
+        _check(part in TRAINABLE_PARTS, "finetune.trainable", list(cfg.finetune.trainable), f"{part!r} is not one of {', '.join(TRAINABLE_PARTS)}")
+    lora = cfg.finetune.lora
+    if lora.enabled:
+        _check(lora.r >= 1, "finetune.lora.r", lora.r, "must be >= 1")
+        _check(0.0 <= lora.dropout < 1.0, "finetune.lora.dropout", lora.dropout, "must be in [0, 1)")
+        for part in lora.parts:
+            _check(part in ("first", "last"), "finetune.lora.parts", list(lora.parts), f"{part!r} is not one of first, last")
+    if not cfg.finetune.trainable and not lora.enabled and cfg.task.name == TaskName.train:
+        raise RunConfigError("finetune.trainable=[]: nothing would train; list a part or enable finetune.lora")
+    _check(cfg.adapter.calibration_blocks >= 1, "adapter.calibration_blocks", cfg.adapter.calibration_blocks, "must be >= 1")
+    if cfg.data.source == DataSource.files:
+        _check(len(cfg.data.files) > 0, "data.files", list(cfg.data.files), "must list at least one .txt or .jsonl file for data.source=files")
+    if cfg.task.stop_after_steps is not None:
+        _check(cfg.task.stop_after_steps >= 1, "task.stop_after_steps", cfg.task.stop_after_steps, "must be >= 1")
+    if cfg.task.name in (TaskName.eval, TaskName.generate) and cfg.task.model_dir is not None:
+        from pathlib import Path
+
+        _check(Path(cfg.task.model_dir).expanduser().is_dir(), "task.model_dir", cfg.task.model_dir, "is not a directory")
+    for key in ("path8b", "path70b"):
+        value = cfg.donors.get(key)
+        if value is not None:
+            from pathlib import Path
+
+            _check(Path(value).expanduser().is_dir(), f"donors.{key}", value, "is not a directory (a Hugging Face LLaMA checkpoint)")
+
+
+def explain_split_error(message: str, cfg: Any) -> str:
+    """Re-word a ``SplitConfigError`` (``SplitLlamaConfig.<field>: ...``) under the override's key."""
+    prefix = "SplitLlamaConfig."
+    if not message.startswith(prefix) or ":" not in message:
+        return message
+    field_name, _, rest = message[len(prefix):].partition(":")
+    base = field_name.split(".")[0]
+    key = SPLIT_FIELD_TO_KEY.get(base, base)
+    section, _, leaf = key.partition(".")
+    value = cfg[section].get(leaf) if leaf else None
+    if isinstance(value, Enum):
+        value = value.name
+    donor = SPLIT_FIELD_DONOR.get(base)
+    where = f" for the {donor} donor" if donor else ""
+    return f"{key}={value}:{rest}{where} (SplitLlamaConfig.{field_name})"
+
+
+__all__ = [
+    "TRAINABLE_PARTS",
+    "AdapterConfig",
+    "AdapterInit",
+    "AdapterKind",
+    "RunConfig",
+    "RunConfigError",
+    "TaskName",
+    "explain_split_error",
+    "register_configs",
+    "validate_run_settings",
+]
