@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""splitllama experiments: ``python run.py [group=option ...] [key=value ...]``.
+
+    python run.py                                  # embedded tiny donors: build (cached), train the adapter, evaluate
+    python run.py adapter=mlp layers.n70=8         # any config group or field, as Hydra overrides
+    python run.py donors=llama3_8b_70b donors.path8b=/ckpt/8B donors.path70b=/ckpt/70B layers.n8=16
+    python run.py task=assemble                    # build and save the split model, no training
+    python run.py task=eval task.model_dir=outputs/.../hf_model
+    python run.py -m adapter=linear,mlp layers.n70=2,4,8   # a sweep (multirun)
+
+Each run writes ``results.json`` in its run directory (``outputs/<date>/<time>/``), also when it
+fails. The return value (validation loss) is what a Hydra sweeper optimises.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from splitllama.training.schema import RunConfigError, register_configs
+
+log = logging.getLogger("splitllama.run")
+register_configs()
+
+
+def train(cfg: DictConfig, record) -> float:
+    """Build (or reuse) donors, assemble, train what the config says, evaluate, export."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from splitllama.training import pipeline as P
+    from splitllama.training.callbacks import StopAfterSteps, csv_metrics_file, make_loggers, wandb_run_file
+
+    P.validate(cfg)
+    ckpt_path = P.resolve_ckpt_path(cfg)
+    P.seed_everything(cfg.seed)
+    with record.timed("donors"):
+        donors = P.resolve_donors(cfg)
+    record.update("donors", {"path8b": donors.path8b, "path70b": donors.path70b, "built_now": donors.built_now,
+                             "embedded_metrics": (donors.manifest or {}).get("metrics")})
+    tokenizer = P.load_tokenizer(donors.path8b)
+    with record.timed("data"):
+        data = P.make_datamodule(cfg, tokenizer)
+        data.setup("fit")
+    calibration = data.train_blocks[: cfg.adapter.calibration_blocks]
+    module = P.make_module(cfg, P.model_spec(cfg, donors, calibration=calibration), teacher_path=donors.path70b)
+    loggers, logger_info = make_loggers(
+        P.plain(cfg.logger.kind), save_dir=cfg.paths.output_dir, config=P.config_dict(cfg), mode=P.plain(cfg.logger.mode),
+        project=cfg.logger.project, entity=cfg.logger.entity, name=P.run_name(cfg), group=_sweep_group(cfg),
+        tags=[*cfg.logger.tags, P.plain(cfg.task.name), P.plain(cfg.adapter.kind), P.plain(cfg.objective.kind), cfg.donors.name],
+        csv=cfg.logger.csv, init_timeout=cfg.logger.init_timeout,
+    )
+    record.update("paths", {"wandb_run_file": wandb_run_file(loggers), "metrics_csv": csv_metrics_file(loggers),
+                            "checkpoint_dir": cfg.paths.checkpoint_dir})
+    record.update("logger", logger_info)
+    callbacks = [ModelCheckpoint(dirpath=cfg.paths.checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
+                                 save_last=True, save_top_k=1)]
+    if cfg.task.stop_after_steps:
+        callbacks.append(StopAfterSteps(cfg.task.stop_after_steps))
+    trainer = P.make_trainer(cfg, loggers, callbacks)
+    try:
+        with record.timed("assemble"):
+            module.configure_model()
+        record.update("params", module.parameter_counts())
+        record.update("flops", module.flops())
+        record.update("trainable", {"parts": list(cfg.finetune.trainable), "tensors": len(module.trainable_names)})
+        if cfg.task.eval_before and ckpt_path is None:
+            with record.timed("eval_before"):
+                record.update("metrics", {"val_loss_before": trainer.validate(module, data, verbose=False)[0]["val/loss"]})
+        with record.timed("fit"):
+            trainer.fit(module, data, ckpt_path=ckpt_path)
+        with record.timed("eval_after"):
+            val_loss = trainer.validate(module, data, verbose=False)[0]["val/loss"]
+        steps = trainer.global_step
+        record.update("metrics", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "steps": steps,
+                                  "train_tokens_seen": data.batches_consumed * data.batch_size * data.seq_len * trainer.world_size})
+        for lg in loggers:
+            lg.log_metrics({"final/val_loss": val_loss, **{f"final/{k}": v for k, v in record.data["metrics"].items()
+                                                            if k == "val_loss_before"}}, step=steps)
+        record.update("paths", {"checkpoint": str(Path(cfg.paths.checkpoint_dir) / "last.ckpt")})
+        record.data["interrupted"] = steps < cfg.trainer.max_steps and not cfg.trainer.fast_dev_run
+        if cfg.task.export and not record.data["interrupted"] and trainer.is_global_zero:
+            with record.timed("export"):
+                record.update("paths", {"export_dir": str(module.backend.export_hf(cfg.paths.export_dir, tokenizer))})
+    finally:
+        _finish_wandb(loggers)
+    return val_loss
+
+
+def assemble(cfg: DictConfig, record) -> float | None:
+    """Build the split model from the donors and save it (with the tokenizer), without training."""
+    from splitllama.training import pipeline as P
+    from splitllama.training.backends import build_backend
+    from splitllama.training.module import count_flops_per_token
+
+    P.validate(cfg)
+    with record.timed("donors"):
+        donors = P.resolve_donors(cfg)
+    tokenizer = P.load_tokenizer(donors.path8b)
+    calibration = None
+    if P.plain(cfg.adapter.init) == "lstsq":
+        data = P.make_datamodule(cfg, tokenizer)
+        data.setup("fit")
+        calibration = data.train_blocks[: cfg.adapter.calibration_blocks]
+    with record.timed("assemble"):
+        backend = build_backend(cfg.backend.name, P.model_spec(cfg, donors, calibration=calibration), dict(cfg.backend.options))
+    with record.timed("export"):
+        out = backend.export_hf(cfg.paths.export_dir, tokenizer)
+    params = sum(p.numel() for p in backend.model.parameters())
+    record.update("params", {"total": params, "trainable": 0})
+    record.update("flops", count_flops_per_token(backend.config, cfg.data.seq_len))
+    record.update("paths", {"export_dir": str(out)})
+    log.info("saved the split model to %s (%s)", out, backend.config.describe())
+    return None
+
+
+def evaluate(cfg: DictConfig, record) -> float:
+    """Validation loss and perplexity of a saved split model (task.model_dir) or of a fresh assembly."""
+    from splitllama.training import pipeline as P
+
+    P.validate(cfg)
+    model_dir = os.path.expanduser(cfg.task.model_dir) if cfg.task.model_dir else None
+    donors = None if model_dir else P.resolve_donors(cfg)
+    tokenizer = P.load_tokenizer(model_dir or donors.path8b)
+    data = P.make_datamodule(cfg, tokenizer)
+    data.setup("validate")
+    module = P.make_module(cfg, P.model_spec(cfg, donors, calibration=data.train_blocks[: cfg.adapter.calibration_blocks],
+                                             model_dir=model_dir), teacher_path=None, objective_kind="lm")
+    trainer = P.make_trainer(cfg, [], [])
+    with record.timed("eval"):
+        val_loss = trainer.validate(module, data, verbose=False)[0]["val/loss"]
+    record.update("params", module.parameter_counts())
+    record.update("flops", module.flops())
+    record.update("metrics", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+                              "val_tokens": data.val_blocks.shape[0] * (data.seq_len - 1)})
+    record.update("paths", {"model_dir": model_dir})
+    return val_loss
+
+
+def generate(cfg: DictConfig, record) -> None:
+    """Complete ``task.prompts`` with vLLM (``task.engine=vllm``) or transformers (``hf``)."""
+    from splitllama.training import pipeline as P
+
+    P.validate(cfg)
+    model_dir = os.path.expanduser(cfg.task.model_dir) if cfg.task.model_dir else None
+    if model_dir is None:
+        assemble(cfg, record)
+        model_dir = cfg.paths.export_dir
+    prompts, n, temp = list(cfg.task.prompts), cfg.task.max_new_tokens, cfg.task.temperature
+    with record.timed("generate"):
+        if cfg.task.engine == "vllm":
+            from splitllama.vllm import generate as vllm_generate
+
+            texts = [g.text for g in vllm_generate(model_dir, prompts, max_new_tokens=n, temperature=temp, seed=cfg.seed)]
+        elif cfg.task.engine == "hf":
+            texts = _hf_generate(model_dir, prompts, n, temp, cfg.seed)
+        else:
+            raise RunConfigError(f"task.engine={cfg.task.engine}: must be vllm or hf")
+    record.update("generations", {p: t for p, t in zip(prompts, texts)})
+    for p, t in zip(prompts, texts):
+        log.info("%r -> %r", p, t)
+
+
+def _hf_generate(model_dir: str, prompts: list[str], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import splitllama  # noqa: F401  (registers the split model with the Auto classes)
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                             temperature=temperature if temperature > 0 else None, pad_token_id=tokenizer.pad_token_id)
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+TASKS = {"train": train, "assemble": assemble, "eval": evaluate, "generate": generate}
+
+
+def _sweep_group(cfg: DictConfig) -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if cfg.logger.group:
+        return cfg.logger.group
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep = Path(hydra_cfg.sweep.dir)
+        return f"sweep-{sweep.parent.name}-{sweep.name}"
+    return None
+
+
+def _finish_wandb(loggers: list) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        import wandb
+
+        wandb.finish(exit_code=0 if sys.exc_info()[0] is None else 1)
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from splitllama.configuration_split_llama import SplitConfigError
+    from splitllama.results import RunRecord
+    from splitllama.training.pipeline import config_dict, plain
+
+    task = plain(cfg.task.name)
+    rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    record = RunRecord(cfg.paths.output_dir, task=task, config=config_dict(cfg), repo_dir=Path(__file__).resolve().parent)
+    try:
+        metric = TASKS[task](cfg, record)
+        status = "interrupted" if record.data.get("interrupted") else "ok"
+        if rank_zero:
+            path = record.write(status)
+            log.info("%s: %s", status, path)
+        return metric
+    except Exception as exc:
+        record.fail(exc)
+        if rank_zero:
+            record.write()
+        if _is_multirun():  # record the failure and let the sweep go on
+            log.error("run failed (%s: %s); results.json records it", type(exc).__name__, exc)
+            return float("nan")
+        if isinstance(exc, (RunConfigError, SplitConfigError)):
+            raise SystemExit(f"error: {exc}") from None
+        raise
+
+
+if __name__ == "__main__":
+    main()
