@@ -1,0 +1,1 @@
+"""Helpers for tests/test_megatron.py: multi-process (gloo/NCCL) megatron checks."""

@@ -1,0 +1,249 @@
+"""One rank of a multi-process megatron check (gloo on CPU, NCCL on GPUs), started by ``run_workers``.
+
+Every rank builds the HF split model (the reference, small enough to hold whole) and the megatron
+model for its TP/PP rank from the same donors, runs the checks named in the job, and writes its
+measurements to ``<out>/rank<k>.json``; the test asserts on them, so a failing check names the
+numbers. Checks:
+
+* ``slices``: each loaded megatron tensor equals the slice of the donor tensors it should hold
+  (computed here with plain indexing, independently of the loader);
+* ``forward``: logits and loss against the HF model (no pipeline);
+* ``packed``: the packed (RmPad) model on a padded batch against the HF model run per sequence;
+* ``value``: the value model against ``CustomSplitLLamaForValue`` with the same head;
+* ``grads``: loss and every gradient after megatron's forward-backward schedule (two micro-batches)
+  against HF's gradients of the mean loss; works with pipeline parallelism;
+* ``export``: gather, unfuse and save; the saved tensors equal the HF model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(job: dict[str, Any], world: int, timeout: float = 600) -> list[dict[str, Any]]:
+    """Spawn ``world`` ranks running ``job``; return each rank's results (raises with the rank's traceback)."""
+    import torch.multiprocessing as mp
+
+    out = Path(job["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    job = {**job, "port": free_port()}
+    ctx = mp.start_processes(_entry, args=(world, job), nprocs=world, join=False, start_method="spawn")
+    while not ctx.join(timeout=timeout):
+        pass
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _entry(rank: int, world: int, job: dict[str, Any]) -> None:
+    warnings.filterwarnings("ignore")
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job["port"])
+    )
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    try:
+        results = run_checks(rank, job)
+    except Exception:  # noqa: BLE001 - reported to the test through the results file
+        results = {"error": traceback.format_exc()}
+    Path(job["out"], f"rank{rank}.json").write_text(json.dumps(results))
+    if "error" in results:
+        print(results["error"], file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().float().cpu() - b.detach().float().cpu()).abs().max().item()
+
+
+def run_checks(rank: int, job: dict[str, Any]) -> dict[str, Any]:
+    import splitllama  # noqa: F401  (registers the Auto classes)
+    from megatron.core import parallel_state
+    from splitllama import SplitLlamaConfig, build_split_model
+    from splitllama.checkpoint import LazyCheckpoint
+    from splitllama.megatron.lightning import build_megatron_split_model
+    from splitllama.megatron.parallel import initialize_megatron_parallel
+
+    tp, pp, sp = job.get("tp", 1), job.get("pp", 1), job.get("sp", False)
+    dtype = getattr(torch, job.get("dtype", "float32"))
+    cuda = job.get("device", "cpu") == "cuda"
+    initialize_megatron_parallel(tp, pp, backend="nccl" if cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    split = job["split"]
+    hf = build_split_model(
+        job["small"], job["large"], split["num_layers_8"], split["num_layers_70"], adapter=split.get("adapter", "linear"),
+        adapter_hidden_size=split.get("adapter_hidden_size"), adapter_rank=split.get("adapter_rank"), dtype=dtype,
+    ).to(device)
+    config: SplitLlamaConfig = hf.config
+    model = build_megatron_split_model(config, tp=tp, pp=pp, sp=sp, params_dtype=dtype, path8b=job["small"], path70b=job["large"])
+    module = model.module
+    generator = torch.Generator().manual_seed(job.get("seed", 0))
+    batch, seq = job.get("batch", 2), job.get("seq", 16)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator).to(device)
+    results: dict[str, Any] = {"rank": rank, "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+                               "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
+    checks = job["checks"]
+    if "slices" in checks:
+        results["slices"] = check_slices(module, config, LazyCheckpoint(job["small"]), LazyCheckpoint(job["large"]), tp, dtype)
+    if "forward" in checks:
+        with torch.no_grad():
+            ref = hf(ids, labels=ids)
+            out = model(ids, labels=ids)
+        results["forward"] = {"logits": _max_diff(out.logits, ref.logits), "loss": abs(out.loss.item() - ref.loss.item()),
+                              "shape": list(out.logits.shape)}
+    if "packed" in checks:
+        results["packed"] = check_packed(config, job, tp, sp, dtype, hf, ids)
+    if "value" in checks:
+        results["value"] = check_value(config, job, tp, sp, dtype, hf, ids, device)
+    if "grads" in checks:
+        results["grads"] = check_grads(model, hf, config, ids, pp)
+    if "export" in checks:
+        from safetensors.torch import load_file
+
+        out_dir = Path(job["out"]) / "export"
+        model.export_hf(out_dir)
+        torch.distributed.barrier()
+        files = sorted(out_dir.glob("*.safetensors"))
+        saved: dict[str, torch.Tensor] = {}
+        for f in files:
+            saved.update(load_file(f))
+        reference = hf.state_dict()
+        results["export"] = {
+            "missing": sorted(set(reference) - set(saved)), "extra": sorted(set(saved) - set(reference)),
+            "max_diff": max(_max_diff(saved[k], reference[k]) for k in reference if k in saved),
+        }
+    return results
+
+
+def check_slices(module: Any, config: Any, small: Any, large: Any, tp: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Compare every decoder-layer and global tensor on this rank with the donor slice it should hold."""
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    params = {n: p.detach().cpu() for n, p in module.named_parameters()}
+    layout = module.layout
+    worst, checked = 0.0, 0
+    for part, donor_ckpt, donor_cfg, layers in (
+        ("first", small, config.config_8b, config.layers_8), ("last", large, config.config_70b, config.layers_70)
+    ):
+        head_dim, heads, groups = donor_cfg.head_dim, donor_cfg.num_attention_heads, donor_cfg.num_key_value_heads
+        per_group, local_groups = heads // groups, groups // tp
+        ffn = donor_cfg.intermediate_size // tp
+        for local, split_index in enumerate(getattr(layout, part)):
+            donor_layer = layers[split_index]
+
+            def get(name: str) -> torch.Tensor:
+                return donor_ckpt.get(f"model.layers.{donor_layer}.{name}", dtype)
+
+            prefix = f"model.layers_{part}.layers.{local}."
+            q, k, v = get("self_attn.q_proj.weight"), get("self_attn.k_proj.weight"), get("self_attn.v_proj.weight")
+            blocks = []
+            for g in range(rank * local_groups, (rank + 1) * local_groups):
+                blocks += [q[g * per_group * head_dim:(g + 1) * per_group * head_dim], k[g * head_dim:(g + 1) * head_dim],
+                           v[g * head_dim:(g + 1) * head_dim]]
+            gate, up = get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")
+            o, down = get("self_attn.o_proj.weight"), get("mlp.down_proj.weight")
+            o_cols, down_cols = o.shape[1] // tp, down.shape[1] // tp
+            expected = {
+                "self_attention.linear_qkv.weight": torch.cat(blocks),
+                "mlp.linear_fc1.weight": torch.cat([gate[rank * ffn:(rank + 1) * ffn], up[rank * ffn:(rank + 1) * ffn]]),
+                "self_attention.linear_proj.weight": o[:, rank * o_cols:(rank + 1) * o_cols],
+                "mlp.linear_fc2.weight": down[:, rank * down_cols:(rank + 1) * down_cols],
+                "input_layernorm.weight": get("input_layernorm.weight"),
+                "pre_mlp_layernorm.weight": get("post_attention_layernorm.weight"),
+            }
+            for name, value in expected.items():
+                worst = max(worst, _max_diff(params[prefix + name], value))
+                checked += 1
+    vocab = config.vocab_size // tp
+    if layout.pre_process:
+        worst = max(worst, _max_diff(params["model.embed_tokens.weight"], small.get("model.embed_tokens.weight", dtype)[rank * vocab:(rank + 1) * vocab]))
+        checked += 1
+    if layout.post_process and "lm_head.weight" in params:
+        worst = max(worst, _max_diff(params["lm_head.weight"], large.get("lm_head.weight", dtype)[rank * vocab:(rank + 1) * vocab]))
+        worst = max(worst, _max_diff(params["model.norm.weight"], large.get("model.norm.weight", dtype)))
+        checked += 2
+    return {"max_diff": worst, "checked": checked, "params": len(params)}
+
+
+def _padded_batch(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+    """Row 0 full, row 1 right-padded, row 2 left-padded (from the first rows of ids); (row, start, stop) of real tokens."""
+    seq = ids.shape[1]
+    rows = ids[:1].repeat(3, 1)
+    mask = torch.ones_like(rows)
+    mask[1, seq - 5:] = 0
+    mask[2, :3] = 0
+    rows[1, seq - 5:] = 0
+    rows[2, :3] = 0
+    return rows, mask, [(0, 0, seq), (1, 0, seq - 5), (2, 3, seq)]
+
+
+def check_packed(config: Any, job: dict[str, Any], tp: int, sp: bool, dtype: torch.dtype, hf: Any, ids: torch.Tensor) -> dict[str, Any]:
+    from splitllama.megatron.lightning import build_megatron_split_model
+    from splitllama.megatron.modeling_split_llama_megatron import ParallelCustomSplitLLamaForCausalLMRmPad
+
+    model = build_megatron_split_model(config, tp=tp, sp=sp, params_dtype=dtype, path8b=job["small"], path70b=job["large"])
+    packed = ParallelCustomSplitLLamaForCausalLMRmPad(config, model.module.megatron_config)
+    packed.load_state_dict(model.module.state_dict())
+    rows, mask, spans = _padded_batch(ids)
+    with torch.no_grad():
+        out = packed(rows, attention_mask=mask)
+        worst = 0.0
+        for row, start, stop in spans:
+            ref = hf(rows[row:row + 1, start:stop]).logits[0]
+            worst = max(worst, _max_diff(out.logits[row, start:stop], ref))
+        pad_zero = float(out.logits[1, -5:].abs().max())
+    return {"logits": worst, "padding_logits": pad_zero}
+
+
+def check_value(config: Any, job: dict[str, Any], tp: int, sp: bool, dtype: torch.dtype, hf: Any, ids: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    from splitllama import CustomSplitLLamaForValue
+    from splitllama.megatron.lightning import build_megatron_split_model
+
+    value_dir = Path(job["value_dir"])
+    reference = CustomSplitLLamaForValue.from_pretrained(value_dir, dtype=dtype).to(device)
+    model = build_megatron_split_model(None, tp=tp, sp=sp, params_dtype=dtype, hf_split_dir=value_dir, value=True)
+    rows, mask, spans = _padded_batch(ids)
+    with torch.no_grad():
+        values = model.module(rows, attention_mask=mask).values
+        worst = 0.0
+        for row, start, stop in spans:
+            ref = reference(rows[row:row + 1, start:stop]).values[0]
+            worst = max(worst, _max_diff(values[row, start:stop], ref))
+        scale = float(reference(rows[:1]).values.abs().max())
+    return {"values": worst, "scale": scale, "shape": list(values.shape)}
+
+
+def check_grads(model: Any, hf: Any, config: Any, ids: torch.Tensor, pp: int) -> dict[str, Any]:
+    """Loss and all gradients of two micro-batches through megatron's schedule vs HF."""
+    from splitllama.megatron.checkpoint_utils.custom_split_llama_saver import gather_hf_state
+
+    micro = [ids[:1], ids[1:2]]
+    hf.zero_grad(set_to_none=True)
+    losses = [hf(m, labels=m).loss for m in micro]
+    ref_loss = torch.stack(losses).mean()
+    ref_loss.backward()
+    reference = {n: p.grad for n, p in hf.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    loss = model.forward_backward([{"input_ids": m} for m in micro])
+    grads = gather_hf_state(model.module, config, use_grad=True)
+    worst, scale = 0.0, 0.0
+    for name, grad in grads.items():
+        worst = max(worst, _max_diff(grad, reference[name]))
+        scale = max(scale, float(reference[name].abs().max()))
+    return {
+        "loss": None if loss is None else abs(loss.item() - ref_loss.item()),
+        "max_grad_diff": worst, "grad_scale": scale, "compared": len(grads),
+    }
