@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -20,11 +22,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import splitllama  # noqa: F401  (registers the split model with transformers' Auto classes)
-from splitllama import CheckpointError, SplitLlamaConfig, build_split_model
+import splitllama.vllm
+from splitllama import CheckpointError, SplitConfigError, SplitLlamaConfig, build_split_model
 from splitllama.testing import llama_config, make_random_donor
 from splitllama.vllm.loading import (
     VLLM_LAYER_NAMES,
     check_split_checkpoint,
+    check_vllm_compatible,
     expected_checkpoint_tensors,
     num_vllm_layers,
     vllm_target,
@@ -155,6 +159,27 @@ def test_checkpoint_check_names_missing_and_misshapen_tensors(models: dict[str, 
     wrong = _copy_without(models["linear"], tmp_path / "wrong", reshape="model.adapter.adapter_linear_1.weight")
     with pytest.raises(CheckpointError, match=r"adapter_linear_1\.weight: \(255, 128\) in the checkpoint, \(256, 128\)"):
         check_split_checkpoint(config, wrong)
+
+
+def test_importing_the_backend_does_not_import_vllm() -> None:
+    code = "import sys, splitllama.vllm, splitllama.vllm.loading; assert 'vllm' not in sys.modules, 'vllm imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bad_input_fails_before_an_engine_starts(models: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="model_dir: .*nowhere is not a directory"):
+        splitllama.vllm.generate(tmp_path / "nowhere", [[1, 2]])
+    with pytest.raises(ValueError, match=r"prompts\[1\]: a text prompt needs a tokenizer"):
+        splitllama.vllm.generate(models["mixed_kv"], [[1, 2], "w5 w6"])  # saved without a tokenizer
+    with pytest.raises(ValueError, match=r"prompts\[0\]: empty prompt"):
+        splitllama.vllm.score(models["mixed_kv"], [[]])
+    config = SplitLlamaConfig.from_pretrained(models["linear"])
+    with pytest.raises(SplitConfigError, match=r"config_8b\.num_attention_heads: 4 is not divisible by tensor_parallel_size=3"):
+        check_vllm_compatible(config, 3)
+    odd_mlp = SplitLlamaConfig(config_8b=config.config_8b, config_70b=config.config_70b, num_layers_8=1, num_layers_70=1,
+                               adapter="mlp", adapter_hidden_size=190)
+    with pytest.raises(SplitConfigError, match=r"adapter_hidden_size: 190 is not divisible by tensor_parallel_size=4"):
+        check_vllm_compatible(odd_mlp, 4)
 
 
 # ------------------------------------------------------------------ the real engine

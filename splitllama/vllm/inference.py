@@ -139,14 +139,14 @@ def _engine(model: Any, engine_kwargs: dict[str, Any]) -> Iterator[LLM]:
     yield model
 
 
-def _prompt_inputs(llm: LLM, prompts: Sequence[Prompt]) -> list[Any]:
+def _prompt_inputs(prompts: Sequence[Prompt], tokenizer: bool) -> list[Any]:
+    """vLLM inputs for ``prompts``: texts as they are, token-id lists as ``{"prompt_token_ids": ...}``."""
     if isinstance(prompts, str):
         raise TypeError("prompts: expected a list of prompts, got one string")
-    no_tokenizer = llm.llm_engine.model_config.skip_tokenizer_init
     inputs: list[Any] = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
-            if no_tokenizer:
+            if not tokenizer:
                 raise ValueError(
                     f"prompts[{i}]: a text prompt needs a tokenizer, but the model has none; "
                     "pass token-id lists or save a tokenizer with the model"
@@ -158,6 +158,15 @@ def _prompt_inputs(llm: LLM, prompts: Sequence[Prompt]) -> list[Any]:
                 raise ValueError(f"prompts[{i}]: empty prompt")
             inputs.append({"prompt_token_ids": ids})
     return inputs
+
+
+def _engine_inputs(model: Any, prompts: Sequence[Prompt], engine_kwargs: dict[str, Any]) -> list[Any]:
+    """Check prompts against the model before an engine starts (a directory) or against the engine."""
+    if isinstance(model, (str, os.PathLike)):
+        _check_model_dir(model)
+        skip = engine_kwargs.get("skip_tokenizer_init")
+        return _prompt_inputs(prompts, has_tokenizer(model) if skip is None else not skip)
+    return _prompt_inputs(prompts, not model.llm_engine.model_config.skip_tokenizer_init)
 
 
 def generate(
@@ -179,17 +188,18 @@ def generate(
     Returns one :class:`Generation` per prompt (a list of ``n`` per prompt when ``n > 1``), in
     prompt order. ``engine_kwargs`` go to :func:`load_llm` when ``model`` is a directory.
     """
-    from vllm import SamplingParams
-
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+    inputs = _engine_inputs(model, prompts, engine_kwargs)
+    from vllm import SamplingParams
+
     with _engine(model, engine_kwargs) as llm:
         params = SamplingParams(
             n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             ignore_eos=ignore_eos, stop=list(stop) if stop else None,
             detokenize=not llm.llm_engine.model_config.skip_tokenizer_init,
         )
-        outputs = llm.generate(_prompt_inputs(llm, prompts), params, use_tqdm=False)
+        outputs = llm.generate(inputs, params, use_tqdm=False)
         results = [
             [
                 Generation(
@@ -214,11 +224,12 @@ def token_logprobs(
 
     A text of ``T`` tokens gives ``T - 1`` values: the first token is context only.
     """
+    inputs = _engine_inputs(model, texts, engine_kwargs)
     from vllm import SamplingParams
 
     with _engine(model, engine_kwargs) as llm:
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        outputs = llm.generate(_prompt_inputs(llm, texts), params, use_tqdm=False)
+        outputs = llm.generate(inputs, params, use_tqdm=False)
         scores: list[list[float]] = []
         for out in outputs:
             ids = list(out.prompt_token_ids or [])
