@@ -156,6 +156,8 @@ class EmbeddedRecipe:
     val_fraction: float = 0.05
     min_doc_chars: int = 80
     seed: int = 0
+    #: validation blocks the build scores each donor on (``None``: all of them)
+    eval_blocks: int | None = None
     small: DonorRecipe = field(default_factory=lambda: DonorRecipe(128, 4, 4, 2, 32, 448, pretrain_steps=200))
     large: DonorRecipe = field(default_factory=lambda: DonorRecipe(256, 8, 8, 2, 32, 896, pretrain_steps=100))
 
@@ -332,7 +334,7 @@ def build_embedded_donors(recipe: EmbeddedRecipe, out_dir: Path, cache_dir: Path
         elapsed = time.perf_counter() - start
         timings[f"pretrain_{which}_s"] = elapsed
         metrics[f"{which}_tokens_per_s"] = donor.pretrain_steps * recipe.batch_size * recipe.seq_len / elapsed
-        metrics[f"{which}_val_loss"] = evaluate_lm(model, val_blocks)
+        metrics[f"{which}_val_loss"] = evaluate_lm(model, val_blocks[: recipe.eval_blocks])
         metrics[f"{which}_parameters"] = sum(p.numel() for p in model.parameters())
         model.save_pretrained(out_dir / dirname)
         tokenizer.save_pretrained(out_dir / dirname)

@@ -110,6 +110,7 @@ class EmbeddedConfig:
     val_fraction: float = 0.05
     min_doc_chars: int = 80
     seed: int = 0
+    eval_blocks: Optional[int] = None
     small: DonorShapeConfig = field(default_factory=DonorShapeConfig)
     large: DonorShapeConfig = field(
         default_factory=lambda: DonorShapeConfig(
