@@ -121,11 +121,15 @@ class EmbeddedConfig:
 
 @dataclass
 class DonorsConfig:
-    """The two donors. ``path8b``/``path70b`` null: the embedded tiny donors (built and cached)."""
+    """The two donors. ``path8b``/``path70b`` null: the embedded tiny donors (built and cached).
+
+    The paths default to MISSING, not None: OmegaConf ignores a ``???`` merged over a value, so a
+    None default would turn a preset's required ``path8b: ???`` into "use the embedded donors".
+    """
 
     name: str = "tiny"
-    path8b: Optional[str] = None
-    path70b: Optional[str] = None
+    path8b: Optional[str] = MISSING
+    path70b: Optional[str] = MISSING
     #: layer counts used when ``layers.n8`` / ``layers.n70`` are not given
     default_n8: int = 2
     default_n70: int = 4
@@ -197,13 +201,13 @@ class DataConfig:
 class TrainerConfig:
     """Lightning Trainer arguments (the ones a run needs; see conf/trainer/)."""
 
-    max_steps: int = 150
-    val_check_interval: Optional[int] = 50
+    max_steps: int = 120
+    val_check_interval: Optional[int] = 40
     precision: str = "32-true"
     gradient_clip_val: Optional[float] = 1.0
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 1
-    checkpoint_every_n_steps: int = 50
+    checkpoint_every_n_steps: int = 40
     fast_dev_run: Any = False
     overfit_batches: float = 0.0
     num_sanity_val_steps: int = 0
