@@ -51,3 +51,68 @@ def odd_donor(donor_root: Path) -> Path:
     """A donor whose head_dim and KV heads differ from the others (hidden 96, 4 heads of 24, 4 KV heads)."""
     cfg = llama_config(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=24, vocab_size=VOCAB)
     return make_random_donor(donor_root / "odd", cfg, seed=4)
+
+
+# ---------------------------------------------------------------- the experiment framework (run.py)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose_run_config(*overrides: str):
+    """run.py's configuration, composed in-process from conf/ with the given overrides."""
+    from hydra import compose, initialize_config_dir
+
+    from splitllama.training.schema import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def quick_recipe():
+    """The ``debug=quick`` embedded-donor recipe (a few pre-training steps: plumbing, not quality)."""
+    from splitllama.training.pipeline import embedded_recipe
+
+    return embedded_recipe(compose_run_config("debug=quick"))
+
+
+@pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A splitllama cache holding the ``debug=quick`` donors, built once per test session.
+
+    run.py subprocesses find it through ``SPLITLLAMA_CACHE`` (see :func:`run_py`), so the whole
+    suite pays for one donor build.
+    """
+    from splitllama.embedded import ensure_embedded_donors
+
+    cache = tmp_path_factory.getbasetemp() / "splitllama-cache"
+    ensure_embedded_donors(quick_recipe(), cache, progress=False)
+    return cache
+
+
+class RunPy:
+    """``python run.py <overrides>`` as a user types it, in a subprocess, with the session's donor cache."""
+
+    def __init__(self, cache: Path) -> None:
+        self.cache = cache
+
+    def __call__(self, *overrides: str, cwd: Path, ok: bool = True, timeout: float = 900,
+                 env: dict[str, str | None] | None = None) -> "subprocess.CompletedProcess[str]":
+        import subprocess
+        import sys
+
+        full_env = {**os.environ, "SPLITLLAMA_CACHE": str(self.cache), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+        for key, value in (env or {}).items():  # None removes a variable
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
+        proc = subprocess.run([sys.executable, str(REPO / "run.py"), *overrides], cwd=cwd, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+        if ok and proc.returncode != 0:
+            raise AssertionError(f"run.py {' '.join(overrides)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        return proc
+
+
+@pytest.fixture(scope="session")
+def run_py(embedded_cache: Path) -> RunPy:
+    return RunPy(embedded_cache)

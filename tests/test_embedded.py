@@ -1,0 +1,104 @@
+"""The embedded default donors: corpus, tokenizer, pre-trained donors, cache reuse and repair.
+
+The donors are built once per test session with the ``debug=quick`` recipe (a few pre-training
+steps) into a temporary cache (conftest's ``embedded_cache``) that the run.py tests reuse.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from splitllama.embedded import (
+    EmbeddedRecipe,
+    ensure_embedded_donors,
+    load_stdlib_corpus,
+    verify_cache,
+)
+from splitllama.training.data import in_validation, split_documents
+
+from tests.conftest import quick_recipe
+
+
+@pytest.fixture(scope="session")
+def cache_dir(embedded_cache: Path) -> Path:
+    return embedded_cache
+
+
+@pytest.fixture(scope="session")
+def donors(cache_dir: Path):
+    return ensure_embedded_donors(quick_recipe(), cache_dir, progress=False)
+
+
+def test_corpus_is_stdlib_docstrings(cache_dir: Path) -> None:
+    documents = load_stdlib_corpus(cache_dir, 80, progress=False)
+    assert len(documents) > 3000 and sum(map(len, documents)) > 1_000_000
+    assert all(len(d) >= 80 for d in documents) and len(set(documents)) == len(documents)
+    # a docstring every CPython carries (json module)
+    assert any(d.startswith("JSON (JavaScript Object Notation)") for d in documents)
+
+
+def test_split_by_document_is_disjoint_stable_and_nested(cache_dir: Path) -> None:
+    documents = load_stdlib_corpus(cache_dir, 80, progress=False)
+    train, val = split_documents(documents, 0.05)
+    assert not set(train) & set(val) and len(train) + len(val) == len(documents)
+    assert 0.03 < len(val) / len(documents) < 0.07
+    _, smaller = split_documents(documents, 0.02)
+    assert set(smaller) <= set(val)  # a smaller validation share is a subset: no leakage
+    assert split_documents(list(reversed(documents)), 0.05)[1] == list(reversed(val))  # order-independent
+    assert all(in_validation(d, 0.05) for d in val)
+
+
+def test_donors_share_tokenizer_and_mirror_llama3_shapes(donors) -> None:
+    from transformers import AutoTokenizer, LlamaConfig
+
+    recipe = quick_recipe()
+    small, large = LlamaConfig.from_pretrained(donors.path8b), LlamaConfig.from_pretrained(donors.path70b)
+    assert (small.hidden_size, small.num_hidden_layers) == (128, 4)
+    assert (large.hidden_size, large.num_hidden_layers) == (256, 8)
+    assert small.head_dim == large.head_dim == 32 and small.num_key_value_heads == large.num_key_value_heads == 2
+    assert small.num_attention_heads > small.num_key_value_heads  # GQA
+    assert small.vocab_size == large.vocab_size == recipe.vocab_size
+    assert (Path(donors.path8b) / "tokenizer.json").read_bytes() == (Path(donors.path70b) / "tokenizer.json").read_bytes()
+    tok = AutoTokenizer.from_pretrained(donors.path8b)
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2) and len(tok) == recipe.vocab_size
+    text = "Return the number of items in the container."
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert tok(text)["input_ids"][0] == tok.bos_token_id
+    metrics = donors.manifest["metrics"]
+    import math
+
+    # even a few steps of pre-training leave the uniform-guess loss ln(vocab) behind
+    assert metrics["small_val_loss"] < math.log(recipe.vocab_size) - 0.3
+    assert metrics["large_val_loss"] < math.log(recipe.vocab_size) - 0.3
+
+
+def test_cache_is_reused_and_a_truncated_checkpoint_is_rebuilt(donors, cache_dir: Path, tmp_path: Path) -> None:
+    recipe = quick_recipe()
+    again = ensure_embedded_donors(recipe, cache_dir, progress=False)
+    assert not again.built_now and again.manifest["created"] == donors.manifest["created"]
+
+    # damage a copy of the cache: truncate the large donor's safetensors
+    copy_root = tmp_path / "cache"
+    shutil.copytree(cache_dir / "embedded", copy_root / "embedded")
+    shutil.copytree(cache_dir / "corpus", copy_root / "corpus")
+    weights = copy_root / "embedded" / recipe.key() / "large" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    problems = verify_cache(weights.parent.parent)
+    assert problems and "model.safetensors" in problems[0]
+    rebuilt = ensure_embedded_donors(recipe, copy_root, progress=False)
+    assert rebuilt.built_now and verify_cache(weights.parent.parent) == []
+    manifest = json.loads((weights.parent.parent / "manifest.json").read_text())
+    # same recipe, same seed: the rebuild reproduces the donors bit for bit
+    assert manifest["files"]["large/model.safetensors"] == donors.manifest["files"]["large/model.safetensors"]
+
+
+def test_recipe_key_changes_with_the_recipe() -> None:
+    recipe = quick_recipe()
+    from dataclasses import asdict
+
+    changed = EmbeddedRecipe.from_dict({**asdict(recipe), "seed": 1})
+    assert recipe.key() != changed.key() and recipe.key() == quick_recipe().key()

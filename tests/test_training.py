@@ -1,0 +1,90 @@
+"""The training pieces run.py composes: objectives, schedule, FLOP count, data order and packing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from splitllama import CustomSplitLLamaForCausalLM, SplitLlamaConfig
+from splitllama.testing import llama_config
+from splitllama.training.data import ResumableBlockSampler, pack_documents
+from splitllama.training.module import count_flops_per_token, warmup_cosine
+from splitllama.training.objectives import Objective, distillation_loss, next_token_loss
+
+
+def test_distillation_is_the_kl_from_the_teacher() -> None:
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    p_teacher = teacher[:, :-1].softmax(-1)
+    kl = (p_teacher * (p_teacher.log() - student[:, :-1].log_softmax(-1))).sum(-1).mean()
+    assert distillation_loss(student, teacher) == pytest.approx(kl.item(), rel=1e-5)
+    assert distillation_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    # temperature T: KL of the softened distributions, scaled by T^2
+    soft = distillation_loss(student / 2, teacher / 2) * 4
+    assert distillation_loss(student, teacher, temperature=2.0) == pytest.approx(soft.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="share one vocabulary"):
+        distillation_loss(student, torch.randn(2, 5, 12))
+
+
+def test_objectives_combine_the_parts() -> None:
+    torch.manual_seed(1)
+    logits, teacher, ids = torch.randn(2, 6, 9), torch.randn(2, 6, 9), torch.randint(0, 9, (2, 6))
+    lm = F.cross_entropy(logits[:, :-1].reshape(-1, 9), ids[:, 1:].reshape(-1))
+    assert next_token_loss(logits, ids) == pytest.approx(lm.item())
+    assert Objective("lm")(logits, ids)["loss"] == pytest.approx(lm.item())
+    kl = distillation_loss(logits, teacher)
+    assert Objective("distill")(logits, ids, teacher)["loss"] == pytest.approx(kl.item())
+    mixed = Objective("mixed", lm_weight=0.25, distill_weight=2.0)(logits, ids, teacher)
+    assert mixed["loss"] == pytest.approx(0.25 * lm.item() + 2.0 * kl.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="needs the teacher"):
+        Objective("distill")(logits, ids)
+
+
+def test_warmup_then_cosine() -> None:
+    values = [warmup_cosine(s, 4, 20, 0.1) for s in range(21)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert values[4] == 1.0 and values[20] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+    assert values[12] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+
+
+def test_flops_per_token_counts_every_matmul_weight() -> None:
+    small = llama_config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         intermediate_size=96, vocab_size=300)
+    large = llama_config(hidden_size=128, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                         intermediate_size=160, vocab_size=300)
+    for adapter, extra in (("linear", {}), ("mlp", {"adapter_hidden_size": 48}), ("lowrank", {"adapter_rank": 8})):
+        config = SplitLlamaConfig(config_8b=small, config_70b=large, num_layers_8=3, num_layers_70=2, adapter=adapter, **extra)
+        model = CustomSplitLLamaForCausalLM(config)
+        linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        flops = count_flops_per_token(config, seq_len=32)
+        assert flops["matmul_parameters"] == linear_weights, adapter
+        attention = 32 * (3 * 4 * 16 + 2 * 8 * 16)
+        assert flops["train_flops_per_token"] == 6 * linear_weights + 6 * attention
+        assert flops["forward_flops_per_token"] == pytest.approx(flops["train_flops_per_token"] / 3)
+
+
+def test_sampler_resumes_exactly_and_shards_ranks() -> None:
+    full = list(ResumableBlockSampler(7, 20, seed=3))
+    assert sorted(full[:7]) == list(range(7)) and sorted(full[7:14]) == list(range(7))  # every epoch a permutation
+    assert full[:7] != full[7:14]  # reshuffled each epoch
+    assert list(ResumableBlockSampler(7, 20, seed=3, start=9)) == full[9:]
+    ranks = [list(ResumableBlockSampler(7, 10, seed=3, rank=r, world_size=2)) for r in range(2)]
+    assert [x for pair in zip(*ranks) for x in pair] == full  # ranks interleave the global stream
+    assert list(ResumableBlockSampler(7, 10, seed=3, rank=1, world_size=2, start=4)) == ranks[1][4:]
+
+
+def test_packing_adds_document_boundaries() -> None:
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate("abcdefgh")}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    blocks = pack_documents(tokenizer, ["abc", "de", "fgh"], seq_len=4)
+    stream = [1, 3, 4, 5, 2, 1, 6, 7, 2, 1, 8, 9, 10, 2]
+    assert blocks.tolist() == [stream[0:4], stream[4:8], stream[8:12]]  # the short tail is dropped
+    with pytest.raises(ValueError, match="data.seq_len=64"):
+        pack_documents(tokenizer, ["ab"], seq_len=64)
