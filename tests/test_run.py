@@ -105,6 +105,17 @@ def test_resume_reaches_the_uninterrupted_val_loss(default_run: Path, run_py: Ru
     assert resumed["metrics"]["val_loss"] == pytest.approx(read_results(default_run)["metrics"]["val_loss"], abs=1e-6)
 
 
+def test_ddp_on_two_cpu_processes(default_run: Path, run_py: RunPy, tmp_path: Path) -> None:
+    """``parallel=ddp``: two processes (gloo), each rank its own share of the data; validation reduced."""
+    run_py(QUICK, "parallel=ddp", "parallel.devices=2", "parallel.accelerator=cpu", "logger=csv",
+           f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    results, single = read_results(tmp_path), read_results(default_run)
+    assert results["status"] == "ok" and results["metrics"]["steps"] == 8
+    assert results["metrics"]["train_tokens_seen"] == 2 * single["metrics"]["train_tokens_seen"]
+    # the held-out split scored across two ranks gives the single-process value
+    assert results["metrics"]["val_loss_before"] == pytest.approx(single["metrics"]["val_loss_before"], abs=1e-5)
+
+
 # ------------------------------------------------------------------ the design card's overrides and other recipes
 def test_mlp_adapter_with_layer_counts(run_py: RunPy, tmp_path: Path) -> None:
     run_py(QUICK, "adapter=mlp", "layers.n70=8", "layers.n8=2", "logger=csv", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
