@@ -6,9 +6,11 @@ so ``AutoModelForCausalLM.from_pretrained(saved_dir)`` works without ``trust_rem
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from ._lazy import lazy_getattr
 
 from .configuration_split_llama import ADAPTER_TYPES, SPLIT_ARCHITECTURE, SplitConfigError, SplitLlamaConfig
 from .modeling_split_llama import (
@@ -40,12 +42,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'splitllama' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 if TYPE_CHECKING:
