@@ -88,3 +88,41 @@ def test_packing_adds_document_boundaries() -> None:
     assert blocks.tolist() == [stream[0:4], stream[4:8], stream[8:12]]  # the short tail is dropped
     with pytest.raises(ValueError, match="data.seq_len=64"):
         pack_documents(tokenizer, ["ab"], seq_len=64)
+
+
+def test_finetune_parts_select_exactly_their_parameters(small_donor, large_donor) -> None:
+    from splitllama.training.backends import HFBackend, SplitModelSpec
+
+    backend = HFBackend(SplitModelSpec(str(small_donor), str(large_donor), 2, 3), {})
+    names = [n for n, _ in backend.model.named_parameters()]
+    for parts, prefixes in ((["adapter"], ("model.adapter.",)), (["first"], ("model.layers_first.",)),
+                            (["last"], ("model.layers_last.",)), (["embeddings", "head"], ("model.embed_tokens.", "lm_head.")),
+                            (["all"], ("",))):
+        chosen = backend.select_trainable(parts, None)
+        assert chosen == [n for n in names if n.startswith(prefixes)], parts
+        assert [n for n, p in backend.model.named_parameters() if p.requires_grad] == chosen
+    with pytest.raises(ValueError, match="finetune.trainable"):
+        # the identity adapter (a donor stitched with itself) has no parameters to train
+        HFBackend(SplitModelSpec(str(large_donor), str(large_donor), 2, 3, adapter="identity"), {}).select_trainable(["adapter"], None)
+
+
+def test_lora_targets_the_chosen_layers_and_merges_on_export(small_donor, large_donor) -> None:
+    from splitllama.training.backends import HFBackend, SplitModelSpec
+
+    backend = HFBackend(SplitModelSpec(str(small_donor), str(large_donor), 2, 3), {})
+    lora = {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "down_proj"], "parts": ["last"]}
+    chosen = backend.select_trainable(["adapter"], lora)
+    lora_names = [n for n in chosen if "lora_" in n]
+    assert len(lora_names) == 3 * 2 * 2  # 3 large-donor layers x (q_proj, down_proj) x (A, B)
+    assert all("layers_last" in n and ("q_proj" in n or "down_proj" in n) for n in lora_names)
+    assert len(chosen) - len(lora_names) == 2  # adapter weight and bias
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in backend.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)  # as after training (B starts at zero)
+    ids = torch.randint(0, 256, (2, 12))
+    merged = backend.hf_model()
+    assert not [n for n, _ in merged.named_parameters() if "lora" in n]
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, backend.logits(ids), atol=1e-5)
