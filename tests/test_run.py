@@ -207,3 +207,19 @@ def test_bad_overrides_fail_with_a_message(run_py: RunPy, tmp_path: Path, overri
     assert named in message, message[-3000:]
     assert "Traceback" not in message, message[-3000:]
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_assemble_saves_a_loadable_split_model(run_py: RunPy, tmp_path: Path) -> None:
+    """``task=assemble``: no training; a least-squares low-rank adapter fitted on calibration blocks."""
+    run_py(QUICK, "task=assemble", "adapter=lowrank", "adapter.rank=8", "adapter.init=lstsq", "logger=none",
+           f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    results = read_results(tmp_path)
+    assert results["status"] == "ok" and results["task"] == "assemble" and results["params"]["trainable"] == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import splitllama  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model")
+    assert model.config.adapter == "lowrank" and model.config.adapter_rank == 8
+    assert model.model.adapter.adapter_linear_1.weight.shape == (8, 128)
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf_model").bos_token_id == 1
