@@ -187,6 +187,20 @@ def _hf_generate(model_dir: str, prompts: list[str], max_new_tokens: int, temper
 TASKS = {"train": train, "assemble": assemble, "eval": evaluate, "generate": generate}
 
 
+def sweep_value(cfg: DictConfig, val_loss: float | None, flops: dict) -> float | list[float] | None:
+    """What a Hydra sweeper sees (``sweep.objective``): the validation loss, the loss penalised
+    for exceeding ``sweep.flops_budget`` training FLOPs per token, or [loss, GFLOPs per token]."""
+    from splitllama.training.schema import SweepObjective
+
+    objective = cfg.sweep.objective
+    if val_loss is None or objective == SweepObjective.val_loss:
+        return val_loss
+    train_flops = flops.get("train_flops_per_token", float("nan"))
+    if objective == SweepObjective.penalised:
+        return val_loss + cfg.sweep.penalty * max(0.0, train_flops / cfg.sweep.flops_budget - 1.0)
+    return [val_loss, train_flops / 1e9]
+
+
 def _sweep_group(cfg: DictConfig) -> str | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -231,14 +245,14 @@ def main(cfg: DictConfig) -> float | None:
         if rank_zero:
             path = record.write(status)
             log.info("%s: %s", status, path)
-        return metric
+        return sweep_value(cfg, metric, record.data.get("flops", {}))
     except Exception as exc:
         record.fail(exc)
         if rank_zero:
             record.write()
         if _is_multirun():  # record the failure and let the sweep go on
             log.error("run failed (%s: %s); results.json records it", type(exc).__name__, exc)
-            return float("nan")
+            return sweep_value(cfg, float("nan"), {})
         if isinstance(exc, (RunConfigError, SplitConfigError)):
             raise SystemExit(f"error: {exc}") from None
         raise

@@ -282,6 +282,26 @@ class PathsConfig:
     checkpoint_dir: str = "checkpoints"
 
 
+class SweepObjective(Enum):
+    """What ``run.py`` returns to a Hydra sweeper (Optuna minimises it)."""
+
+    val_loss = 1
+    #: ``val_loss + penalty * max(0, flops / flops_budget - 1)``: a compute budget as a soft constraint
+    penalised = 2
+    #: ``[val_loss, training GFLOPs per token]``: two objectives, Optuna reports the Pareto front
+    val_loss_and_flops = 3
+
+
+@dataclass
+class SweepConfig:
+    """The value a sweep optimises (see conf/experiment/optuna_layers.yaml)."""
+
+    objective: SweepObjective = SweepObjective.val_loss
+    #: training FLOPs per token allowed before the penalty applies (``penalised``)
+    flops_budget: Optional[float] = None
+    penalty: float = 1.0
+
+
 @dataclass
 class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -297,6 +317,7 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     #: resume: ``last`` (this run dir's checkpoints/last.ckpt), a .ckpt file, or another run's directory
     ckpt_path: Optional[str] = None
@@ -366,6 +387,10 @@ def validate_run_settings(cfg: Any) -> None:
     _check(cfg.adapter.calibration_blocks >= 1, "adapter.calibration_blocks", cfg.adapter.calibration_blocks, "must be >= 1")
     if cfg.data.source == DataSource.files:
         _check(len(cfg.data.files) > 0, "data.files", list(cfg.data.files), "must list at least one .txt or .jsonl file for data.source=files")
+    if cfg.sweep.objective == SweepObjective.penalised:
+        _check(cfg.sweep.flops_budget is not None and cfg.sweep.flops_budget > 0, "sweep.flops_budget", cfg.sweep.flops_budget,
+               "must be > 0 (training FLOPs per token) for sweep.objective=penalised")
+    _check(cfg.sweep.penalty >= 0, "sweep.penalty", cfg.sweep.penalty, "must be >= 0")
     if cfg.task.stop_after_steps is not None:
         _check(cfg.task.stop_after_steps >= 1, "task.stop_after_steps", cfg.task.stop_after_steps, "must be >= 1")
     if cfg.task.name in (TaskName.eval, TaskName.generate) and cfg.task.model_dir is not None:
@@ -404,6 +429,8 @@ __all__ = [
     "AdapterKind",
     "RunConfig",
     "RunConfigError",
+    "SweepConfig",
+    "SweepObjective",
     "TaskName",
     "explain_split_error",
     "register_configs",
