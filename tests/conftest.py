@@ -101,6 +101,9 @@ class RunPy:
         import sys
 
         full_env = {**os.environ, "SPLITLLAMA_CACHE": str(self.cache), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+        # a fresh process, not a rank of this one (in-process megatron tests set MASTER_PORT and keep it bound)
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK"):
+            full_env.pop(key, None)
         for key, value in (env or {}).items():  # None removes a variable
             if value is None:
                 full_env.pop(key, None)
