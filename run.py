@@ -23,6 +23,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from splitllama.results import split_summary
 from splitllama.training.schema import RunConfigError, register_configs
 
 log = logging.getLogger("splitllama.run")
@@ -36,7 +37,7 @@ def train(cfg: DictConfig, record) -> float:
     from splitllama.training import pipeline as P
     from splitllama.training.callbacks import StopAfterSteps, csv_metrics_file, make_loggers, wandb_run_file
 
-    P.validate(cfg)
+    record.update("split", split_summary(P.validate(cfg)))
     ckpt_path = P.resolve_ckpt_path(cfg)
     P.seed_everything(cfg.seed)
     with record.timed("donors"):
@@ -50,7 +51,8 @@ def train(cfg: DictConfig, record) -> float:
     calibration = data.train_blocks[: cfg.adapter.calibration_blocks]
     module = P.make_module(cfg, P.model_spec(cfg, donors, calibration=calibration), teacher_path=donors.path70b)
     loggers, logger_info = make_loggers(
-        P.plain(cfg.logger.kind), save_dir=cfg.paths.output_dir, config=P.config_dict(cfg), mode=P.plain(cfg.logger.mode),
+        P.plain(cfg.logger.kind), save_dir=cfg.paths.output_dir, config={**P.config_dict(cfg), "split": record.data["split"]},
+        mode=P.plain(cfg.logger.mode),
         project=cfg.logger.project, entity=cfg.logger.entity, name=P.run_name(cfg), group=_sweep_group(cfg),
         tags=[*cfg.logger.tags, P.plain(cfg.task.name), P.plain(cfg.adapter.kind), P.plain(cfg.objective.kind), cfg.donors.name],
         csv=cfg.logger.csv, init_timeout=cfg.logger.init_timeout,
@@ -98,7 +100,7 @@ def assemble(cfg: DictConfig, record) -> float | None:
     from splitllama.training.backends import build_backend
     from splitllama.training.module import count_flops_per_token
 
-    P.validate(cfg)
+    record.update("split", split_summary(P.validate(cfg)))
     with record.timed("donors"):
         donors = P.resolve_donors(cfg)
     tokenizer = P.load_tokenizer(donors.path8b)
@@ -123,7 +125,7 @@ def evaluate(cfg: DictConfig, record) -> float:
     """Validation loss and perplexity of a saved split model (task.model_dir) or of a fresh assembly."""
     from splitllama.training import pipeline as P
 
-    P.validate(cfg)
+    record.update("split", split_summary(P.validate(cfg)))
     model_dir = os.path.expanduser(cfg.task.model_dir) if cfg.task.model_dir else None
     donors = None if model_dir else P.resolve_donors(cfg)
     tokenizer = P.load_tokenizer(model_dir or donors.path8b)

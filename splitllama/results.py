@@ -123,10 +123,20 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def split_summary(config: Any) -> dict[str, Any]:
+    """The resolved layout of a :class:`~splitllama.SplitLlamaConfig`, as results.json records it
+    (``layers.n8`` may be unset in the run config: this is what the run actually used)."""
+    return {
+        "n8": config.num_layers_8, "n70": config.num_layers_70, "layers_8": list(config.layers_8),
+        "layers_70": list(config.layers_70), "adapter": config.adapter, "hidden_8": config.hidden_size_8,
+        "hidden_70": config.hidden_size_70,
+    }
+
+
 def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a run's ``results.json`` (give the file or its run directory)."""
     path = Path(path)
     return json.loads((path / RESULTS_FILE if path.is_dir() else path).read_text())
 
 
-__all__ = ["RESULTS_FILE", "RunRecord", "git_info", "read_results"]
+__all__ = ["RESULTS_FILE", "RunRecord", "git_info", "read_results", "split_summary"]

@@ -1,0 +1,254 @@
+"""Sweep analysis: every run of a sweep in one DataFrame, heatmaps over (n8, n70), Pareto fronts.
+
+A sweep is a Hydra multirun directory (``multirun/<date>/<time>/<job>/results.json``, written
+by ``run.py`` for every job, failed ones included) or a W&B project/group (online, through
+``wandb.Api``). Both give the same columns::
+
+    df = load_sweep("multirun/2026-11-22/19-40-00")
+    print(summary_table(df))
+    plot_heatmaps(df, out="heatmap.png")          # validation loss over (n8, n70), one panel per adapter
+    plot_pareto(df, x="flops_per_token", out="pareto.png")
+
+Columns: ``job``, ``status`` (ok | interrupted | failed), ``error``, ``task``, ``adapter``, ``n8``,
+``n70`` (the layers the run used; the requested ones if it failed before resolving them),
+``val_loss``, ``val_loss_before``, ``val_ppl``, ``steps``, ``params``, ``trainable``,
+``flops_per_token`` (training FLOPs per token), ``runtime_s``, ``overrides``, ``run_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+
+from .results import RESULTS_FILE
+
+COLUMNS = ["job", "status", "adapter", "n8", "n70", "val_loss", "val_loss_before", "val_ppl", "steps", "params",
+           "trainable", "flops_per_token", "runtime_s", "task", "error", "overrides", "run_dir"]
+#: the columns :func:`summary_table` shows
+SUMMARY_COLUMNS = ["job", "status", "adapter", "n8", "n70", "val_loss", "val_loss_before", "params", "trainable",
+                   "flops_per_token", "runtime_s"]
+
+
+def _hydra_overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    return [str(o) for o in OmegaConf.load(path)]
+
+
+def _requested_layers(config: dict[str, Any]) -> tuple[Any, Any]:
+    layers, donors = config.get("layers") or {}, config.get("donors") or {}
+    n8 = layers.get("n8") if layers.get("n8") is not None else (len(layers["list8"]) if layers.get("list8") else donors.get("default_n8"))
+    n70 = layers.get("n70") if layers.get("n70") is not None else (len(layers["list70"]) if layers.get("list70") else donors.get("default_n70"))
+    return n8, n70
+
+
+def run_row(results: dict[str, Any], run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """One flat row from a run's ``results.json`` content."""
+    config = results.get("config") or {}
+    split = results.get("split") or {}
+    metrics, params, flops = results.get("metrics") or {}, results.get("params") or {}, results.get("flops") or {}
+    n8, n70 = (split["n8"], split["n70"]) if split else _requested_layers(config)
+    run_dir = Path(run_dir) if run_dir is not None else Path((results.get("paths") or {}).get("run_dir", "."))
+    error = results.get("error")
+    return {
+        "job": run_dir.name,
+        "status": results.get("status"),
+        "adapter": split.get("adapter") or (config.get("adapter") or {}).get("kind"),
+        "n8": n8,
+        "n70": n70,
+        "val_loss": metrics.get("val_loss", math.nan),
+        "val_loss_before": metrics.get("val_loss_before", math.nan),
+        "val_ppl": metrics.get("val_ppl", math.nan),
+        "steps": metrics.get("steps"),
+        "params": params.get("total"),
+        "trainable": params.get("trainable"),
+        "flops_per_token": flops.get("train_flops_per_token", math.nan),
+        "runtime_s": (results.get("timings") or {}).get("total_s", math.nan),
+        "task": results.get("task"),
+        "error": f"{error['type']}: {error['message']}" if error else None,
+        "overrides": " ".join(_hydra_overrides(run_dir)),
+        "run_dir": str(run_dir),
+    }
+
+
+def load_sweep(sweep_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """Every run under a multirun directory (any depth), one row each, ordered by job number."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
+    rows = [run_row(json.loads(p.read_text()), p.parent) for p in sweep_dir.rglob(RESULTS_FILE)]
+    if not rows:
+        raise FileNotFoundError(f"no {RESULTS_FILE} under {sweep_dir}: not a run.py sweep (or no job has finished)")
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    order = pd.to_numeric(df["job"], errors="coerce")
+    return df.assign(_order=order).sort_values(["_order", "run_dir"]).drop(columns="_order").reset_index(drop=True)
+
+
+def load_wandb(project: str, *, entity: str | None = None, group: str | None = None, api: Any = None) -> pd.DataFrame:
+    """The runs of a W&B project (optionally one sweep group), online through ``wandb.Api``.
+
+    run.py logs the resolved config (with the ``split`` it used), ``final/val_loss``,
+    ``params/*`` and ``flops/*``; offline runs must be synced first (``wandb sync <run dir>/wandb``).
+    """
+    import wandb
+
+    if api is None:
+        if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+            raise RuntimeError(f"load_wandb needs W&B online (WANDB_MODE={os.environ['WANDB_MODE']}); "
+                               "for local runs use load_sweep(<multirun dir>)")
+        api = wandb.Api()
+    path = f"{entity}/{project}" if entity else project
+    rows = []
+    for run in api.runs(path, filters={"group": group} if group else None):
+        config, summary = dict(run.config), dict(run.summary)
+        split = config.get("split") or {}
+        n8, n70 = (split["n8"], split["n70"]) if split else _requested_layers(config)
+        state = {"finished": "ok", "crashed": "failed", "failed": "failed"}.get(run.state, run.state)
+        rows.append({
+            "job": run.name, "status": state, "adapter": split.get("adapter") or (config.get("adapter") or {}).get("kind"),
+            "n8": n8, "n70": n70, "val_loss": summary.get("final/val_loss", summary.get("val/loss", math.nan)),
+            "val_loss_before": summary.get("final/val_loss_before", math.nan), "val_ppl": summary.get("val/ppl", math.nan),
+            "steps": summary.get("trainer/global_step"), "params": summary.get("params/total"),
+            "trainable": summary.get("params/trainable"), "flops_per_token": summary.get("flops/train_per_token", math.nan),
+            "runtime_s": summary.get("_runtime", math.nan), "task": (config.get("task") or {}).get("name"),
+            "error": None, "overrides": run.group or "", "run_dir": run.url,
+        })
+    if not rows:
+        raise LookupError(f"no W&B runs in {path}" + (f" group {group}" if group else ""))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def pareto_front(df: pd.DataFrame, x: str = "flops_per_token", y: str = "val_loss") -> pd.Series:
+    """Boolean mask of the runs no other run beats on both ``x`` and ``y`` (both minimised).
+
+    Failed runs and runs missing either value are never on the front.
+    """
+    valid = df[x].notna() & df[y].notna() & (df["status"] == "ok")
+    points = df.loc[valid, [x, y]].to_numpy(dtype=float)
+    on_front = pd.Series(False, index=df.index)
+    for index, (px, py) in zip(df.index[valid], points):
+        dominated = ((points[:, 0] <= px) & (points[:, 1] <= py) & ((points[:, 0] < px) | (points[:, 1] < py))).any()
+        on_front[index] = not dominated
+    return on_front
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+def summary_table(df: pd.DataFrame, columns: Sequence[str] = SUMMARY_COLUMNS, *, markdown: bool = False) -> str:
+    """The sweep as a text (or Markdown) table, best validation loss first, failed runs last."""
+    ordered = df.assign(_failed=df["status"] != "ok").sort_values(["_failed", "val_loss"], na_position="last")
+    cells = [[_fmt(row[c]) for c in columns] for _, row in ordered.iterrows()]
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(r) + " |" for r in cells]
+        return "\n".join(lines)
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def plot_heatmaps(df: pd.DataFrame, value: str = "val_loss", *, out: str | os.PathLike[str] | None = None):
+    """One heatmap per adapter of ``value`` over (n8 rows, n70 columns); failed cells marked ``x``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    adapters = sorted(df["adapter"].dropna().unique())
+    n8s, n70s = sorted(df["n8"].dropna().unique()), sorted(df["n70"].dropna().unique())
+    ok = df[df["status"] == "ok"]
+    vmin, vmax = ok[value].min(), ok[value].max()
+    fig, axes = plt.subplots(1, max(1, len(adapters)), figsize=(3.2 + 2.6 * len(adapters), 0.6 * len(n8s) + 2.4), squeeze=False)
+    image = None
+    for ax, adapter in zip(axes[0], adapters):
+        grid = np.full((len(n8s), len(n70s)), np.nan)
+        sub = df[df["adapter"] == adapter]
+        for _, row in sub.iterrows():
+            i, j = n8s.index(row["n8"]), n70s.index(row["n70"])
+            if row["status"] == "ok":
+                grid[i, j] = row[value]
+            else:
+                ax.text(j, i, "x", ha="center", va="center", color="red", fontsize=12)
+        image = ax.imshow(grid, cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto", origin="lower")
+        for i in range(len(n8s)):
+            for j in range(len(n70s)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="white", fontsize=8)
+        ax.set_xticks(range(len(n70s)), [str(int(v)) for v in n70s])
+        ax.set_yticks(range(len(n8s)), [str(int(v)) for v in n8s])
+        ax.set_xlabel("n70 (last layers of the large donor)")
+        ax.set_ylabel("n8 (first layers of the small donor)")
+        ax.set_title(f"{value}, {adapter} adapter")
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85, label=value)
+    if out is not None:
+        fig.savefig(out, dpi=110, bbox_inches="tight")
+    return fig
+
+
+def plot_pareto(df: pd.DataFrame, x: str = "flops_per_token", y: str = "val_loss", *,
+                out: str | os.PathLike[str] | None = None):
+    """``y`` against ``x`` for every finished run, coloured by adapter, the Pareto front joined."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    ok = df[(df["status"] == "ok") & df[x].notna() & df[y].notna()]
+    front = ok[pareto_front(ok, x, y)].sort_values(x)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for adapter, sub in ok.groupby("adapter"):
+        ax.scatter(sub[x], sub[y], label=f"{adapter} adapter", s=36)
+        for _, row in sub.iterrows():
+            ax.annotate(f"{int(row['n8'])}+{int(row['n70'])}", (row[x], row[y]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.step(front[x], front[y], where="post", color="black", lw=1, label="Pareto front")
+    ax.scatter(front[x], front[y], facecolors="none", edgecolors="black", s=110, lw=1.2)
+    ax.set_xlabel({"flops_per_token": "training FLOPs per token", "params": "parameters"}.get(x, x))
+    ax.set_ylabel(y)
+    ax.set_title("labels: n8+n70")
+    ax.legend(fontsize=8)
+    if out is not None:
+        fig.savefig(out, dpi=110, bbox_inches="tight")
+    return fig
+
+
+def write_report(df: pd.DataFrame, out_dir: str | os.PathLike[str], *, figures: bool = True) -> dict[str, Path]:
+    """``summary.csv``, ``summary.md`` and (with ``figures``) ``heatmap.png``, ``pareto.png`` in ``out_dir``."""
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / "summary.csv", "markdown": out_dir / "summary.md"}
+    df.to_csv(paths["csv"], index=False)
+    paths["markdown"].write_text(summary_table(df, markdown=True) + "\n")
+    if figures and (df["status"] == "ok").any():
+        paths["heatmap"], paths["pareto"] = out_dir / "heatmap.png", out_dir / "pareto.png"
+        plt.close(plot_heatmaps(df, out=paths["heatmap"]))
+        plt.close(plot_pareto(df, out=paths["pareto"]))
+    return paths
+
+
+def iter_sweep_dirs(root: str | os.PathLike[str]) -> Iterable[Path]:
+    """Sweep directories under a ``multirun/`` root, newest last."""
+    return sorted(p for p in Path(root).glob("*/*") if p.is_dir())
+
+
+__all__ = ["COLUMNS", "iter_sweep_dirs", "load_sweep", "load_wandb", "pareto_front", "plot_heatmaps", "plot_pareto",
+           "run_row", "summary_table", "write_report"]
