@@ -254,7 +254,8 @@ def main(cfg: DictConfig) -> float | None:
             record.write()
         if _is_multirun():  # record the failure and let the sweep go on
             log.error("run failed (%s: %s); results.json records it", type(exc).__name__, exc)
-            return sweep_value(cfg, float("nan"), {})
+            # +inf, not nan: a failed job is the worst trial (Optuna's sweeper aborts the study on nan)
+            return sweep_value(cfg, math.inf, {"train_flops_per_token": math.inf})
         if isinstance(exc, (RunConfigError, SplitConfigError)):
             raise SystemExit(f"error: {exc}") from None
         raise
