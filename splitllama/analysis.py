@@ -164,10 +164,7 @@ def summary_table(df: pd.DataFrame, columns: Sequence[str] = SUMMARY_COLUMNS, *,
 
 def plot_heatmaps(df: pd.DataFrame, value: str = "val_loss", *, out: str | os.PathLike[str] | None = None):
     """One heatmap per adapter of ``value`` over (n8 rows, n70 columns); failed cells marked ``x``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # headless machines get Agg by themselves; notebooks keep inline
     import numpy as np
 
     adapters = sorted(df["adapter"].dropna().unique())
@@ -205,10 +202,7 @@ def plot_heatmaps(df: pd.DataFrame, value: str = "val_loss", *, out: str | os.Pa
 def plot_pareto(df: pd.DataFrame, x: str = "flops_per_token", y: str = "val_loss", *,
                 out: str | os.PathLike[str] | None = None):
     """``y`` against ``x`` for every finished run, coloured by adapter, the Pareto front joined."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # headless machines get Agg by themselves; notebooks keep inline
 
     ok = df[(df["status"] == "ok") & df[x].notna() & df[y].notna()]
     front = ok[pareto_front(ok, x, y)].sort_values(x)
