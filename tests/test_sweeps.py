@@ -1,0 +1,148 @@
+"""Sweeps as a user runs them (``run.py -m``, Optuna, submitit, W&B sweep files) and their analysis.
+
+One real multirun (``debug=quick``: 12 jobs, 4 of them failing on purpose) is shared by the tests
+of the summary, :mod:`splitllama.analysis` and the notebook.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from splitllama.analysis import load_sweep, pareto_front, summary_table
+from splitllama.results import read_results
+from splitllama.wandb_offline import find_run_file, read_offline_run
+
+from tests.conftest import REPO, RunPy, compose_run_config
+
+QUICK = "debug=quick"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def sweep(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """``python run.py -m layers.n8=1,2 layers.n70=1,2,99 adapter=linear,mlp``: n70=99 fails in 4 jobs."""
+    sweep_dir = tmp_path_factory.mktemp("sweep") / "grid"
+    proc = run_py("-m", QUICK, "layers.n8=1,2", "layers.n70=1,2,99", "adapter=linear,mlp", f"hydra.sweep.dir={sweep_dir}",
+                  cwd=sweep_dir.parent)
+    return sweep_dir, proc.stdout
+
+
+def test_multirun_goes_on_after_failures_and_prints_a_summary(sweep: tuple[Path, str]) -> None:
+    sweep_dir, stdout = sweep
+    statuses = {}
+    for job in range(12):
+        results = read_results(sweep_dir / str(job))
+        statuses[job] = results["status"]
+        if results["status"] == "failed":
+            assert results["config"]["layers"]["n70"] == 99
+            assert results["error"]["type"] == "RunConfigError" and "layers.n70=99" in results["error"]["message"]
+    assert sorted(statuses.values()).count("ok") == 8 and sorted(statuses.values()).count("failed") == 4
+    assert f"sweep {sweep_dir}: 12 runs (8 ok, 4 failed)" in stdout
+    assert "val_loss" in stdout and "flops_per_token" in stdout
+    for name in ("heatmap.png", "pareto.png"):
+        assert (sweep_dir / name).read_bytes().startswith(PNG)
+    assert len((sweep_dir / "summary.csv").read_text().strip().splitlines()) == 13
+    # the W&B group of every job is the sweep
+    run = read_offline_run(find_run_file(sweep_dir / "0" / "wandb"))
+    assert run.group == f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}"
+
+
+def test_load_sweep_gives_one_row_per_run(sweep: tuple[Path, str]) -> None:
+    df = load_sweep(sweep[0])
+    assert len(df) == 12 and list(df["job"]) == [str(i) for i in range(12)]
+    for _, row in df.iterrows():  # columns agree with each job's own overrides
+        assert f"layers.n8={row['n8']}" in row["overrides"] and f"layers.n70={row['n70']}" in row["overrides"]
+        assert f"adapter={row['adapter']}" in row["overrides"]
+        assert (row["status"] == "ok") == (row["n70"] != 99)
+    ok = df[df["status"] == "ok"]
+    assert ok["val_loss"].map(math.isfinite).all() and ok["val_loss_before"].map(math.isfinite).all()
+    failed = df[df["status"] == "failed"]
+    assert failed["val_loss"].isna().all() and failed["error"].str.contains("layers.n70=99").all()
+    for (adapter, n8), group in ok.groupby(["adapter", "n8"]):  # deeper large part: more parameters, more FLOPs
+        group = group.sort_values("n70")
+        assert group["params"].is_monotonic_increasing and group["flops_per_token"].is_monotonic_increasing
+    trainable = ok.groupby("adapter")["trainable"].first()
+    assert trainable["linear"] == 128 * 256 + 256 and trainable["mlp"] > trainable["linear"]
+    table = summary_table(df)
+    assert table.splitlines()[2].split()[1] == "ok" and table.splitlines()[-1].split()[1] == "failed"
+
+
+def test_pareto_front_is_the_non_dominated_runs(sweep: tuple[Path, str]) -> None:
+    import pandas as pd
+
+    df = load_sweep(sweep[0])
+    front = pareto_front(df, "flops_per_token", "val_loss")
+    ok = df[df["status"] == "ok"]
+    assert front.any() and not front[df["status"] != "ok"].any()
+    for i, row in ok.iterrows():
+        dominated = ((ok["flops_per_token"] <= row["flops_per_token"]) & (ok["val_loss"] <= row["val_loss"])
+                     & ((ok["flops_per_token"] < row["flops_per_token"]) | (ok["val_loss"] < row["val_loss"]))).any()
+        assert front[i] == (not dominated)
+    toy = pd.DataFrame({"status": ["ok"] * 4, "x": [1.0, 2.0, 3.0, 2.5], "y": [3.0, 1.0, 0.5, 2.0]})
+    assert pareto_front(toy, "x", "y").tolist() == [True, True, True, False]
+
+
+def test_notebook_builds_the_table_and_figures(sweep: tuple[Path, str], tmp_path: Path) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(REPO / "notebooks" / "sweep_analysis.ipynb", as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1
+    params[0].source = f"sweep_dir = {str(sweep[0])!r}\nfigures_dir = {str(tmp_path / 'figures')!r}"
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "\n".join(o.get("text", "") or str(o.get("data", {}).get("text/plain", ""))
+                     for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "12 runs" in text and "'failed': 4" in text
+    assert "val_loss" in text and "flops_per_token" in text
+    for name in ("heatmap.png", "pareto.png"):
+        assert (tmp_path / "figures" / name).read_bytes().startswith(PNG)
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_optuna_searches_layer_counts_and_reports_the_pareto_front(run_py: RunPy, tmp_path: Path) -> None:
+    run_py("-m", "experiment=optuna_layers", QUICK, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
+    report = yaml.safe_load((tmp_path / "s" / "optimization_results.yaml").read_text())
+    assert report["name"] == "optuna" and report["solutions"]
+    df = load_sweep(tmp_path / "s")
+    assert len(df) == 3 and (df["status"] == "ok").all()
+    front = df[pareto_front(df, "flops_per_token", "val_loss")]
+    # Optuna's Pareto solutions are exactly our front: (loss, GFLOPs/token) per run
+    ours = sorted((round(r.val_loss, 5), round(r.flops_per_token / 1e9, 6)) for r in front.itertuples())
+    theirs = sorted((round(s["values"][0], 5), round(s["values"][1], 6)) for s in report["solutions"])
+    assert ours == theirs
+    for s in report["solutions"]:
+        assert 1 <= s["params"]["layers.n8"] <= 4 and 1 <= s["params"]["layers.n70"] <= 8
+
+
+def test_submitit_local_launcher_runs_each_job_in_its_own_process(run_py: RunPy, tmp_path: Path) -> None:
+    run_py("-m", "experiment=submitit_local", QUICK, "logger=none", "layers.n70=2,3", f"hydra.sweep.dir={tmp_path / 's'}",
+           cwd=tmp_path)
+    df = load_sweep(tmp_path / "s")
+    assert sorted(df["n70"]) == [2, 3] and (df["status"] == "ok").all()
+    assert list((tmp_path / "s" / ".submitit").glob("*/*_result.pkl"))
+
+
+def test_slurm_launcher_composes(run_py: RunPy, tmp_path: Path) -> None:
+    proc = run_py("experiment=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "--cfg", "hydra",
+                  cwd=tmp_path)
+    launcher = yaml.safe_load(proc.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["partition"], launcher["gpus_per_node"], launcher["timeout_min"]) == ("gpu", 4, 240)
+
+
+@pytest.mark.parametrize("name", ["grid.yaml", "bayes_lr.yaml"])
+def test_wandb_sweep_files_pass_valid_overrides(name: str) -> None:
+    spec = yaml.safe_load((REPO / "sweeps" / name).read_text())
+    assert spec["program"] == "run.py" and "${args_no_hyphens}" in spec["command"]
+    assert spec["metric"]["name"] == "final/val_loss"
+    overrides = []
+    for key, domain in spec["parameters"].items():
+        value = domain["value"] if "value" in domain else domain["values"][0] if "values" in domain else domain["min"]
+        overrides.append(f"{key}={value}")
+    cfg = compose_run_config(*overrides)  # each parameter is a valid, type-checked run.py override
+    assert cfg.logger.mode.name == "online"
