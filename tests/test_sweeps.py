@@ -146,3 +146,13 @@ def test_wandb_sweep_files_pass_valid_overrides(name: str) -> None:
         overrides.append(f"{key}={value}")
     cfg = compose_run_config(*overrides)  # each parameter is a valid, type-checked run.py override
     assert cfg.logger.mode.name == "online"
+
+
+def test_stitch_grid_experiment_is_a_twelve_run_grid(run_py: RunPy, tmp_path: Path) -> None:
+    proc = run_py("experiment=stitch_grid", "--cfg", "all", cwd=tmp_path)
+    cfg = yaml.safe_load(proc.stdout)
+    params = cfg["hydra"]["sweeper"]["params"]
+    grid = [str(v).split(",") for v in params.values()]
+    assert set(params) == {"layers.n8", "layers.n70", "adapter"} and math.prod(len(g) for g in grid) == 12
+    assert cfg["logger"]["kind"] == "csv" and cfg["trainer"]["max_steps"] == 60
+    assert cfg["hydra"]["sweep"]["dir"].startswith("multirun/stitch_grid/")
