@@ -156,3 +156,11 @@ def test_stitch_grid_experiment_is_a_twelve_run_grid(run_py: RunPy, tmp_path: Pa
     assert set(params) == {"layers.n8", "layers.n70", "adapter"} and math.prod(len(g) for g in grid) == 12
     assert cfg["logger"]["kind"] == "csv" and cfg["trainer"]["max_steps"] == 60
     assert cfg["hydra"]["sweep"]["dir"].startswith("multirun/stitch_grid/")
+
+
+def test_load_wandb_offline_names_the_local_alternative(monkeypatch: pytest.MonkeyPatch) -> None:
+    from splitllama.analysis import load_wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(RuntimeError, match=r"W&B online \(WANDB_MODE=offline\).*load_sweep"):
+        load_wandb("splitllama", group="sweep-x")
