@@ -327,6 +327,52 @@ def test_lightning_strategy_trains_only_the_adapter(megatron_world: None, small_
     torch.testing.assert_close(loaded.model.adapter.adapter_linear_1.weight, trained["module.model.adapter.adapter_linear_1.weight"])
 
 
+# ------------------------------------------------------------------------------------------ run.py backend=megatron
+# run.py as a user calls it (a subprocess; needs hydra, so scripts/gpu_megatron.sh deselects these with -k "not run_py")
+@pytest.fixture(scope="module")
+def megatron_run(run_py: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("megatron_run")
+    run_py("debug=quick", "backend=megatron", "logger=csv", f"hydra.run.dir={run_dir}", cwd=run_dir, timeout=600)
+    return run_dir
+
+
+def test_run_py_megatron_trains_and_its_export_reproduces_the_val_loss(megatron_run: Path, run_py: Any, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from splitllama.results import read_results
+
+    trained = read_results(megatron_run)
+    assert trained["status"] == "ok" and trained["metrics"]["steps"] == 8
+    assert trained["config"]["backend"]["name"] == "megatron" and trained["config"]["backend"]["options"]["tp"] == 1
+    assert trained["metrics"]["val_loss"] < trained["metrics"]["val_loss_before"]  # the adapter learned something
+    model = AutoModelForCausalLM.from_pretrained(megatron_run / "hf_model")
+    assert model.config.adapter == "linear"
+    # the exported checkpoint scored by the HF backend on the same held-out split gives the megatron run's val loss
+    run_py("debug=quick", "task=eval", f"task.model_dir={megatron_run / 'hf_model'}", "logger=none",
+           f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    evaluated = read_results(tmp_path)
+    assert evaluated["status"] == "ok"
+    assert evaluated["metrics"]["val_loss"] == pytest.approx(trained["metrics"]["val_loss"], abs=1e-4)
+
+
+RUN_PY_BAD_PARALLEL = [
+    (["parallel=tp2"], "parallel.tp=2: needs backend=megatron"),
+    (["backend=megatron", "parallel=pp2"], "parallel.pp=2"),
+    (["backend=megatron", "parallel.sp=true"], "parallel.sp=True: sequence parallelism needs parallel.tp >= 2"),
+    (["backend=megatron", "parallel=tp2", "parallel.tp=3", "parallel.devices=3"], "parallel.tp=3: must divide"),
+    (["backend=megatron", "parallel=fsdp"], "parallel.strategy=fsdp"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "named"), RUN_PY_BAD_PARALLEL, ids=[" ".join(o) for o, _ in RUN_PY_BAD_PARALLEL])
+def test_run_py_bad_parallel_settings_fail_naming_the_field(run_py: Any, tmp_path: Path, overrides: list[str], named: str) -> None:
+    proc = run_py("debug=quick", *overrides, f"hydra.run.dir={tmp_path}", cwd=tmp_path, ok=False, timeout=300)
+    message = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and named in message, message[-3000:]
+    assert "Traceback" not in message, message[-3000:]
+    assert not (tmp_path / "checkpoints").exists()
+
+
 # ------------------------------------------------------------------------------------------ TP=2 over gloo
 def test_tensor_parallel_2_on_cpu(small_donor: Path, large_donor: Path, tmp_path: Path) -> None:
     """Two gloo ranks: each holds the right donor slices, and logits, packed input, values and export match HF."""

@@ -90,14 +90,27 @@ def register_backend(name: str, factory: BackendFactory) -> None:
 
 
 def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return sorted({*_BACKENDS, "megatron"})
 
 
 def build_backend(name: str, spec: SplitModelSpec, options: dict[str, Any] | None = None) -> SplitBackend:
     """Build the split model with the backend called ``name`` (``backend.name`` in the config)."""
+    if name == "megatron" and name not in _BACKENDS:
+        _register_megatron()
     if name not in _BACKENDS:
         raise ValueError(f"backend.name={name}: unknown backend; available: {', '.join(available_backends())}")
     return _BACKENDS[name](spec, dict(options or {}))
+
+
+def _register_megatron() -> None:
+    """Import the megatron backend only when ``backend=megatron`` is chosen (megatron-core is an extra)."""
+    try:
+        from ..megatron.lightning import register
+    except ImportError as exc:
+        raise ImportError(
+            f"backend=megatron needs megatron-core: pip install -e .[megatron] (0.16 on Python 3.11, 0.19 on 3.12); {exc}"
+        ) from exc
+    register()
 
 
 # ------------------------------------------------------------------------------------------ HF backend

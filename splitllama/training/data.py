@@ -199,6 +199,10 @@ class SplitTextDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0, 1
+        # shard by the strategy's data-parallel rank (megatron: ranks of one TP/PP group see the same data)
+        shard = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
+        if shard:
+            return shard["rank"], shard["num_replicas"]
         return trainer.global_rank, trainer.world_size
 
     def train_dataloader(self) -> DataLoader:

@@ -100,9 +100,22 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
     else:
         fields.update(path8b=os.path.expanduser(cfg.donors.path8b), path70b=os.path.expanduser(cfg.donors.path70b))
     try:
-        return SplitLlamaConfig(**fields)
+        split = SplitLlamaConfig(**fields)
     except SplitConfigError as exc:
         raise RunConfigError(explain_split_error(str(exc), cfg)) from None
+    if cfg.backend.name == "megatron":
+        check_tensor_parallel(split, cfg.parallel.tp)
+    return split
+
+
+def check_tensor_parallel(split: SplitLlamaConfig, tp: int) -> None:
+    """``parallel.tp`` must divide both donors' query and KV heads (megatron shards whole heads)."""
+    for donor, config in (("small", split.config_8b), ("large", split.config_70b)):
+        heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+        if heads % tp or kv % tp:
+            raise RunConfigError(
+                f"parallel.tp={tp}: must divide the {donor} donor's {heads} attention heads and {kv} KV heads"
+            )
 
 
 @dataclass
@@ -197,8 +210,19 @@ def make_module(cfg: DictConfig, spec: Any, teacher_path: str | None, objective_
 
 
 def make_strategy(cfg: DictConfig) -> Any:
-    """Lightning strategy for ``parallel``: auto (one device), ddp, or FSDP wrapping each decoder layer."""
+    """Lightning strategy for ``parallel``: auto (one device), ddp, or FSDP wrapping each decoder layer.
+
+    ``backend=megatron`` always gets :class:`~splitllama.megatron.lightning.MegatronStrategy`
+    (megatron's TP/PP/DP groups from the trainer's processes, DDP over the DP group only).
+    """
     strategy = cfg.parallel.strategy
+    if cfg.backend.name == "megatron":
+        from ..megatron.lightning import MegatronStrategy
+
+        return MegatronStrategy(
+            tensor_model_parallel_size=cfg.parallel.tp, pipeline_model_parallel_size=cfg.parallel.pp,
+            sequence_parallel=cfg.parallel.sp,
+        )
     if strategy == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer

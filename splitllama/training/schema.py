@@ -180,6 +180,11 @@ class ParallelConfig:
     #: FSDP only: sharding strategy and whether each decoder layer is its own FSDP unit
     fsdp_sharding_strategy: str = "FULL_SHARD"
     fsdp_wrap_decoder_layers: bool = True
+    #: backend=megatron only: tensor / pipeline parallel sizes and sequence parallelism
+    #: (data parallel size = processes / (tp x pp))
+    tp: int = 1
+    pp: int = 1
+    sp: bool = False
 
 
 @dataclass
@@ -390,6 +395,7 @@ def validate_run_settings(cfg: Any) -> None:
     if cfg.sweep.objective == SweepObjective.penalised:
         _check(cfg.sweep.flops_budget is not None and cfg.sweep.flops_budget > 0, "sweep.flops_budget", cfg.sweep.flops_budget,
                "must be > 0 (training FLOPs per token) for sweep.objective=penalised")
+    _validate_parallel(cfg)
     _check(cfg.sweep.penalty >= 0, "sweep.penalty", cfg.sweep.penalty, "must be >= 0")
     if cfg.task.stop_after_steps is not None:
         _check(cfg.task.stop_after_steps >= 1, "task.stop_after_steps", cfg.task.stop_after_steps, "must be >= 1")
@@ -403,6 +409,28 @@ def validate_run_settings(cfg: Any) -> None:
             from pathlib import Path
 
             _check(Path(value).expanduser().is_dir(), f"donors.{key}", value, "is not a directory (a Hugging Face LLaMA checkpoint)")
+
+
+def _validate_parallel(cfg: Any) -> None:
+    """Parallel sizes against the backend and strategy (head divisibility is checked with the donors)."""
+    par = cfg.parallel
+    _check(par.tp >= 1, "parallel.tp", par.tp, "must be >= 1")
+    _check(par.pp >= 1, "parallel.pp", par.pp, "must be >= 1")
+    if cfg.backend.name != "megatron":
+        for key in ("tp", "pp"):
+            _check(par[key] == 1, f"parallel.{key}", par[key], f"needs backend=megatron (backend={cfg.backend.name} runs tp = pp = 1)")
+        _check(not par.sp, "parallel.sp", par.sp, f"needs backend=megatron (backend={cfg.backend.name})")
+        return
+    _check(par.strategy in ("auto", "ddp", "megatron"), "parallel.strategy", par.strategy,
+           "backend=megatron runs its own strategy (data parallel over megatron's DP group); use parallel=single, ddp or a "
+           "megatron file (tp2, tp2_sp, pp2, tp2_pp2)")
+    _check(not par.sp or par.tp >= 2, "parallel.sp", par.sp, "sequence parallelism needs parallel.tp >= 2")
+    _check(par.pp == 1, "parallel.pp", par.pp,
+           "pipeline parallelism is not available in run.py (Lightning drives one forward/backward per batch); "
+           "MegatronSplitModel.forward_backward runs it in a manual loop")
+    if isinstance(par.devices, int):
+        mp = par.tp * par.pp
+        _check(par.devices % mp == 0, "parallel.devices", par.devices, f"must be a multiple of parallel.tp x parallel.pp = {mp}")
 
 
 def explain_split_error(message: str, cfg: Any) -> str:
