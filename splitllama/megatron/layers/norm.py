@@ -22,7 +22,10 @@ class LlamaRMSNormTP(nn.Module):
     def __init__(self, config: Any = None, hidden_size: int = 0, eps: float = 1e-5, **unused: Any) -> None:
         super().__init__()
         dtype = getattr(config, "params_dtype", None) or torch.float32
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        # on the GPU where megatron puts its own parameters (use_cpu_initialization=False), else on the CPU
+        on_gpu = torch.cuda.is_available() and not getattr(config, "use_cpu_initialization", True)
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
         self.eps = eps
         self.weight.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
 

@@ -73,6 +73,9 @@ def donor_transformer_config(
     if not for_schedule:
         settings.update(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None)
     settings["gradient_accumulation_fusion"] = False  # needs Apex
+    # megatron-core 0.19 refuses variable_seq_lengths (our PP stages) with the default MoE dispatcher
+    # "allgather", even in a dense model; "alltoall" is accepted and unused here (no experts)
+    settings["moe_token_dispatcher_type"] = "alltoall"
     head_dim = getattr(donor, "head_dim", None) or donor.hidden_size // donor.num_attention_heads
     return TransformerConfig(
         **settings,
