@@ -1,0 +1,233 @@
+"""One training step (forward, backward, AdamW step) of a split model of real Llama-3 shapes (GPU).
+
+Rows (random weights, bf16 parameters, fused AdamW, batch 1 x ``--seq`` tokens, all parameters train):
+
+* ``part8b``: transformers ``LlamaForCausalLM``, ``--n8`` layers of the 8B shape;
+* ``part8b_head``: the same with 0 layers (embedding, norm, lm_head of hidden 4096 only);
+* ``part70b``: ``LlamaForCausalLM``, ``--n70`` layers of the 70B shape (with its embedding and head);
+* ``split_hf``: the split model on the HF backend (``CustomSplitLLamaForCausalLM``, linear adapter);
+* ``split_megatron_tp1``: the split model on the megatron backend at TP=1;
+* ``split_megatron_tp2``: the same at TP=2 (``torchrun --nproc_per_node 2 ... --only megatron --tp 2``).
+
+Predicted step time of the split model from its two parts (no cost of splitting):
+``t(part8b) - t(part8b_head) + t(part70b)`` (the split model has the 8B embedding and the 70B
+head; its linear adapter, 4096 x 8192, is 0.8% of the parameters and counted in neither part).
+
+MFU = model FLOPs / step time / (GPUs x measured matmul rate). Model FLOPs per step =
+``tokens x (6 x P + 6 x seq x d_attn x L)``: P = parameters in matmuls (all linear weights incl.
+lm_head and adapter, not the embedding lookup or norms), d_attn = heads x head_dim, L = layers;
+the second term is the causal attention score and value products (forward 2 x 2 x seq/2 x d_attn per
+token and layer, backward twice that). The matmul rate is the fastest median of bf16 products of
+the model's shapes (tokens x hidden x FFN of each donor and 8192^3) measured in the same run on
+the same GPU. Prints a table and merges rows into ``benchmarks/results/train_step.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHAPE_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+SHAPE_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, head_dim=128)
+COMMON = dict(vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False)
+
+
+def llama_config(shape: dict[str, int], layers: int) -> Any:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=layers, **shape, **COMMON)
+    config._attn_implementation = "sdpa"
+    config.use_cache = False
+    return config
+
+
+def split_config(n8: int, n70: int) -> Any:
+    from splitllama import SplitLlamaConfig
+
+    return SplitLlamaConfig(
+        config_8b=llama_config(SHAPE_8B, 32), config_70b=llama_config(SHAPE_70B, 80), num_layers_8=n8, num_layers_70=n70,
+        adapter="linear",
+    )
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Parameters that enter matrix products: 2-D weights other than the embedding lookup."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n and "word_embeddings" not in n)
+
+
+def step_flops(params: int, attn_layers: list[int], seq: int, tokens: int) -> float:
+    """``attn_layers``: d_attn (heads x head_dim) of each layer."""
+    return tokens * (6.0 * params + sum(6.0 * seq * d for d in attn_layers))
+
+
+def time_steps(step: Callable[[], None], warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def train_step_fn(model: torch.nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+
+    def step() -> None:
+        loss = loss_of(ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def matmul_rate(seq: int, iters: int = 20) -> dict[str, float]:
+    """Median TFLOP/s of bf16 products of the model's shapes (random data, events)."""
+    shapes = {"8192^3": (8192, 8192, 8192), "8b_ffn": (seq, 4096, 14336), "70b_ffn": (seq, 8192, 28672), "70b_head": (seq, 8192, 128256)}
+    rates = {}
+    for name, (m, k, n) in shapes.items():
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        times = time_steps(lambda: torch.mm(a, b), 3, iters)
+        rates[name] = 2.0 * m * k * n / statistics.median(times) / 1e12
+        del a, b
+    return rates
+
+
+def measure(name: str, build: Callable[[], tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], list[int]]],
+            args: argparse.Namespace, gpus: int = 1) -> dict[str, Any]:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    model, loss_of, attn = build()
+    ids = torch.randint(0, COMMON["vocab_size"], (1, args.seq), device="cuda")
+    times = time_steps(train_step_fn(model, loss_of, ids), args.warmup, args.iters)
+    t = statistics.median(times)
+    params = matmul_params(model)
+    if gpus > 1:  # tensor-parallel shards: count the whole model's parameters
+        total = torch.tensor([params], device="cuda", dtype=torch.float64)
+        torch.distributed.all_reduce(total)
+        params = int(total.item())
+    row = {
+        "name": name, "gpus": gpus, "step_s": t, "step_s_spread": [min(times), max(times)], "tokens_per_s": args.seq / t,
+        "matmul_params": params, "flops_per_step": step_flops(params, attn, args.seq, args.seq),
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+    }
+    del model, loss_of
+    torch.cuda.empty_cache()
+    return row
+
+
+def build_llama(shape: dict[str, int], layers: int) -> Callable[[], Any]:
+    def build() -> Any:
+        from transformers import LlamaForCausalLM
+
+        with torch.device("cuda"):
+            model = LlamaForCausalLM._from_config(llama_config(shape, layers), dtype=torch.bfloat16)
+        d = shape["num_attention_heads"] * shape["head_dim"]
+        return model, lambda ids: model(input_ids=ids, labels=ids, use_cache=False).loss, [d] * layers
+
+    return build
+
+
+def build_split_hf(n8: int, n70: int) -> Callable[[], Any]:
+    def build() -> Any:
+        from splitllama import CustomSplitLLamaForCausalLM
+
+        config = split_config(n8, n70)
+        config._attn_implementation = "sdpa"
+        config.use_cache = False
+        with torch.device("cuda"):
+            model = CustomSplitLLamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        return model, lambda ids: model(input_ids=ids, labels=ids, use_cache=False).loss, split_attn(n8, n70)
+
+    return build
+
+
+def split_attn(n8: int, n70: int) -> list[int]:
+    return [SHAPE_8B["num_attention_heads"] * 128] * n8 + [SHAPE_70B["num_attention_heads"] * 128] * n70
+
+
+def build_split_megatron(n8: int, n70: int, tp: int) -> Callable[[], Any]:
+    def build() -> Any:
+        from splitllama.megatron.lightning import build_megatron_split_model
+
+        model = build_megatron_split_model(split_config(n8, n70), tp=tp, params_dtype=torch.bfloat16, random_init=True)
+        return model, lambda ids: model(ids, labels=ids, return_logits=False).loss, split_attn(n8, n70)
+
+    return build
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n8", type=int, default=4)
+    parser.add_argument("--n70", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--only", choices=["all", "megatron"], default="all")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--out", default=str(HERE / "results" / "train_step.json"))
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "benchmarks/train_step.py needs a GPU"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    rates = matmul_rate(args.seq)
+    peak = max(rates.values()) * 1e12  # FLOP/s
+    rows = []
+    if args.only == "all":
+        rows.append(measure("part8b", build_llama(SHAPE_8B, args.n8), args))
+        rows.append(measure("part8b_head", build_llama(SHAPE_8B, 0), args))
+        rows.append(measure("part70b", build_llama(SHAPE_70B, args.n70), args))
+        rows.append(measure("split_hf", build_split_hf(args.n8, args.n70), args))
+    rows.append(measure(f"split_megatron_tp{args.tp}", build_split_megatron(args.n8, args.n70, args.tp), args, gpus=world))
+    if rank != 0:
+        return
+    for row in rows:
+        row["mfu"] = row["flops_per_step"] / row["step_s"] / (row["gpus"] * peak)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    if result.get("config", {}).get("seq") not in (None, args.seq):
+        result = {}
+    result["config"] = {"n8": args.n8, "n70": args.n70, "seq": args.seq, "batch": 1, "dtype": "bfloat16",
+                        "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    result.setdefault("matmul_tflops", {})[f"gpus{world}"] = rates
+    result.setdefault("rows", {}).update({row["name"]: row for row in rows})
+    all_rows = result["rows"]
+    if {"part8b", "part8b_head", "part70b"} <= set(all_rows):
+        predicted = all_rows["part8b"]["step_s"] - all_rows["part8b_head"]["step_s"] + all_rows["part70b"]["step_s"]
+        result["predicted_split_tokens_per_s"] = args.seq / predicted
+        for name in ("split_hf", "split_megatron_tp1"):
+            if name in all_rows:
+                all_rows[name]["vs_predicted"] = all_rows[name]["tokens_per_s"] * predicted / args.seq
+    out.write_text(json.dumps(result, indent=2))
+    print(f"matmul TFLOP/s (bf16, median): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    print(f"{'row':<22} {'gpus':>4} {'step ms':>9} {'tokens/s':>10} {'MFU':>7} {'vs pred':>8} {'peak GB':>8}")
+    for row in all_rows.values():
+        vs = row.get("vs_predicted")
+        vs_text = "" if vs is None else f"{vs:.3f}"
+        print(f"{row['name']:<22} {row['gpus']:>4} {row['step_s'] * 1e3:>9.1f} {row['tokens_per_s']:>10.0f} "
+              f"{row['mfu'] * 100:>6.1f}% {vs_text:>8} {row['peak_mem_gb']:>8.1f}")
+    if "predicted_split_tokens_per_s" in result:
+        print(f"predicted split tokens/s from its parts: {result['predicted_split_tokens_per_s']:.0f}")
+
+
+if __name__ == "__main__":
+    main()
