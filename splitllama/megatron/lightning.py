@@ -128,7 +128,15 @@ class MegatronSplitModel(nn.Module):
         loss / number of micro-batches). Returns the mean loss on the last pipeline stage, None on
         the others. Without pipeline parallelism this is a plain accumulation loop (megatron's
         no-pipelining schedule does the same but allocates on CUDA, so it cannot run on CPU).
+        Under sequence parallelism the partial gradients of replicated parameters (norms, biases)
+        are summed over the TP group at the end, so call it once per optimizer step.
         """
+        loss = self._forward_backward(batches, forward_only=forward_only)
+        if not forward_only:
+            allreduce_sequence_parallel_grads(self.module)
+        return loss
+
+    def _forward_backward(self, batches: Sequence[dict[str, torch.Tensor]], *, forward_only: bool) -> torch.Tensor | None:
         if self.module.layout.pp_size == 1:
             losses = []
             for batch in batches:
@@ -151,7 +159,8 @@ class MegatronSplitModel(nn.Module):
             )
             if not model.layout.post_process:
                 return out, None
-            return out.loss, lambda loss: (loss, {"loss": loss.detach()})
+            # a copy: the schedule divides the returned loss by the number of micro-batches in place
+            return out.loss, lambda loss: (loss, {"loss": loss.detach().clone()})
 
         first = batches[0]["input_ids"]
         results = get_forward_backward_func()(
