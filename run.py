@@ -65,28 +65,38 @@ def train(cfg: DictConfig, record) -> float:
     if cfg.task.stop_after_steps:
         callbacks.append(StopAfterSteps(cfg.task.stop_after_steps))
     trainer = P.make_trainer(cfg, loggers, callbacks)
-    try:
-        with record.timed("assemble"):
-            module.configure_model()
+    def record_model() -> None:
         record.update("params", module.parameter_counts())
         record.update("flops", module.flops())
         record.update("trainable", {"parts": list(cfg.finetune.trainable), "tensors": len(module.trainable_names)})
+
+    # megatron builds each rank's TP/PP shard after the trainer has started its processes (inside
+    # validate/fit); the others are built here, so bad donors fail before any process starts
+    build_first = not P.builds_per_rank(cfg)
+    try:
+        if build_first:
+            with record.timed("assemble"):
+                module.configure_model()
+            record_model()
         if cfg.task.eval_before and ckpt_path is None:
             with record.timed("eval_before"):
                 record.update("metrics", {"val_loss_before": trainer.validate(module, data, verbose=False)[0]["val/loss"]})
         with record.timed("fit"):
             trainer.fit(module, data, ckpt_path=ckpt_path)
+        if not build_first:
+            record_model()
         with record.timed("eval_after"):
             val_loss = trainer.validate(module, data, verbose=False)[0]["val/loss"]
         steps = trainer.global_step
         record.update("metrics", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "steps": steps,
-                                  "train_tokens_seen": data.batches_consumed * data.batch_size * data.seq_len * trainer.world_size})
+                                  "train_tokens_seen": data.batches_consumed * data.batch_size * data.seq_len * module.data_parallel_size()})
         for lg in loggers:
             lg.log_metrics({"final/val_loss": val_loss, **{f"final/{k}": v for k, v in record.data["metrics"].items()
                                                             if k == "val_loss_before"}}, step=steps)
         record.update("paths", {"checkpoint": str(Path(cfg.paths.checkpoint_dir) / "last.ckpt")})
         record.data["interrupted"] = steps < cfg.trainer.max_steps and not cfg.trainer.fast_dev_run
-        if cfg.task.export and not record.data["interrupted"] and trainer.is_global_zero:
+        # a model-parallel backend gathers its shards: every rank takes part, rank 0 writes
+        if cfg.task.export and not record.data["interrupted"] and (trainer.is_global_zero or module.backend.collective_export):
             with record.timed("export"):
                 record.update("paths", {"export_dir": str(module.backend.export_hf(cfg.paths.export_dir, tokenizer))})
     finally:

@@ -4,27 +4,30 @@
   from a saved HF split model) and returns a :class:`MegatronSplitModel`, whose
   ``forward(input_ids, labels=None, position_ids=None, packed_seq_params=None)`` returns
   ``.loss`` (mean next-token loss, HF semantics) and ``.logits`` (``[b, s, vocab]``, gathered over
-  tensor parallelism) like the HF model. Under pipeline parallelism use
-  :meth:`MegatronSplitModel.forward_backward` (megatron's pipeline schedule) instead.
+  tensor parallelism) like the HF model. Training steps go through
+  :meth:`MegatronSplitModel.run_schedule` (megatron's forward-backward schedule; pipelined under PP).
 * :class:`MegatronStrategy`: a ``DDPStrategy`` that sets up megatron's TP/PP/DP groups from the
-  trainer's processes, runs data parallelism over the DP group only, feeds each DP rank its own
-  data shard (``distributed_sampler_kwargs``), sums sequence-parallel gradients over the TP group,
-  clips by the global (TP-aware) gradient norm, and saves one checkpoint file per model-parallel rank.
+  trainer's processes, feeds each DP rank its own data shard (``distributed_sampler_kwargs``) and
+  saves one checkpoint file per model-parallel rank. It does not wrap the model in torch's DDP:
+  the LightningModule trains the megatron backend with manual optimisation through
+  :meth:`MegatronSplitModel.run_schedule` (megatron's forward-backward schedule over
+  micro-batches, pipelined when PP > 1), which then finishes the gradients itself: sums
+  sequence-parallel partial gradients over TP and averages over the DP group.
 * :func:`export_hf`: write an HF split checkpoint that ``AutoModelForCausalLM`` loads.
 * :func:`build_megatron_backend` / :func:`register`: the ``SplitBackend`` the LightningModule uses
   (``splitllama.training.backends``), registered under the name ``megatron``.
 
-Pipeline parallelism through Lightning's automatic optimisation is not supported (Lightning
-drives one forward and one backward per batch; a pipeline needs the schedule's interleaving):
-:meth:`MegatronSplitModel.forward_backward` runs it in a manual loop (see ``scripts/gpu_megatron.sh``).
+Why manual optimisation: Lightning's automatic loop runs one forward and one backward per batch,
+but a pipeline interleaves the forwards and backwards of many micro-batches across stages, and
+only megatron's schedule knows that order. The same path serves TP-only and DP runs, so every
+megatron run trains through one code path.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,47 +123,81 @@ class MegatronSplitModel(nn.Module):
             packed_seq_params=packed_seq_params, gather_logits=return_logits,
         )
 
-    def forward_backward(self, batches: Sequence[dict[str, torch.Tensor]], *, forward_only: bool = False) -> torch.Tensor | None:
+    def forward_backward(self, batches: Sequence[dict[str, torch.Tensor]], *, forward_only: bool = False) -> torch.Tensor:
         """One step's forward (and backward) over micro-batches; megatron's pipeline schedule when PP > 1.
 
         Each batch holds ``input_ids`` ``[b, s]`` and optionally ``labels`` (default: the input
         ids) and ``attention_mask``. Gradients accumulate in ``.grad`` (sum over micro-batches of
-        loss / number of micro-batches). Returns the mean loss on the last pipeline stage, None on
-        the others. Without pipeline parallelism this is a plain accumulation loop (megatron's
-        no-pipelining schedule does the same but allocates on CUDA, so it cannot run on CPU).
-        Under sequence parallelism the partial gradients of replicated parameters (norms, biases)
-        are summed over the TP group at the end, so call it once per optimizer step.
+        loss / number of micro-batches) and are finished (see :meth:`run_schedule`), so call it
+        once per optimizer step. Returns the mean next-token loss on every rank.
         """
-        loss = self._forward_backward(batches, forward_only=forward_only)
+        return self.run_schedule(batches, forward_only=forward_only)["loss"]
+
+    def run_schedule(
+        self,
+        batches: Sequence[dict[str, torch.Tensor]],
+        *,
+        loss_fn: LossFn | None = None,
+        parts: Sequence[str] = ("loss",),
+        forward_only: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Forward (and backward) of one optimizer step's micro-batches; returns the mean of each loss part.
+
+        ``loss_fn(logits, batch) -> {"loss": ..., <other parts>}`` computes the loss from the
+        full-vocabulary logits ``[b, s, vocab]`` (gathered over TP) on the last stage, for
+        objectives that need logits (distillation). Without it the model's vocab-parallel
+        next-token loss is used and the logits are never gathered. ``parts`` names the entries
+        returned (``"loss"`` is what is differentiated). The means are broadcast from the last
+        pipeline stage, so every rank returns them.
+
+        After the backward the gradients are finished: sequence-parallel partial gradients of
+        replicated parameters (norms) are summed over the TP group, and every gradient is
+        averaged over the data-parallel group (what torch's DDP would do; the model is not
+        wrapped in it because a pipeline step runs many backwards).
+        """
+        means = self._run_schedule(batches, loss_fn, forward_only)
         if not forward_only:
             allreduce_sequence_parallel_grads(self.module)
-        return loss
+            allreduce_data_parallel_grads(self.module)
+        return broadcast_from_last_stage(means, parts, device=batches[0]["input_ids"].device)
 
-    def _forward_backward(self, batches: Sequence[dict[str, torch.Tensor]], *, forward_only: bool) -> torch.Tensor | None:
-        if self.module.layout.pp_size == 1:
-            losses = []
-            for batch in batches:
-                with torch.set_grad_enabled(not forward_only):
-                    loss = self.module(
-                        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                        labels=batch.get("labels", batch["input_ids"]), gather_logits=False,
-                    ).loss
-                if not forward_only:
-                    (loss / len(batches)).backward()
-                losses.append(loss.detach())
-            return torch.stack(losses).mean()
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        def forward_step(data_iterator: Any, model: nn.Module) -> tuple[torch.Tensor, Any]:
-            batch = next(data_iterator)
+    def _forward_step(self, model: nn.Module, batch: dict[str, torch.Tensor], loss_fn: LossFn | None) -> tuple[Any, Any]:
+        """One micro-batch: the stage's output, and (last stage) the loss with its parts."""
+        if loss_fn is None:
             out = model(
                 input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                 labels=batch.get("labels", batch["input_ids"]), gather_logits=False,
             )
-            if not model.layout.post_process:
-                return out, None
-            # a copy: the schedule divides the returned loss by the number of micro-batches in place
-            return out.loss, lambda loss: (loss, {"loss": loss.detach().clone()})
+        else:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), gather_logits=True)
+        if not model.layout.post_process:
+            return out, None
+        parts = {"loss": out.loss} if loss_fn is None else dict(loss_fn(out.logits, batch))
+        return parts["loss"], parts
+
+    def _run_schedule(
+        self, batches: Sequence[dict[str, torch.Tensor]], loss_fn: LossFn | None, forward_only: bool
+    ) -> dict[str, torch.Tensor] | None:
+        if not batches:
+            raise ValueError("run_schedule: no micro-batches")
+        if self.module.layout.pp_size == 1:
+            # megatron's no-pipelining schedule does the same but allocates on CUDA (no CPU runs)
+            collected: list[dict[str, torch.Tensor]] = []
+            for batch in batches:
+                with torch.set_grad_enabled(not forward_only):
+                    loss, parts = self._forward_step(self.module, batch, loss_fn)
+                if not forward_only:
+                    (loss / len(batches)).backward()
+                collected.append({k: v.detach() for k, v in parts.items()})
+            return _mean_parts(collected)
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator: Any, model: nn.Module) -> tuple[torch.Tensor, Any]:
+            output, parts = self._forward_step(model, next(data_iterator), loss_fn)
+            if parts is None:
+                return output, None
+            # copies: the schedule divides the returned loss by the number of micro-batches in place
+            return output, lambda loss: (loss, {k: v.detach().clone() for k, v in parts.items()})
 
         first = batches[0]["input_ids"]
         results = get_forward_backward_func()(
@@ -170,7 +207,7 @@ class MegatronSplitModel(nn.Module):
         )
         if not self.module.layout.post_process or not results:
             return None
-        return torch.stack([r["loss"] for r in results]).mean()
+        return _mean_parts(results)
 
     def export_hf(self, out_dir: str | os.PathLike[str], dtype: torch.dtype | None = None) -> Path:
         return export_hf_split_checkpoint([self.module], self.split_config, out_dir, dtype=dtype)
@@ -249,10 +286,60 @@ def export_hf(model: MegatronSplitModel | nn.Module, out_dir: str | os.PathLike[
     return model.export_hf(out_dir, dtype=dtype)
 
 
+LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def _mean_parts(collected: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([c[key].float() for c in collected]).mean() for key in collected[0]}
+
+
+def broadcast_from_last_stage(
+    means: dict[str, torch.Tensor] | None, parts: Sequence[str], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The loss parts of the last pipeline stage on every stage (a no-op without pipeline parallelism)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        if means is None:
+            raise RuntimeError("run_schedule: the last stage computed no loss")
+        return {key: means[key] for key in parts}
+    values = torch.zeros(len(parts), device=device, dtype=torch.float32)
+    if means is not None:
+        missing = [key for key in parts if key not in means]
+        if missing:
+            raise KeyError(f"run_schedule: loss_fn returned {sorted(means)}, not {missing}")
+        values = torch.stack([means[key].float().to(device) for key in parts])
+    dist.broadcast(values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return dict(zip(parts, values.unbind(0)))
+
+
 # ------------------------------------------------------------------------------------------ strategy
 def sequence_parallel_params(model: nn.Module) -> list[nn.Parameter]:
     """Replicated parameters whose gradient is partial per rank under sequence parallelism (norms, biases)."""
     return [p for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.requires_grad]
+
+
+def _allreduce_coalesced(tensors: Sequence[torch.Tensor], group: Any, scale: float = 1.0, bucket_bytes: int = 256 << 20) -> None:
+    """All-reduce (sum) ``tensors`` in place over ``group`` in flat buckets of one dtype, then multiply by ``scale``."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for same in by_dtype.values():
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for t in [*same, None]:
+            if t is not None:
+                bucket.append(t)
+                size += t.numel() * t.element_size()
+            if bucket and (t is None or size >= bucket_bytes):
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat, group=group)
+                if scale != 1.0:
+                    flat.mul_(scale)
+                offset = 0
+                for b in bucket:
+                    b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                    offset += b.numel()
+                bucket, size = [], 0
 
 
 def allreduce_sequence_parallel_grads(model: nn.Module) -> None:
@@ -260,18 +347,35 @@ def allreduce_sequence_parallel_grads(model: nn.Module) -> None:
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return
     grads = [p.grad for p in sequence_parallel_params(model) if p.grad is not None]
-    if not grads:
+    _allreduce_coalesced(grads, parallel_state.get_tensor_model_parallel_group())
+
+
+def allreduce_data_parallel_grads(model: nn.Module) -> None:
+    """Average the gradients of trainable parameters over the data-parallel group (what DDP does)."""
+    world = parallel_state.get_data_parallel_world_size()
+    if world == 1:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    _allreduce_coalesced(grads, parallel_state.get_data_parallel_group(), scale=1.0 / world)
 
 
-def model_parallel_grad_norm(parameters: Sequence[nn.Parameter]) -> torch.Tensor:
-    """Global L2 norm of the gradients over the model-parallel (TP x PP) group, each element counted once."""
+def broadcast_trainable_params(model: nn.Module) -> None:
+    """Make the trainable parameters of every data-parallel replica equal to DP rank 0's (DDP does this at wrap time)."""
+    if parallel_state.get_data_parallel_world_size() == 1:
+        return
+    group = parallel_state.get_data_parallel_group()
+    src = dist.get_global_rank(group, 0)
+    for p in model.parameters():
+        if p.requires_grad:
+            dist.broadcast(p.data, src=src, group=group)
+
+
+def model_parallel_grad_norm(parameters: Sequence[nn.Parameter], device: torch.device | None = None) -> torch.Tensor:
+    """Global L2 norm of the gradients over the model-parallel (TP x PP) group, each element counted once.
+
+    Every model-parallel rank must call it (a collective), also one without gradients; ``device``
+    is where such a rank puts its zero (the communication device).
+    """
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     total: torch.Tensor | None = None
     for p in parameters:
@@ -282,17 +386,19 @@ def model_parallel_grad_norm(parameters: Sequence[nn.Parameter]) -> torch.Tensor
         sq = p.grad.detach().float().pow(2).sum()
         total = sq if total is None else total + sq
     if total is None:
-        device = next((p.device for p in parameters), torch.device("cpu"))
+        device = device or next((p.device for p in parameters), torch.device("cpu"))
         total = torch.zeros((), device=device)
     if parallel_state.get_model_parallel_group() is not None and dist.get_world_size(parallel_state.get_model_parallel_group()) > 1:
         dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
     return total.sqrt()
 
 
-def clip_grad_norm_model_parallel(parameters: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_grad_norm_model_parallel(
+    parameters: Sequence[nn.Parameter], max_norm: float, device: torch.device | None = None
+) -> torch.Tensor:
     """``clip_grad_norm_`` with the norm taken over the whole model, not this rank's shards."""
     parameters = [p for p in parameters if p.grad is not None]
-    norm = model_parallel_grad_norm(parameters)
+    norm = model_parallel_grad_norm(parameters, device)
     coef = max_norm / (norm + 1e-6)
     if coef < 1:
         for p in parameters:
@@ -301,12 +407,17 @@ def clip_grad_norm_model_parallel(parameters: Sequence[nn.Parameter], max_norm: 
 
 
 class MegatronStrategy(DDPStrategy):
-    """Lightning strategy for the megatron backend: TP/PP groups from the trainer's processes, DP over the DP group.
+    """Lightning strategy for the megatron backend: TP/PP/DP groups from the trainer's processes.
+
+    Use it with a LightningModule that trains through :meth:`MegatronSplitModel.run_schedule`
+    (manual optimisation; ``splitllama.training.SplitLlamaLitModule`` does): the schedule
+    finishes the gradients (SP sums over TP, averages over DP), and gradient clipping must use
+    :func:`clip_grad_norm_model_parallel` (the norm over all shards), not the Trainer's.
 
     Args:
         tensor_model_parallel_size, pipeline_model_parallel_size, sequence_parallel: megatron's sizes;
             the data-parallel size is the number of processes / (TP x PP).
-        **ddp_kwargs: passed to ``DistributedDataParallel`` (the process group is set here).
+        **ddp_kwargs: ``DDPStrategy`` arguments (process-group backend, timeout, ...).
     """
 
     strategy_name = "megatron"
@@ -318,11 +429,6 @@ class MegatronStrategy(DDPStrategy):
         sequence_parallel: bool = False,
         **ddp_kwargs: Any,
     ) -> None:
-        if pipeline_model_parallel_size > 1:
-            raise ValueError(
-                "parallel.pp: pipeline parallelism is not available through Lightning's automatic optimisation; "
-                "use MegatronSplitModel.forward_backward in a manual loop"
-            )
         if sequence_parallel and tensor_model_parallel_size < 2:
             raise ValueError("parallel.sp: sequence parallelism needs tensor parallel size >= 2")
         ddp_kwargs.setdefault("find_unused_parameters", False)
@@ -339,7 +445,6 @@ class MegatronStrategy(DDPStrategy):
         if world % mp:
             raise ValueError(f"parallel: {world} processes are not divisible by tp x pp = {mp}")
         initialize_megatron_parallel(self.tensor_model_parallel_size, self.pipeline_model_parallel_size)
-        self._ddp_kwargs["process_group"] = parallel_state.get_data_parallel_group()
 
     @property
     def model_parallel_size(self) -> int:
@@ -355,24 +460,14 @@ class MegatronStrategy(DDPStrategy):
             "rank": parallel_state.get_data_parallel_rank(),
         }
 
-    def setup(self, trainer: Any) -> None:
-        super().setup(trainer)
+    def configure_ddp(self) -> None:
+        """No torch DDP wrapper: :meth:`MegatronSplitModel.run_schedule` averages gradients over the DP group.
 
-        def clip_grad_by_norm(precision: Any, optimizer: Any, clip_val: float) -> None:
-            clip_grad_norm_model_parallel(list(precision.main_params(optimizer)), float(clip_val))
-
-        # Lightning clips this rank's gradients by this rank's norm; with TP that differs per rank.
-        self.precision_plugin.clip_grad_by_norm = types.MethodType(clip_grad_by_norm, self.precision_plugin)
-
-    # ---------------------------------------------------------------- steps
-    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        def closure_then_reduce() -> Any:
-            result = closure()
-            if self.sequence_parallel:  # once per optimizer step, after the last micro-batch's backward
-                allreduce_sequence_parallel_grads(self.lightning_module)
-            return result
-
-        return super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
+        A pipeline step runs one backward per micro-batch, which torch's DDP reducer does not
+        allow within one forward; so replicas start equal here (DP rank 0's trainable weights)
+        and the schedule finishes the gradients.
+        """
+        broadcast_trainable_params(self.model)
 
     # ---------------------------------------------------------------- checkpoints (one file per model-parallel rank)
     def _rank_file(self, filepath: Any) -> str:
@@ -425,8 +520,45 @@ class MegatronBackend:
             recompute=bool(options.get("recompute", options.get("gradient_checkpointing", False))),
         )
 
+    #: trains through :meth:`run_schedule` (the LightningModule switches to manual optimisation)
+    manual_schedule = True
+    #: :meth:`export_hf` gathers the TP/PP shards: every rank calls it, rank 0 writes
+    collective_export = True
+
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids).logits
+
+    def run_schedule(
+        self,
+        batches: Sequence[dict[str, torch.Tensor]],
+        *,
+        loss_fn: LossFn | None = None,
+        parts: Sequence[str] = ("loss",),
+        forward_only: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """See :meth:`MegatronSplitModel.run_schedule`."""
+        return self.model.run_schedule(batches, loss_fn=loss_fn, parts=parts, forward_only=forward_only)
+
+    def clip_grad_norm(self, parameters: Sequence[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+        """The gradient norm over all model-parallel shards; clipped to ``max_norm`` unless it is None."""
+        device = next(self.model.parameters()).device
+        if max_norm is None:
+            return model_parallel_grad_norm([p for p in parameters if p.grad is not None], device)
+        return clip_grad_norm_model_parallel(parameters, max_norm, device)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Whole-model counts (every model-parallel rank calls it): TP shards summed, replicated tensors once, stages summed."""
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        total = trainable = 0
+        for param in self.model.parameters():
+            if getattr(param, "tensor_model_parallel", False) or tp_rank == 0:
+                total += param.numel()
+                trainable += param.numel() if param.requires_grad else 0
+        counts = torch.tensor([total, trainable], dtype=torch.long, device=next(self.model.parameters()).device)
+        group = parallel_state.get_model_parallel_group()
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(counts, group=group)
+        return {"total": int(counts[0]), "trainable": int(counts[1])}
 
     def select_trainable(self, parts: Sequence[str], lora: dict[str, Any] | None) -> list[str]:
         if lora and lora.get("enabled", True):
@@ -441,7 +573,13 @@ class MegatronBackend:
             param.requires_grad_(want)
             if want:
                 trainable.append(name)
-        if not trainable:
+        found = torch.tensor([len(trainable)], dtype=torch.long)
+        if parallel_state.model_parallel_is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            # a pipeline stage may hold none of the chosen parts (the adapter lives on one stage)
+            group = parallel_state.get_pipeline_model_parallel_group()
+            found = found.to("cuda" if dist.get_backend(group) == "nccl" else "cpu")
+            dist.all_reduce(found, group=group)
+        if int(found.item()) == 0:
             raise ValueError(f"finetune.trainable={list(parts)}: no parameter matches (the {self.config.adapter} adapter has none?)")
         return trainable
 
@@ -468,7 +606,11 @@ __all__ = [
     "MegatronBackend",
     "MegatronSplitModel",
     "MegatronStrategy",
+    "LossFn",
+    "allreduce_data_parallel_grads",
     "allreduce_sequence_parallel_grads",
+    "broadcast_from_last_stage",
+    "broadcast_trainable_params",
     "build_megatron_backend",
     "build_megatron_split_model",
     "clip_grad_norm_model_parallel",

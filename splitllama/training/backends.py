@@ -72,6 +72,11 @@ class SplitBackend(Protocol):
     #: the trainable module (registered under the LightningModule); forward(input_ids) -> logits via :meth:`logits`
     model: nn.Module
     config: SplitLlamaConfig
+    #: True: the backend runs forward and backward itself over micro-batches (``run_schedule`` and
+    #: ``clip_grad_norm``, see ``splitllama.megatron.lightning``); the module uses manual optimisation
+    manual_schedule: bool
+    #: True: ``export_hf`` is collective (every rank calls it; model-parallel shards are gathered)
+    collective_export: bool
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
@@ -138,6 +143,8 @@ class HFBackend:
     """The transformers implementation (:class:`splitllama.CustomSplitLLamaForCausalLM`)."""
 
     name = "hf"
+    manual_schedule = False
+    collective_export = False
 
     def __init__(self, spec: SplitModelSpec, options: dict[str, Any]) -> None:
         from transformers import AutoModelForCausalLM

@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 # Our data module records its own position (see data.py); Lightning cannot know that.
 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+# Manual optimisation (megatron's schedule) checkpoints the state after the optimizer step, as the
+# automatic loop does; that is what resuming needs, so Lightning's advice to save the earlier state does not apply.
+warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
 
 
 @dataclass
@@ -44,6 +47,9 @@ class OptimSettings:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     total_steps: int = 100
+    #: gradient clipping for backends that train with manual optimisation (megatron: the norm over
+    #: all model-parallel shards); others clip through the Trainer's ``gradient_clip_val``
+    max_grad_norm: float | None = None
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -90,6 +96,11 @@ class SplitLlamaLitModule(pl.LightningModule):
         objective: the loss; a distillation objective loads the teacher from ``teacher_path``.
         optim: AdamW and schedule settings.
         seq_len: training sequence length (for the FLOPs count).
+        manual_schedule: the backend runs forward and backward itself over micro-batches
+            (``backend.run_schedule``: megatron's schedule, pipelined under PP); the module then
+            uses manual optimisation: one ``run_schedule``, clip, optimizer and scheduler step per batch.
+        micro_batch_size: with ``manual_schedule``, each batch is split into micro-batches of this
+            size (``None``: one micro-batch); a pipeline needs several to keep its stages busy.
     """
 
     def __init__(
@@ -104,8 +115,12 @@ class SplitLlamaLitModule(pl.LightningModule):
         optim: OptimSettings | None = None,
         teacher_path: str | None = None,
         seq_len: int = 256,
+        manual_schedule: bool = False,
+        micro_batch_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.automatic_optimization = not manual_schedule
+        self.micro_batch_size = micro_batch_size
         self.spec = spec
         self.backend_name = backend_name
         self.backend_options = dict(backend_options or {})
@@ -141,6 +156,9 @@ class SplitLlamaLitModule(pl.LightningModule):
         return self._teacher[0] if self._teacher else None
 
     def parameter_counts(self) -> dict[str, int]:
+        """Total and trainable parameters of the whole model (a model-parallel backend counts across its shards)."""
+        if hasattr(self.backend, "parameter_counts"):
+            return self.backend.parameter_counts()
         params = list(self.model.parameters())
         return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
 
@@ -175,6 +193,8 @@ class SplitLlamaLitModule(pl.LightningModule):
         self._step_started = time.perf_counter()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if not self.automatic_optimization:
+            return self._schedule_training_step(batch)
         input_ids = batch["input_ids"]
         logits = self.backend.logits(input_ids)
         parts = self.objective(logits, input_ids, self._teacher_logits(input_ids))
@@ -186,23 +206,79 @@ class SplitLlamaLitModule(pl.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
         return parts["loss"]
 
+    # ------------------------------------------------------------------ backends that run their own schedule
+    def _loss_part_names(self) -> tuple[str, ...]:
+        return ("loss",) if self.objective.kind == "lm" else ("loss", "lm_loss", "distill_loss")
+
+    def _schedule_loss_fn(self) -> Any:
+        """``None`` for the next-token objective (the backend's own loss, vocab-parallel, no logits gathered)."""
+        if self.objective.kind == "lm":
+            return None
+
+        def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            input_ids = batch["input_ids"]
+            return self.objective(logits, input_ids, self._teacher_logits(input_ids))
+
+        return loss_fn
+
+    def _micro_batches(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Equal micro-batches (a pipeline's messages have one shape): the largest size dividing the batch."""
+        input_ids = batch["input_ids"]
+        size = math.gcd(input_ids.shape[0], self.micro_batch_size or input_ids.shape[0])
+        return [{"input_ids": chunk} for chunk in input_ids.split(size)]
+
+    def _schedule_training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        optimizer = self.optimizers()
+        parts = self.backend.run_schedule(
+            self._micro_batches(batch), loss_fn=self._schedule_loss_fn(), parts=self._loss_part_names()
+        )
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = self.backend.clip_grad_norm(params, self.optim.max_grad_norm)
+        size = batch["input_ids"].shape[0]
+        self.log("train/grad_norm", norm, batch_size=1)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=size)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
+        self.log("train/loss", parts["loss"], prog_bar=True, batch_size=size)
+        if self.objective.kind != "lm":
+            self.log("train/lm_loss", parts["lm_loss"], batch_size=size)
+            self.log("train/distill_loss", parts["distill_loss"], batch_size=size)
+        return parts["loss"]
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.automatic_optimization:
+            return  # logged by _schedule_training_step (the norm over all model-parallel shards)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.zeros(())
         self.log("train/grad_norm", norm, batch_size=1)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_started
-        tokens = batch["input_ids"].numel() * self.trainer.world_size
+        tokens = batch["input_ids"].numel() * self.data_parallel_size()
         self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), batch_size=1)
+
+    def data_parallel_size(self) -> int:
+        """Replicas that see different data (megatron: the DP group; TP/PP ranks share a batch)."""
+        shard = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None)
+        return int(shard["num_replicas"]) if shard else self.trainer.world_size
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum, self._val_count, self._val_distill_sum = 0.0, 0, 0.0
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         input_ids = batch["input_ids"]
-        logits = self.backend.logits(input_ids)
         n = input_ids.shape[0] * (input_ids.shape[1] - 1)
+        if not self.automatic_optimization:
+            parts = self.backend.run_schedule(
+                self._micro_batches(batch), loss_fn=self._schedule_loss_fn(), parts=self._loss_part_names(), forward_only=True
+            )
+            self._val_sum += parts["loss" if self.objective.kind == "lm" else "lm_loss"].item() * n
+            self._val_count += n
+            if "distill_loss" in parts:
+                self._val_distill_sum += parts["distill_loss"].item() * n
+            return
+        logits = self.backend.logits(input_ids)
         self._val_sum += next_token_loss(logits, input_ids).item() * n
         self._val_count += n
         teacher_logits = self._teacher_logits(input_ids)
@@ -228,6 +304,11 @@ class SplitLlamaLitModule(pl.LightningModule):
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
+        if not decay and not no_decay and not self.automatic_optimization:
+            # a pipeline stage that trains nothing (the adapter is on another stage) still steps an
+            # optimizer and scheduler like its peers: one empty placeholder keeps AdamW constructible
+            self._placeholder = [torch.nn.Parameter(torch.zeros(0, device=self.device))]
+            no_decay = self._placeholder
         groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(
             [g for g in groups if g["params"]], lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps

@@ -203,10 +203,28 @@ def make_module(cfg: DictConfig, spec: Any, teacher_path: str | None, objective_
         optim=OptimSettings(
             lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
             warmup_steps=cfg.optim.warmup_steps, min_lr_ratio=cfg.optim.min_lr_ratio, total_steps=cfg.trainer.max_steps,
+            max_grad_norm=cfg.trainer.gradient_clip_val if runs_own_schedule(cfg) else None,
         ),
         teacher_path=teacher_path,
         seq_len=cfg.data.seq_len,
+        manual_schedule=runs_own_schedule(cfg),
+        micro_batch_size=cfg.parallel.micro_batch_size,
     )
+
+
+def builds_per_rank(cfg: DictConfig) -> bool:
+    """``backend=megatron``: each process builds its own TP/PP shard, so the model is built once the
+    Trainer has started the processes and megatron's groups (``configure_model`` inside validate/fit)."""
+    return cfg.backend.name == "megatron"
+
+
+def runs_own_schedule(cfg: DictConfig) -> bool:
+    """``backend=megatron`` trains through megatron's forward-backward schedule (manual optimisation).
+
+    It then clips gradients itself (over all model-parallel shards), so the Trainer gets no
+    ``gradient_clip_val``.
+    """
+    return cfg.backend.name == "megatron"
 
 
 def make_strategy(cfg: DictConfig) -> Any:
@@ -255,7 +273,7 @@ def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> A
         val_check_interval=interval if interval else 1.0,
         check_val_every_n_epoch=None if interval else 1,
         precision=t.precision,
-        gradient_clip_val=t.gradient_clip_val,
+        gradient_clip_val=None if runs_own_schedule(cfg) else t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps,
         fast_dev_run=t.fast_dev_run,
@@ -308,6 +326,8 @@ __all__ = [
     "make_datamodule",
     "make_module",
     "make_strategy",
+    "builds_per_rank",
+    "runs_own_schedule",
     "make_trainer",
     "model_spec",
     "resolve_ckpt_path",

@@ -185,6 +185,9 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     sp: bool = False
+    #: backend=megatron only: each batch (data.batch_size) is split into micro-batches of this
+    #: size for megatron's schedule (None: one micro-batch); pipelines want >= pp micro-batches
+    micro_batch_size: Optional[int] = None
 
 
 @dataclass
@@ -420,14 +423,22 @@ def _validate_parallel(cfg: Any) -> None:
         for key in ("tp", "pp"):
             _check(par[key] == 1, f"parallel.{key}", par[key], f"needs backend=megatron (backend={cfg.backend.name} runs tp = pp = 1)")
         _check(not par.sp, "parallel.sp", par.sp, f"needs backend=megatron (backend={cfg.backend.name})")
+        _check(par.micro_batch_size is None, "parallel.micro_batch_size", par.micro_batch_size,
+               f"needs backend=megatron (backend={cfg.backend.name} uses trainer.accumulate_grad_batches)")
         return
     _check(par.strategy in ("auto", "ddp", "megatron"), "parallel.strategy", par.strategy,
            "backend=megatron runs its own strategy (data parallel over megatron's DP group); use parallel=single, ddp or a "
            "megatron file (tp2, tp2_sp, pp2, tp2_pp2)")
     _check(not par.sp or par.tp >= 2, "parallel.sp", par.sp, "sequence parallelism needs parallel.tp >= 2")
-    _check(par.pp == 1, "parallel.pp", par.pp,
-           "pipeline parallelism is not available in run.py (Lightning drives one forward/backward per batch); "
-           "MegatronSplitModel.forward_backward runs it in a manual loop")
+    if par.micro_batch_size is not None:
+        _check(par.micro_batch_size >= 1 and cfg.data.batch_size % par.micro_batch_size == 0, "parallel.micro_batch_size",
+               par.micro_batch_size, f"must be >= 1 and divide data.batch_size={cfg.data.batch_size}")
+    _check(cfg.trainer.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches,
+           "must be 1 with backend=megatron: megatron's schedule accumulates micro-batches within a batch "
+           "(raise data.batch_size and set parallel.micro_batch_size)")
+    _check(cfg.task.name != TaskName.assemble or par.tp * par.pp == 1, "task.name", "assemble",
+           f"runs in one process; with backend=megatron use parallel.tp=1 parallel.pp=1 (got tp={par.tp}, pp={par.pp}): "
+           "the saved HF checkpoint is the same")
     if isinstance(par.devices, int):
         mp = par.tp * par.pp
         _check(par.devices % mp == 0, "parallel.devices", par.devices, f"must be a multiple of parallel.tp x parallel.pp = {mp}")
