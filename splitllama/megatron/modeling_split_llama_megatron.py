@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._compat import require_megatron
@@ -467,10 +468,15 @@ def parallel_next_token_loss(
         target[:, ends] = IGNORE_INDEX
     target = target.transpose(0, 1).contiguous()  # [s, b]
     valid = target != IGNORE_INDEX
+    count = valid.sum()
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        # the whole vocabulary is here: torch's fused cross entropy, as the HF backend computes it
+        # (megatron's vocab-parallel version makes several more passes over the [s, b, V] logits)
+        per_token_sum = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return per_token_sum / count.clamp(min=1)
     # megatron's cross entropy overwrites a float32 input with the softmax: keep returned logits intact
     source = logits.float() if logits.dtype != torch.float32 or not keep_logits else logits.clone()
     per_token = tensor_parallel.vocab_parallel_cross_entropy(source, target.masked_fill(~valid, 0))
-    count = valid.sum()
     return (per_token * valid).sum() / count.clamp(min=1)
 
 
