@@ -278,12 +278,14 @@ def initialise_adapter(
     adapter = model.model.adapter
     linears = [m for m in (getattr(adapter, "adapter_linear_1", None), getattr(adapter, "adapter_linear_2", None)) if m is not None]
     if method == "random":
+        # drawn on the CPU whatever the default device (Lightning's configure_model sets the GPU), so a
+        # seed gives the same adapter on every device and backend
         generator = torch.Generator(device="cpu").manual_seed(seed)
         for lin in linears:  # PyTorch's nn.Linear default (Kaiming-uniform), drawn from a seeded generator
             bound = 1.0 / math.sqrt(lin.in_features)
-            lin.weight.copy_(torch.empty(lin.weight.shape).uniform_(-bound, bound, generator=generator))
+            lin.weight.copy_(torch.empty(lin.weight.shape, device="cpu").uniform_(-bound, bound, generator=generator))
             if lin.bias is not None:
-                lin.bias.copy_(torch.empty(lin.bias.shape).uniform_(-bound, bound, generator=generator))
+                lin.bias.copy_(torch.empty(lin.bias.shape, device="cpu").uniform_(-bound, bound, generator=generator))
     elif method == "identity":
         for lin in linears:
             lin.weight.copy_(torch.eye(lin.out_features, lin.in_features))
@@ -334,7 +336,7 @@ def _calibration_ids(calibration: Calibration, tokenizer_dir: str | None, seq_le
     n = len(ids) // seq_len
     if n == 0:
         raise ValueError(f"calibration: {len(ids)} tokens, fewer than one sequence of {seq_len}")
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    return torch.tensor(ids[: n * seq_len], device="cpu").view(n, seq_len)
 
 
 def _run_llama_layers(
@@ -403,9 +405,9 @@ def fit_lstsq_adapter(
     h_l = large_donor_hidden_states(config, input_ids, first_large).reshape(-1, config.hidden_size_70).double()
     if h_s.shape[0] <= config.hidden_size_8:
         logger.warning("lstsq adapter: %d calibration tokens for %d inputs; the fit is underdetermined", h_s.shape[0], config.hidden_size_8)
-    x = torch.cat([h_s, torch.ones(h_s.shape[0], 1, dtype=h_s.dtype)], dim=1)
+    x = torch.cat([h_s, torch.ones(h_s.shape[0], 1, dtype=h_s.dtype, device=h_s.device)], dim=1)
     gram = x.T @ x
-    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     solution = torch.linalg.solve(gram, x.T @ h_l)  # (h_s + 1, h_l)
     weight, bias = solution[:-1].T.contiguous(), solution[-1].contiguous()
     residual = (x @ solution - h_l).pow(2).mean() / h_l.pow(2).mean()

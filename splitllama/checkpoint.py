@@ -166,7 +166,9 @@ class LazyCheckpoint:
         header = self._header(name)
         entry = header.entries[name]
         start, end = (int(x) for x in entry["data_offsets"])
-        tensor = torch.empty(tuple(entry["shape"]), dtype=header.dtype(name))
+        # on the CPU whatever the default device (Lightning's configure_model sets the GPU): the
+        # bytes land in host memory, the caller moves the tensor
+        tensor = torch.empty(tuple(entry["shape"]), dtype=header.dtype(name), device="cpu")
         if end > start:
             buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
             with open(header.path, "rb", buffering=0) as f:

@@ -42,6 +42,15 @@ def test_tied_embeddings_donor(small_donor: Path, tied_large_donor: Path) -> Non
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
 
 
+def test_reads_into_host_memory_whatever_the_default_device(large_donor: Path) -> None:
+    """Lightning's ``configure_model`` builds under the GPU as default device (found on an H200: the
+    reader then made a CUDA tensor and failed to fill it); the meta device stands in for it here."""
+    expected = LazyCheckpoint(large_donor).get("model.norm.weight")
+    with torch.device("meta"):
+        read = LazyCheckpoint(large_donor).get("model.norm.weight")
+    assert read.device.type == "cpu" and torch.equal(read, expected)
+
+
 def test_reads_only_needed_tensors_in_bf16(small_donor: Path, large_donor: Path) -> None:
     model = build_split_model(small_donor, large_donor, 1, 1, dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
