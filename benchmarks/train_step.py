@@ -7,7 +7,11 @@ Rows (random weights, bf16 parameters, fused AdamW, batch 1 x ``--seq`` tokens, 
 * ``part70b``: ``LlamaForCausalLM``, ``--n70`` layers of the 70B shape (with its embedding and head);
 * ``split_hf``: the split model on the HF backend (``CustomSplitLLamaForCausalLM``, linear adapter);
 * ``split_megatron_tp1``: the split model on the megatron backend at TP=1;
-* ``split_megatron_tp2``: the same at TP=2 (``torchrun --nproc_per_node 2 ... --only megatron --tp 2``).
+* ``split_megatron_tp2``: the same at TP=2 (``torchrun --nproc_per_node 2 ... --only megatron --tp 2``);
+  ``split_megatron_tp2_sp`` with sequence parallelism (``--sp``).
+
+``--profile DIR`` also writes, per row, the torch profiler's kernel table of two more steps
+(``DIR/<row>.txt``, sorted by GPU time): where a row loses time against another.
 
 Predicted step time of the split model from its two parts (no cost of splitting):
 ``t(part8b) - t(part8b_head) + t(part70b)`` (the split model has the 8B embedding and the 70B
@@ -108,6 +112,20 @@ def matmul_rate(seq: int, iters: int = 20) -> dict[str, float]:
     return rates
 
 
+def profile_steps(step: Callable[[], None], path: Path, steps: int = 2) -> None:
+    """The profiler's table of ``steps`` more steps (GPU kernels and CPU ops, by GPU time) in ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
+    path.write_text(f"{steps} steps\n{table}\n")
+
+
 def measure(name: str, build: Callable[[], tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], list[int]]],
             args: argparse.Namespace, gpus: int = 1) -> dict[str, Any]:
     torch.cuda.empty_cache()
@@ -115,8 +133,13 @@ def measure(name: str, build: Callable[[], tuple[torch.nn.Module, Callable[[torc
     torch.manual_seed(0)
     model, loss_of, attn = build()
     ids = torch.randint(0, COMMON["vocab_size"], (1, args.seq), device="cuda")
-    times = time_steps(train_step_fn(model, loss_of, ids), args.warmup, args.iters)
+    step = train_step_fn(model, loss_of, ids)
+    times = time_steps(step, args.warmup, args.iters)
     t = statistics.median(times)
+    if args.profile and int(os.environ.get("RANK", "0")) == 0:
+        profile_steps(step, Path(args.profile) / f"{name}.txt")
+    elif args.profile:
+        profile_steps(step, Path(args.profile) / f"{name}.rank{os.environ['RANK']}.txt")
     params = matmul_params(model)
     if gpus > 1:  # tensor-parallel shards: count the whole model's parameters
         total = torch.tensor([params], device="cuda", dtype=torch.float64)
@@ -162,11 +185,11 @@ def split_attn(n8: int, n70: int) -> list[int]:
     return [SHAPE_8B["num_attention_heads"] * 128] * n8 + [SHAPE_70B["num_attention_heads"] * 128] * n70
 
 
-def build_split_megatron(n8: int, n70: int, tp: int) -> Callable[[], Any]:
+def build_split_megatron(n8: int, n70: int, tp: int, sp: bool = False) -> Callable[[], Any]:
     def build() -> Any:
         from splitllama.megatron.lightning import build_megatron_split_model
 
-        model = build_megatron_split_model(split_config(n8, n70), tp=tp, params_dtype=torch.bfloat16, random_init=True)
+        model = build_megatron_split_model(split_config(n8, n70), tp=tp, sp=sp, params_dtype=torch.bfloat16, random_init=True)
         return model, lambda ids: model(ids, labels=ids, return_logits=False).loss, split_attn(n8, n70)
 
     return build
@@ -179,8 +202,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--only", choices=["all", "megatron"], default="all")
+    parser.add_argument("--only", choices=["all", "split", "megatron"], default="all",
+                        help="all rows; split: split_hf and the megatron row; megatron: the megatron row")
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--sp", action="store_true", help="sequence parallelism (TP >= 2)")
+    parser.add_argument("--profile", default=None, help="directory for per-row profiler tables")
     parser.add_argument("--out", default=str(HERE / "results" / "train_step.json"))
     args = parser.parse_args()
     assert torch.cuda.is_available(), "benchmarks/train_step.py needs a GPU"
@@ -195,8 +221,10 @@ def main() -> None:
         rows.append(measure("part8b", build_llama(SHAPE_8B, args.n8), args))
         rows.append(measure("part8b_head", build_llama(SHAPE_8B, 0), args))
         rows.append(measure("part70b", build_llama(SHAPE_70B, args.n70), args))
+    if args.only in ("all", "split"):
         rows.append(measure("split_hf", build_split_hf(args.n8, args.n70), args))
-    rows.append(measure(f"split_megatron_tp{args.tp}", build_split_megatron(args.n8, args.n70, args.tp), args, gpus=world))
+    name = f"split_megatron_tp{args.tp}" + ("_sp" if args.sp else "")
+    rows.append(measure(name, build_split_megatron(args.n8, args.n70, args.tp, args.sp), args, gpus=world))
     if rank != 0:
         return
     for row in rows:
