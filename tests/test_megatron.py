@@ -122,6 +122,21 @@ def test_rotary_follows_the_donor_rope_parameters(llama3_donor: Path, large_dono
         LlamaRotaryAngles(bad, "config_70b")
 
 
+def test_swiglu_kernels_have_the_gradient_of_silu_gate_times_up() -> None:
+    """The MLP activation of our spec: its hand-written gradient and the compiled autograd function
+    that GPUs run (compiled here by inductor on the CPU) against autograd of the reference, float64."""
+    from splitllama.megatron.layers.swiglu import _CompiledSwiGLU, swiglu_grad, swiglu_reference
+
+    x = torch.randn(6, 2, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    grad_out = torch.randn(6, 2, 20, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(swiglu_reference(x), x, grad_out)
+    torch.testing.assert_close(swiglu_grad(grad_out, x.detach()), expected)
+    out = _CompiledSwiGLU.apply(x)
+    torch.testing.assert_close(out, swiglu_reference(x.detach()))
+    (compiled_grad,) = torch.autograd.grad(out, x, grad_out)
+    torch.testing.assert_close(compiled_grad, expected)
+
+
 # ------------------------------------------------------------------------------------------ TP=1 in this process
 @pytest.mark.parametrize(
     ("adapter", "extra"), [("linear", {}), ("mlp", {"adapter_hidden_size": 96}), ("lowrank", {"adapter_rank": 8})]
@@ -129,6 +144,12 @@ def test_rotary_follows_the_donor_rope_parameters(llama3_donor: Path, large_dono
 def test_logits_and_loss_equal_the_hf_backend(megatron_world: None, small_donor: Path, llama3_donor: Path, adapter: str, extra: dict) -> None:
     hf = build_split_model(small_donor, llama3_donor, 3, 2, adapter=adapter, **extra)
     model = megatron_model(hf.config, small_donor, llama3_donor)  # same default adapter init, same seed
+    from megatron.core.transformer.mlp import MLP
+
+    from splitllama.megatron.layers.swiglu import SwiGLU
+
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    assert len(mlps) == 5 and all(isinstance(m.activation_func, SwiGLU) for m in mlps)
     ids = ids_batch(hf.config)
     labels = ids.clone()
     labels[0, :5] = -100

@@ -6,14 +6,15 @@ Each donor's layers are a megatron ``TransformerBlock`` built from that donor's 
 given. Pipeline parallelism is arranged by the split model itself (which layers a stage holds,
 see ``SplitStageLayout``), so the donor configs say ``pipeline_model_parallel_size=1``.
 
-The layer spec is megatron-core's own local (no TransformerEngine) GPT layer with two pieces
-swapped: core attention on torch SDPA, and an RMSNorm with the donors' numerics that also
-works under sequence parallelism.
+The layer spec is megatron-core's own local (no TransformerEngine) GPT layer with three pieces
+swapped: core attention on torch SDPA, an RMSNorm with the donors' numerics that also works
+under sequence parallelism, and the MLP's SwiGLU (``swiglu.py`` says why).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 
 from .attention import SDPACoreAttention  # noqa: E402
 from .norm import LlamaRMSNormTP  # noqa: E402
+from .swiglu import SwiGLU  # noqa: E402
 
 
 #: TransformerConfig fields also taken from the given megatron config when it has them
@@ -97,21 +99,39 @@ def donor_transformer_config(
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         bias_activation_fusion=False,
+        # megatron then calls the spec's activation module (our SwiGLU) on the whole fc1 output;
+        # the name is megatron's, no TransformerEngine is involved
+        use_te_activation_func=True,
         bias_dropout_fusion=False,
         persist_layer_norm=False,
     )
 
 
 def llama_layer_spec() -> ModuleSpec:
-    """megatron-core's local GPT layer with SDPA core attention and the LLaMA RMSNorm."""
+    """megatron-core's local GPT layer with SDPA core attention, the LLaMA RMSNorm and our SwiGLU."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     sub = spec.submodules
     attention = sub.self_attention
     attention = dataclasses.replace(
         attention, submodules=dataclasses.replace(attention.submodules, core_attention=SDPACoreAttention)
     )
-    sub = dataclasses.replace(sub, input_layernorm=LlamaRMSNormTP, pre_mlp_layernorm=LlamaRMSNormTP, self_attention=attention)
+    mlp = _with_activation(sub.mlp, SwiGLU)
+    sub = dataclasses.replace(
+        sub, input_layernorm=LlamaRMSNormTP, pre_mlp_layernorm=LlamaRMSNormTP, self_attention=attention, mlp=mlp
+    )
     return dataclasses.replace(spec, submodules=sub)
+
+
+def _with_activation(mlp: Any, activation: type) -> Any:
+    """The MLP spec with ``activation`` as its activation module.
+
+    megatron-core 0.16 describes the MLP as a ``ModuleSpec``, 0.19 as a ``functools.partial`` of
+    its builder; both carry ``MLPSubmodules``.
+    """
+    if isinstance(mlp, functools.partial):
+        submodules = dataclasses.replace(mlp.keywords["submodules"], activation_func=activation)
+        return functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": submodules})
+    return dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, activation_func=activation))
 
 
 def dtype_flags(dtype: torch.dtype) -> dict[str, Any]:
