@@ -80,6 +80,10 @@ class SplitBackend(Protocol):
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
+    def parameter_counts(self) -> dict[str, int]:
+        """``{"total", "trainable"}`` of the whole model (a model-parallel backend counts across its shards)."""
+        ...
+
     def select_trainable(self, parts: Sequence[str], lora: dict[str, Any] | None) -> list[str]: ...
 
     def export_hf(self, out_dir: str | os.PathLike[str], tokenizer: Any | None = None) -> Path: ...
@@ -171,6 +175,10 @@ class HFBackend:
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def parameter_counts(self) -> dict[str, int]:
+        params = list(self.model.parameters())
+        return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
 
     def select_trainable(self, parts: Sequence[str], lora: dict[str, Any] | None) -> list[str]:
         """Freeze everything, then unfreeze ``parts`` and add LoRA (peft) if enabled; returns trainable names."""

@@ -157,10 +157,7 @@ class SplitLlamaLitModule(pl.LightningModule):
 
     def parameter_counts(self) -> dict[str, int]:
         """Total and trainable parameters of the whole model (a model-parallel backend counts across its shards)."""
-        if hasattr(self.backend, "parameter_counts"):
-            return self.backend.parameter_counts()
-        params = list(self.model.parameters())
-        return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
+        return self.backend.parameter_counts()
 
     def flops(self) -> dict[str, float]:
         return count_flops_per_token(self.backend.config, self.seq_len)
