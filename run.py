@@ -272,4 +272,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.enable(all_threads=True)  # a crash or SIGABRT (a test's time-out) prints every thread's stack
     main()

@@ -8,7 +8,15 @@ Rows (random weights, bf16 parameters, fused AdamW, batch 1 x ``--seq`` tokens, 
 * ``split_hf``: the split model on the HF backend (``CustomSplitLLamaForCausalLM``, linear adapter);
 * ``split_megatron_tp1``: the split model on the megatron backend at TP=1;
 * ``split_megatron_tp2``: the same at TP=2 (``torchrun --nproc_per_node 2 ... --only megatron --tp 2``);
-  ``split_megatron_tp2_sp`` with sequence parallelism (``--sp``).
+  ``split_megatron_tp2_sp`` with sequence parallelism (``--sp``);
+* ``split_megatron_pp2_mb8``: pipeline parallel 2 (``--only megatron --pp 2 --micro-batches 8``): one step is
+  8 micro-batches of 1 x ``--seq`` through megatron's 1F1B schedule; its ideal bubble is
+  (pp - 1) / (micro-batches + pp - 1) = 1/9 of the step;
+* ``split_hf_fsdp2``: the HF backend sharded with FSDP2 over every process (``torchrun --nproc_per_node 2
+  ... --only fsdp``), each rank its own 1 x ``--seq`` batch (data parallel: tokens/s counts all
+  ranks), bf16 parameters as in the other rows; ``split_hf_fsdp2_mp`` (``--fsdp-mp``): float32
+  parameters and optimizer, bf16 gathers and compute, float32 gradient reduction (what
+  ``parallel=fsdp parallel.fsdp_param_dtype=bfloat16`` trains with).
 
 ``--profile DIR`` also writes, per row, the torch profiler's kernel table of two more steps
 (``DIR/<row>.txt``, sorted by GPU time): where a row loses time against another.
@@ -88,11 +96,13 @@ def time_steps(step: Callable[[], None], warmup: int, iters: int) -> list[float]
 
 
 def train_step_fn(model: torch.nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor) -> Callable[[], None]:
+    """``loss_of(ids)`` returns the loss to differentiate, or None when it ran the backward itself (a pipeline)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
 
     def step() -> None:
         loss = loss_of(ids)
-        loss.backward()
+        if loss is not None:
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -127,7 +137,9 @@ def profile_steps(step: Callable[[], None], path: Path, steps: int = 2) -> None:
 
 
 def measure(name: str, build: Callable[[], tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], list[int]]],
-            args: argparse.Namespace, gpus: int = 1) -> dict[str, Any]:
+            args: argparse.Namespace, gpus: int = 1, tokens_per_step: int | None = None, data_parallel: int = 1) -> dict[str, Any]:
+    """``tokens_per_step``: tokens one step trains on per data-parallel rank (default ``--seq``);
+    ``data_parallel``: ranks that each train on their own tokens (tokens/s and FLOPs count them all)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
@@ -140,15 +152,19 @@ def measure(name: str, build: Callable[[], tuple[torch.nn.Module, Callable[[torc
         profile_steps(step, Path(args.profile) / f"{name}.txt")
     elif args.profile:
         profile_steps(step, Path(args.profile) / f"{name}.rank{os.environ['RANK']}.txt")
-    params = matmul_params(model)
-    if gpus > 1:  # tensor-parallel shards: count the whole model's parameters
+    params = matmul_params(model)  # a DTensor (FSDP2) counts its full size
+    if gpus > 1 and data_parallel == 1:  # tensor/pipeline-parallel shards: count the whole model's parameters
         total = torch.tensor([params], device="cuda", dtype=torch.float64)
         torch.distributed.all_reduce(total)
         params = int(total.item())
+    tokens = (tokens_per_step or args.seq) * data_parallel
+    peak_gb = torch.tensor([torch.cuda.max_memory_allocated() / 1e9], device="cuda")
+    if gpus > 1:
+        torch.distributed.all_reduce(peak_gb, op=torch.distributed.ReduceOp.MAX)
     row = {
-        "name": name, "gpus": gpus, "step_s": t, "step_s_spread": [min(times), max(times)], "tokens_per_s": args.seq / t,
-        "matmul_params": params, "flops_per_step": step_flops(params, attn, args.seq, args.seq),
-        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+        "name": name, "gpus": gpus, "step_s": t, "step_s_spread": [min(times), max(times)], "tokens_per_s": tokens / t,
+        "tokens_per_step": tokens, "matmul_params": params, "flops_per_step": step_flops(params, attn, args.seq, tokens),
+        "peak_mem_gb": float(peak_gb.item()),  # the largest of the ranks
     }
     del model, loss_of
     torch.cuda.empty_cache()
@@ -181,6 +197,47 @@ def build_split_hf(n8: int, n70: int) -> Callable[[], Any]:
     return build
 
 
+def build_split_fsdp(n8: int, n70: int, mixed_precision: bool) -> Callable[[], Any]:
+    """The HF split model sharded by :func:`splitllama.training.sharding.apply_fsdp` over every process."""
+    def build() -> Any:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from splitllama import CustomSplitLLamaForCausalLM
+        from splitllama.training.sharding import apply_fsdp
+
+        config = split_config(n8, n70)
+        config._attn_implementation = "sdpa"
+        config.use_cache = False
+        mesh = init_device_mesh("cuda", (torch.distributed.get_world_size(),))
+        with torch.device("meta"):
+            model = CustomSplitLLamaForCausalLM._from_config(config, dtype=torch.float32 if mixed_precision else torch.bfloat16)
+        apply_fsdp(model, mesh, param_dtype="bfloat16" if mixed_precision else None)
+        model.to_empty(device="cuda")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.02)
+        model.model.reset_rotary_embeddings("cuda")  # non-persistent buffers: computed, not initialised
+        return model, lambda ids: model(input_ids=ids, labels=ids, use_cache=False).loss, split_attn(n8, n70)
+
+    return build
+
+
+def build_split_megatron_pp(n8: int, n70: int, pp: int, micro_batches: int) -> Callable[[], Any]:
+    """Megatron at PP=``pp``: one step = ``micro_batches`` micro-batches through the 1F1B schedule."""
+    def build() -> Any:
+        from splitllama.megatron.lightning import build_megatron_split_model
+
+        model = build_megatron_split_model(split_config(n8, n70), pp=pp, params_dtype=torch.bfloat16, random_init=True)
+
+        def loss_of(ids: torch.Tensor) -> None:
+            model.run_schedule([{"input_ids": ids}] * micro_batches)
+            return None
+
+        return model, loss_of, split_attn(n8, n70)
+
+    return build
+
+
 def split_attn(n8: int, n70: int) -> list[int]:
     return [SHAPE_8B["num_attention_heads"] * 128] * n8 + [SHAPE_70B["num_attention_heads"] * 128] * n70
 
@@ -202,9 +259,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--only", choices=["all", "split", "megatron"], default="all",
-                        help="all rows; split: split_hf and the megatron row; megatron: the megatron row")
+    parser.add_argument("--only", choices=["all", "split", "megatron", "fsdp"], default="all",
+                        help="all rows; split: split_hf and the megatron row; megatron: the megatron row; fsdp: the FSDP2 row")
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--micro-batches", type=int, default=8, help="micro-batches per step under --pp > 1")
+    parser.add_argument("--fsdp-mp", action="store_true", help="FSDP2 row: float32 parameters, bf16 compute")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (TP >= 2)")
     parser.add_argument("--profile", default=None, help="directory for per-row profiler tables")
     parser.add_argument("--out", default=str(HERE / "results" / "train_step.json"))
@@ -223,8 +283,18 @@ def main() -> None:
         rows.append(measure("part70b", build_llama(SHAPE_70B, args.n70), args))
     if args.only in ("all", "split"):
         rows.append(measure("split_hf", build_split_hf(args.n8, args.n70), args))
-    name = f"split_megatron_tp{args.tp}" + ("_sp" if args.sp else "")
-    rows.append(measure(name, build_split_megatron(args.n8, args.n70, args.tp, args.sp), args, gpus=world))
+    if args.only == "fsdp":
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl")
+        name = "split_hf_fsdp2" + ("_mp" if args.fsdp_mp else "")
+        rows.append(measure(name, build_split_fsdp(args.n8, args.n70, args.fsdp_mp), args, gpus=world, data_parallel=world))
+    elif args.pp > 1:
+        name = f"split_megatron_pp{args.pp}_mb{args.micro_batches}"
+        rows.append(measure(name, build_split_megatron_pp(args.n8, args.n70, args.pp, args.micro_batches), args, gpus=world,
+                            tokens_per_step=args.seq * args.micro_batches))
+    else:
+        name = f"split_megatron_tp{args.tp}" + ("_sp" if args.sp else "")
+        rows.append(measure(name, build_split_megatron(args.n8, args.n70, args.tp, args.sp), args, gpus=world))
     if rank != 0:
         return
     for row in rows:

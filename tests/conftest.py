@@ -109,11 +109,38 @@ class RunPy:
                 full_env.pop(key, None)
             else:
                 full_env[key] = value
-        proc = subprocess.run([sys.executable, str(REPO / "run.py"), *overrides], cwd=cwd, env=full_env,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = _run_bounded([sys.executable, str(REPO / "run.py"), *overrides], cwd=cwd, env=full_env, timeout=timeout)
         if ok and proc.returncode != 0:
             raise AssertionError(f"run.py {' '.join(overrides)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
         return proc
+
+
+def _run_bounded(cmd: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> "subprocess.CompletedProcess[str]":
+    """Run ``cmd`` in its own process group; past ``timeout`` every process in it (the Lightning
+    ranks too) gets SIGABRT, so each dumps its threads' stacks (run.py enables faulthandler), then
+    SIGKILL; the test fails with those stacks instead of hanging."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGABRT, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                out, err = proc.communicate(timeout=20)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd[1:])} still running after {timeout:.0f} s; stacks:\n{out[-3000:]}\n{err[-12000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="session")

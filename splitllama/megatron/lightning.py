@@ -55,7 +55,7 @@ from .modeling_split_llama_megatron import (  # noqa: E402
     ParallelCustomSplitLLamaForValueRmPadPP,
     ParallelSplitLlama,
 )
-from .parallel import initialize_megatron_parallel, make_model_parallel_config  # noqa: E402
+from .parallel import communication_device, initialize_megatron_parallel, make_model_parallel_config  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -554,8 +554,8 @@ class MegatronBackend:
             if getattr(param, "tensor_model_parallel", False) or tp_rank == 0:
                 total += param.numel()
                 trainable += param.numel() if param.requires_grad else 0
-        counts = torch.tensor([total, trainable], dtype=torch.long, device=next(self.model.parameters()).device)
         group = parallel_state.get_model_parallel_group()
+        counts = torch.tensor([total, trainable], dtype=torch.long, device=communication_device(group))
         if dist.get_world_size(group) > 1:
             dist.all_reduce(counts, group=group)
         return {"total": int(counts[0]), "trainable": int(counts[1])}
@@ -577,7 +577,7 @@ class MegatronBackend:
         if parallel_state.model_parallel_is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
             # a pipeline stage may hold none of the chosen parts (the adapter lives on one stage)
             group = parallel_state.get_pipeline_model_parallel_group()
-            found = found.to("cuda" if dist.get_backend(group) == "nccl" else "cpu")
+            found = found.to(communication_device(group))
             dist.all_reduce(found, group=group)
         if int(found.item()) == 0:
             raise ValueError(f"finetune.trainable={list(parts)}: no parameter matches (the {self.config.adapter} adapter has none?)")

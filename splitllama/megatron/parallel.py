@@ -83,6 +83,15 @@ def seed_megatron(seed: int) -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def communication_device(group: Any = None) -> torch.device:
+    """Where a tensor sent through a collective over ``group`` must live: this rank's GPU under NCCL,
+    else the CPU. Lightning moves the model back to the CPU when ``fit`` ends, so collectives
+    after it (parameter counts, the export's gathers) move their tensors here first."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def destroy_megatron_parallel(destroy_process_group: bool = False) -> None:
     """Tear down megatron's groups (and the ``torch.distributed`` world if asked)."""
     if parallel_state.model_parallel_is_initialized():

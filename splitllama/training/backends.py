@@ -148,7 +148,6 @@ class HFBackend:
 
     name = "hf"
     manual_schedule = False
-    collective_export = False
 
     def __init__(self, spec: SplitModelSpec, options: dict[str, Any]) -> None:
         from transformers import AutoModelForCausalLM
@@ -170,13 +169,33 @@ class HFBackend:
         self.config: SplitLlamaConfig = self.model.config
         self.config.use_cache = False
         if options.get("gradient_checkpointing"):
-            self.model.gradient_checkpointing_enable()
+            # non-reentrant: works when the layers' inputs need no grad (frozen first layers) and under FSDP2
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._lora = False
+        self._lora_config: Any = None
+        self._sharded = False
+
+    @property
+    def collective_export(self) -> bool:
+        """Sharded (``parallel=fsdp``): the export gathers the shards, so every rank calls it."""
+        return self._sharded
+
+    def parallelize(self, mesh: Any, options: dict[str, Any]) -> None:
+        """Shard the model over the data-parallel ``mesh`` with FSDP2 (:mod:`splitllama.training.sharding`)."""
+        from .sharding import apply_fsdp
+
+        apply_fsdp(
+            self.model, mesh, param_dtype=options.get("fsdp_param_dtype"),
+            sharding_strategy=options.get("fsdp_sharding_strategy", "FULL_SHARD"),
+            wrap_decoder_layers=options.get("fsdp_wrap_decoder_layers", True),
+        )
+        self._sharded = True
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def parameter_counts(self) -> dict[str, int]:
+        """Whole-model counts (a sharded parameter counts its full shape, not this rank's shard)."""
         params = list(self.model.parameters())
         return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
 
@@ -191,6 +210,7 @@ class HFBackend:
             )
             self.model = get_peft_model(self.model, config)
             self._lora = True
+            self._lora_config = config
         prefixes = tuple(prefix for part in parts for prefix in HF_PART_PREFIXES[part])
         trainable = []
         for name, param in self.model.named_parameters():
@@ -210,17 +230,47 @@ class HFBackend:
         """Parameter name in the split model's own naming (peft adds ``base_model.model.`` and ``base_layer``)."""
         return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
-    def hf_model(self) -> nn.Module:
-        """The split model with LoRA merged in (a copy when LoRA is on: training state is untouched)."""
+    def hf_model(self) -> nn.Module | None:
+        """The split model with LoRA merged in (a copy when LoRA is on: training state is untouched).
+
+        Sharded: a plain CPU copy built from the gathered full state dict (collective: every rank
+        calls it); ``None`` on ranks other than 0.
+        """
+        if self._sharded:
+            return self._gathered_model()
         if not self._lora:
             return self.model
         import copy
 
         return copy.deepcopy(self.model).merge_and_unload()
 
+    def _gathered_model(self) -> nn.Module | None:
+        import torch.distributed as dist
+
+        from ..modeling_split_llama import CustomSplitLLamaForCausalLM
+        from .sharding import full_state_dict
+
+        state = full_state_dict(self.model)
+        if dist.get_rank() != 0:
+            return None
+        with torch.device("meta"):
+            model: nn.Module = CustomSplitLLamaForCausalLM(self.config)
+            if self._lora:
+                from peft import get_peft_model
+
+                model = get_peft_model(model, self._lora_config)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise RuntimeError(f"gathered state dict does not fit the split model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        base = model.get_base_model() if self._lora else model
+        base.model.reset_rotary_embeddings("cpu")  # non-persistent buffers: computed, not in the state dict
+        return model.merge_and_unload() if self._lora else model
+
     def export_hf(self, out_dir: str | os.PathLike[str], tokenizer: Any | None = None) -> Path:
         out = Path(out_dir)
         model = self.hf_model()
+        if model is None:  # a sharded model's other ranks: they took part in the gather
+            return out
         model.config.use_cache = True
         model.save_pretrained(out)
         model.config.use_cache = False

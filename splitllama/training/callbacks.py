@@ -29,6 +29,43 @@ class StopAfterSteps(pl.Callback):
             trainer.should_stop = True
 
 
+class HangWatchdog(pl.Callback):
+    """Fail a stuck run with every thread's stack instead of letting it wait forever.
+
+    Armed when the trainer starts and re-armed at every training and validation batch: if no
+    batch starts or ends within ``timeout_s`` seconds (a collective some rank never joins, a
+    deadlocked data loader), :mod:`faulthandler` writes all threads' stacks of this process to
+    stderr and exits it with status 1. Every rank runs its own watchdog, so a hang over several
+    processes leaves each rank's stack. ``trainer.hang_timeout_s`` turns it on (the distributed
+    tests do); pick it well above the slowest step and evaluation.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"trainer.hang_timeout_s={timeout_s}: must be > 0 seconds")
+        self.timeout_s = float(timeout_s)
+
+    def _arm(self, *_: Any, **__: Any) -> None:
+        import faulthandler
+        import sys
+
+        faulthandler.dump_traceback_later(self.timeout_s, exit=True, file=sys.stderr)
+
+    def _disarm(self, *_: Any, **__: Any) -> None:
+        import faulthandler
+
+        faulthandler.cancel_dump_traceback_later()
+
+    setup = _arm
+    on_train_batch_start = on_train_batch_end = _arm
+    on_validation_batch_start = on_validation_batch_end = _arm
+    on_fit_end = on_validation_end = _arm  # what follows a phase (export, counting) is covered too
+    teardown = _arm
+
+    def on_exception(self, *_: Any) -> None:
+        self._disarm()
+
+
 def make_loggers(
     kind: str,
     *,

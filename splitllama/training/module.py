@@ -138,18 +138,28 @@ class SplitLlamaLitModule(pl.LightningModule):
         self._val_distill_sum = 0.0
         self._step_started = 0.0
         self._rng_to_restore: dict[str, Any] | None = None
+        self._parallelized = False
         self.strict_loading = False  # checkpoints hold only trainable tensors; checked in on_load_checkpoint
 
     # ------------------------------------------------------------------ building
     def configure_model(self) -> None:
-        if self.backend is not None:
-            return
-        self.backend = build_backend(self.backend_name, self.spec, self.backend_options)
-        self.trainable_names = self.backend.select_trainable(self.trainable_parts, self.lora)
-        self.model = self.backend.model  # registered as a submodule: Lightning moves, wraps and saves it
-        self.model.train()  # assembly returns eval mode; Lightning keeps a module's mode when fitting
-        if self.objective.needs_teacher:
-            self._teacher = [load_teacher(self.teacher_path, self.spec.dtype, self.spec.attn_implementation)]
+        """Build the model (once), then shard it once the strategy has a device mesh (``parallel=fsdp``).
+
+        run.py builds before the Trainer starts (bad donors fail early); Lightning calls this
+        again inside ``fit``/``validate``, where a model-parallel strategy has set ``device_mesh``.
+        """
+        if self.backend is None:
+            self.backend = build_backend(self.backend_name, self.spec, self.backend_options)
+            self.trainable_names = self.backend.select_trainable(self.trainable_parts, self.lora)
+            self.model = self.backend.model  # registered as a submodule: Lightning moves, wraps and saves it
+            self.model.train()  # assembly returns eval mode; Lightning keeps a module's mode when fitting
+            if self.objective.needs_teacher:
+                self._teacher = [load_teacher(self.teacher_path, self.spec.dtype, self.spec.attn_implementation)]
+        mesh = self.device_mesh
+        if mesh is not None and not self._parallelized:
+            self.backend.parallelize(mesh["data_parallel"], self.backend_options)
+            self.model = self.backend.model
+            self._parallelized = True
 
     @property
     def teacher(self) -> torch.nn.Module | None:

@@ -189,6 +189,8 @@ def make_module(cfg: DictConfig, spec: Any, teacher_path: str | None, objective_
     from .objectives import Objective
 
     options = {"gradient_checkpointing": cfg.backend.gradient_checkpointing, **OmegaConf.to_container(cfg.backend.options, resolve=True)}
+    if cfg.parallel.strategy == "fsdp":  # how the HF backend shards itself (splitllama.training.sharding)
+        options.update({key: cfg.parallel[key] for key in ("fsdp_param_dtype", "fsdp_sharding_strategy", "fsdp_wrap_decoder_layers")})
     lora = OmegaConf.to_container(cfg.finetune.lora, resolve=True) if cfg.finetune.lora.enabled else None
     return SplitLlamaLitModule(
         spec,
@@ -228,37 +230,40 @@ def runs_own_schedule(cfg: DictConfig) -> bool:
 
 
 def make_strategy(cfg: DictConfig) -> Any:
-    """Lightning strategy for ``parallel``: auto (one device), ddp, or FSDP wrapping each decoder layer.
+    """Lightning strategy for ``parallel``: auto (one device), ddp, or FSDP2 sharding (``fsdp``).
 
     ``backend=megatron`` always gets :class:`~splitllama.megatron.lightning.MegatronStrategy`
     (megatron's TP/PP/DP groups from the trainer's processes, DDP over the DP group only).
+    ``parallel=fsdp`` gets :class:`~splitllama.training.sharding.ShardedStrategy` (Lightning's
+    ModelParallelStrategy; the module shards itself in ``configure_model``).
+    ``parallel.timeout_s`` bounds every collective of the process group.
     """
+    from datetime import timedelta
+
     strategy = cfg.parallel.strategy
+    timeout = {"timeout": timedelta(seconds=float(cfg.parallel.timeout_s))} if cfg.parallel.timeout_s else {}
     if cfg.backend.name == "megatron":
         from ..megatron.lightning import MegatronStrategy
 
         return MegatronStrategy(
             tensor_model_parallel_size=cfg.parallel.tp, pipeline_model_parallel_size=cfg.parallel.pp,
-            sequence_parallel=cfg.parallel.sp,
+            sequence_parallel=cfg.parallel.sp, **timeout,
         )
     if strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+        from .sharding import ShardedStrategy
 
-        return FSDPStrategy(
-            auto_wrap_policy={LlamaDecoderLayer} if cfg.parallel.fsdp_wrap_decoder_layers else None,
-            sharding_strategy=cfg.parallel.fsdp_sharding_strategy,
-            use_orig_params=True,  # frozen and trainable parameters share flat parameters
-        )
+        return ShardedStrategy(timeout_s=cfg.parallel.timeout_s)
     if strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(find_unused_parameters=False)
+        return DDPStrategy(find_unused_parameters=False, **timeout)
     return strategy
 
 
 def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> Any:
     import lightning.pytorch as pl
+
+    from .callbacks import HangWatchdog
 
     t = cfg.trainer
     interval = t.val_check_interval
@@ -282,11 +287,19 @@ def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> A
         enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic,
         logger=loggers if loggers else False,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *([HangWatchdog(t.hang_timeout_s)] if t.hang_timeout_s else [])],
         default_root_dir=cfg.paths.output_dir,
         use_distributed_sampler=False,  # our sampler shards by rank itself (and resumes exactly)
         enable_model_summary=False,
+        # FSDP2 keeps gathered weights between a forward and its backward: gathered under
+        # inference_mode (validation) they could not enter autograd afterwards
+        inference_mode=cfg.parallel.strategy != "fsdp",
     )
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A checkpoint saved by ``parallel=fsdp``: a directory of per-rank shards with Lightning's ``meta.pt``."""
+    return path.is_dir() and (path / "meta.pt").is_file()
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -302,10 +315,10 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         )
     else:
         path = Path(os.path.expanduser(value))
-        if path.is_dir():
+        if path.is_dir() and not is_sharded_checkpoint(path):
             path = path / "checkpoints" / "last.ckpt"
         hint = "give a .ckpt file or a run directory that has checkpoints/last.ckpt"
-    if not path.is_file():
+    if not (path.is_file() or is_sharded_checkpoint(path)):
         raise RunConfigError(f"ckpt_path={value}: no checkpoint at {path}; {hint}")
     return str(path)
 

@@ -177,9 +177,16 @@ class ParallelConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    #: FSDP only: sharding strategy and whether each decoder layer is its own FSDP unit
+    #: FSDP only (FSDP2, splitllama.training.sharding): FULL_SHARD (free gathered weights after
+    #: each layer's forward) or SHARD_GRAD_OP (keep them for the backward); each decoder layer its
+    #: own unit; fsdp_param_dtype=bfloat16 gathers and computes in bf16 with float32 master
+    #: weights and float32 gradient reduction (null: the parameters' dtype)
     fsdp_sharding_strategy: str = "FULL_SHARD"
     fsdp_wrap_decoder_layers: bool = True
+    fsdp_param_dtype: Optional[str] = None
+    #: process-group timeout in seconds (a collective that waits longer fails with an error
+    #: instead of hanging; null: torch's default of 30 min)
+    timeout_s: Optional[float] = None
     #: backend=megatron only: tensor / pipeline parallel sizes and sequence parallelism
     #: (data parallel size = processes / (tp x pp))
     tp: int = 1
@@ -221,6 +228,9 @@ class TrainerConfig:
     num_sanity_val_steps: int = 0
     enable_progress_bar: bool = True
     deterministic: bool = False
+    #: seconds without a training or validation batch after which every rank dumps its threads'
+    #: stacks and exits (splitllama.training.callbacks.HangWatchdog); null: off
+    hang_timeout_s: Optional[float] = None
 
 
 @dataclass
@@ -419,6 +429,19 @@ def _validate_parallel(cfg: Any) -> None:
     par = cfg.parallel
     _check(par.tp >= 1, "parallel.tp", par.tp, "must be >= 1")
     _check(par.pp >= 1, "parallel.pp", par.pp, "must be >= 1")
+    _check(par.timeout_s is None or par.timeout_s > 0, "parallel.timeout_s", par.timeout_s, "must be > 0 seconds (or null)")
+    if par.strategy == "fsdp":
+        from .sharding import RESHARD_AFTER_FORWARD
+
+        _check(cfg.backend.name == "hf", "parallel.strategy", "fsdp",
+               f"shards the HF backend (backend={cfg.backend.name} shards with its own tp/pp/dp: parallel=tp2, pp2, ...)")
+        _check(par.fsdp_sharding_strategy in RESHARD_AFTER_FORWARD, "parallel.fsdp_sharding_strategy",
+               par.fsdp_sharding_strategy, f"must be one of {sorted(RESHARD_AFTER_FORWARD)}")
+        _check(par.fsdp_param_dtype in (None, "bfloat16", "float16", "float32"), "parallel.fsdp_param_dtype",
+               par.fsdp_param_dtype, "must be bfloat16, float16, float32 or null")
+        _check(not str(cfg.trainer.precision).startswith(("bf16", "16")) or par.fsdp_param_dtype is None,
+               "trainer.precision", cfg.trainer.precision,
+               "with parallel.fsdp_param_dtype set, FSDP2 does the casting: keep trainer.precision=32-true")
     if cfg.backend.name != "megatron":
         for key in ("tp", "pp"):
             _check(par[key] == 1, f"parallel.{key}", par[key], f"needs backend=megatron (backend={cfg.backend.name} runs tp = pp = 1)")
@@ -440,8 +463,9 @@ def _validate_parallel(cfg: Any) -> None:
            f"runs in one process; with backend=megatron use parallel.tp=1 parallel.pp=1 (got tp={par.tp}, pp={par.pp}): "
            "the saved HF checkpoint is the same")
     if isinstance(par.devices, int):
-        mp = par.tp * par.pp
-        _check(par.devices % mp == 0, "parallel.devices", par.devices, f"must be a multiple of parallel.tp x parallel.pp = {mp}")
+        mp, world = par.tp * par.pp, par.devices * par.num_nodes
+        _check(world % mp == 0, "parallel.devices", par.devices,
+               f"x parallel.num_nodes={par.num_nodes} (= {world} processes) must be a multiple of parallel.tp x parallel.pp = {mp}")
 
 
 def explain_split_error(message: str, cfg: Any) -> str:

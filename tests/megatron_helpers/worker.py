@@ -17,6 +17,7 @@ numbers. Checks:
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import socket
@@ -36,15 +37,32 @@ def free_port() -> int:
 
 
 def run_workers(job: dict[str, Any], world: int, timeout: float = 600) -> list[dict[str, Any]]:
-    """Spawn ``world`` ranks running ``job``; return each rank's results (raises with the rank's traceback)."""
+    """Spawn ``world`` ranks running ``job``; return each rank's results (raises with the rank's traceback).
+
+    Bounded: a rank still running after ``timeout`` seconds writes every thread's stack
+    (faulthandler) and exits; the error raised here carries all ranks' stacks, so a hang in a
+    collective fails the test instead of stalling the suite.
+    """
+    import time
+
     import torch.multiprocessing as mp
 
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
-    job = {**job, "port": free_port()}
+    job = {**job, "port": free_port(), "timeout": timeout}
     ctx = mp.start_processes(_entry, args=(world, job), nprocs=world, join=False, start_method="spawn")
-    while not ctx.join(timeout=timeout):
-        pass
+    deadline = time.monotonic() + timeout + 60
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:  # faulthandler did not end it: kill what is left
+                for proc in ctx.processes:
+                    proc.kill()
+                raise TimeoutError(f"ranks still running {timeout + 60:.0f} s after the start")
+    except Exception as exc:
+        stacks = "\n".join(
+            f"--- rank {r} ---\n{(out / f'rank{r}.stacks').read_text()}" for r in range(world) if (out / f"rank{r}.stacks").is_file()
+        )
+        raise AssertionError(f"{type(exc).__name__}: {exc}\n{stacks}") from None
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
@@ -54,6 +72,8 @@ def _entry(rank: int, world: int, job: dict[str, Any]) -> None:
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job["port"])
     )
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    stacks = open(Path(job["out"], f"rank{rank}.stacks"), "w")  # noqa: SIM115 - open until the process ends
+    faulthandler.dump_traceback_later(job.get("timeout", 600), exit=True, file=stacks)
     try:
         results = run_checks(rank, job)
     except Exception:  # noqa: BLE001 - reported to the test through the results file

@@ -32,6 +32,7 @@ from .layout import MEGATRON_GLOBAL_PARAMS, PART_MODULES, adapter_split_dim, lay
 require_megatron()
 
 from megatron.core import parallel_state  # noqa: E402
+from ..parallel import communication_device  # noqa: E402
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,9 +44,10 @@ def _gather_chunks(tensor: torch.Tensor) -> list[torch.Tensor]:
     world = parallel_state.get_tensor_model_parallel_world_size()
     if world == 1:
         return [tensor.detach().cpu()]
-    tensor = tensor.detach().contiguous()
+    group = parallel_state.get_tensor_model_parallel_group()
+    tensor = tensor.detach().to(communication_device(group)).contiguous()
     chunks = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(chunks, tensor, group=parallel_state.get_tensor_model_parallel_group())
+    dist.all_gather(chunks, tensor, group=group)
     return [c.cpu() for c in chunks]
 
 

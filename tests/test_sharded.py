@@ -1,0 +1,123 @@
+"""``parallel=fsdp`` (FSDP2 sharding of the HF backend) through run.py, on two CPU processes (gloo).
+
+The same code path runs on GPUs (NCCL); ``tests/test_gpu_hf.py`` repeats the equality there.
+Equality to one process: two ranks with ``data.batch_size=4`` each see exactly the eight
+sequences one process sees with ``data.batch_size=8`` (the sampler shards each global batch by
+rank), and FSDP2 averages gradients over the ranks, so the runs match within float32 reduction
+order (tolerance 1e-5 nats).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from splitllama.results import read_results
+from tests.conftest import RunPy
+
+QUICK = ("debug=quick", "logger=csv")
+FSDP_CPU = ("parallel=fsdp", "parallel.accelerator=cpu", "parallel.devices=2", "parallel.timeout_s=300",
+            "trainer.hang_timeout_s=300")
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def single_last(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: one process, global batch 8, the last large layers train."""
+    run_dir = tmp_path_factory.mktemp("single_last")
+    run_py(*QUICK, "finetune=last", "data.batch_size=8", f"hydra.run.dir={run_dir}", cwd=run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def fsdp_last(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("fsdp_last")
+    run_py(*QUICK, *FSDP_CPU, "finetune=last", "data.batch_size=4", f"hydra.run.dir={run_dir}", cwd=run_dir)
+    return run_dir
+
+
+def test_fsdp_equals_one_process(single_last: Path, fsdp_last: Path) -> None:
+    """Frozen donor layers and trainable last layers sharded together train as one process does."""
+    one, two = read_results(single_last), read_results(fsdp_last)
+    assert two["status"] == "ok", two.get("error")
+    assert two["metrics"]["steps"] == one["metrics"]["steps"] == 8
+    assert two["metrics"]["train_tokens_seen"] == one["metrics"]["train_tokens_seen"]
+    assert two["params"] == one["params"]  # whole-model counts, not one rank's shard
+    assert two["metrics"]["val_loss_before"] == pytest.approx(one["metrics"]["val_loss_before"], abs=TOL)
+    assert two["metrics"]["val_loss"] == pytest.approx(one["metrics"]["val_loss"], abs=TOL)
+    assert one["metrics"]["val_loss"] < one["metrics"]["val_loss_before"] - 1e-3  # it did train
+    # checkpoints are sharded: one file per rank plus Lightning's metadata
+    last = fsdp_last / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and (last / "meta.pt").is_file() and len(list(last.glob("*.distcp"))) == 2
+
+
+def test_fsdp_export_reloads_to_the_same_loss(fsdp_last: Path, run_py: RunPy, tmp_path: Path) -> None:
+    """The export gathers the shards into one ordinary HF split checkpoint; scored alone it gives the run's loss."""
+    results = read_results(fsdp_last)
+    export = Path(results["paths"]["export_dir"])
+    index = export / "model.safetensors"
+    assert index.is_file(), sorted(p.name for p in export.iterdir())
+    run_py(*QUICK, "task=eval", f"task.model_dir={export}", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert read_results(tmp_path)["metrics"]["val_loss"] == pytest.approx(results["metrics"]["val_loss"], abs=TOL)
+
+
+def test_fsdp_lora_resumes_exactly_and_exports_merged(run_py: RunPy, tmp_path: Path) -> None:
+    """LoRA under FSDP2: stopped at step 4 and resumed from the sharded checkpoint, the run ends where the
+    uninterrupted one does; the export has LoRA merged in (plain split-model tensor names)."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    args = (*QUICK, *FSDP_CPU, "finetune=lora", "data.batch_size=4")
+    run_py(*args, f"hydra.run.dir={whole}", cwd=tmp_path)
+    run_py(*args, "task.stop_after_steps=4", f"hydra.run.dir={parts}", cwd=tmp_path)
+    assert (parts / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
+    run_py(*args, "ckpt_path=last", f"hydra.run.dir={parts}", cwd=tmp_path)
+    a, b = read_results(whole), read_results(parts)
+    assert b["status"] == "ok" and b["metrics"]["steps"] == 8
+    assert b["metrics"]["val_loss"] == pytest.approx(a["metrics"]["val_loss"], abs=1e-6)
+    from safetensors import safe_open
+
+    with safe_open(str(whole / "hf_model" / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and not any("lora" in n or "base_layer" in n for n in names)
+    assert json.loads((whole / "hf_model" / "config.json").read_text())["architectures"] == ["CustomSplitLLamaForCausalLM"]
+
+
+def test_fsdp_refuses_bad_settings(run_py: RunPy, tmp_path: Path) -> None:
+    """Checked when the config is composed, before any process starts, naming the field."""
+    proc = run_py(*QUICK, *FSDP_CPU, "parallel.fsdp_sharding_strategy=HYBRID", f"hydra.run.dir={tmp_path}", cwd=tmp_path, ok=False)
+    assert proc.returncode != 0
+    assert "parallel.fsdp_sharding_strategy=HYBRID: must be one of ['FULL_SHARD', 'SHARD_GRAD_OP']" in proc.stderr
+    proc = run_py(*QUICK, *FSDP_CPU, "backend=megatron", f"hydra.run.dir={tmp_path}", cwd=tmp_path, ok=False)
+    assert "parallel.strategy=fsdp: shards the HF backend" in proc.stderr
+
+
+def test_megatron_multinode_config_composes(tmp_path: Path) -> None:
+    """``experiment=megatron_multinode``: SLURM launcher sized from the parallel layout, settings valid,
+    TP=8 dividing real Llama-3 heads (8B: 32 / 8 KV, 70B: 64 / 8 KV); no process, no weights."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from splitllama import SplitLlamaConfig
+    from splitllama.testing import llama_config
+    from splitllama.training.pipeline import check_tensor_parallel
+    from splitllama.training.schema import register_configs, validate_run_settings
+    from tests.conftest import REPO
+
+    register_configs()
+    (tmp_path / "8B").mkdir()
+    (tmp_path / "70B").mkdir()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=megatron_multinode", "donors=llama3_8b_70b",
+                                                      f"donors.path8b={tmp_path / '8B'}", f"donors.path70b={tmp_path / '70B'}"],
+                      return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 8, 8)
+    assert (cfg.backend.name, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sp) == ("megatron", 8, 2, True)
+    validate_run_settings(cfg)
+    shapes = dict(vocab_size=256, head_dim=128, num_key_value_heads=8)
+    split = SplitLlamaConfig(config_8b=llama_config(hidden_size=4096, num_attention_heads=32, num_hidden_layers=2, **shapes),
+                             config_70b=llama_config(hidden_size=8192, num_attention_heads=64, num_hidden_layers=2, **shapes),
+                             num_layers_8=1, num_layers_70=1)
+    check_tensor_parallel(split, cfg.parallel.tp)
