@@ -54,14 +54,20 @@ fi
 if [ "$STAGE" = bench ] || [ "$STAGE" = all ]; then
   BENCH=(benchmarks/train_step.py --out "$OUT/train_step.json")
   RUN2=($PY -m torch.distributed.run --standalone --nproc_per_node 2)
-  stage bench_1gpu 300 $PY "${BENCH[@]}"
-  # CUDA_DEVICE_MAX_CONNECTIONS=1: megatron's TP linears overlap their gradient all-reduce with the
-  # weight-gradient GEMM only when kernels launch in order (megatron's own launchers set it too)
-  CUDA_DEVICE_MAX_CONNECTIONS=1 stage bench_tp2 200 "${RUN2[@]}" "${BENCH[@]}" --only megatron --tp 2
-  CUDA_DEVICE_MAX_CONNECTIONS=1 stage bench_tp2_sp 200 "${RUN2[@]}" "${BENCH[@]}" --only megatron --tp 2 --sp
-  stage bench_pp2 200 "${RUN2[@]}" "${BENCH[@]}" --only megatron --pp 2 --micro-batches 8
-  stage bench_fsdp2 200 "${RUN2[@]}" "${BENCH[@]}" --only fsdp
-  stage bench_fsdp2_mp 200 "${RUN2[@]}" "${BENCH[@]}" --only fsdp --fsdp-mp
+  ROWS=${BENCH_ROWS:-1gpu tp2 tp2_sp pp2 fsdp2 fsdp2_mp}  # a subset: BENCH_ROWS="tp2 fsdp2"
+  for row in $ROWS; do
+    case $row in
+      1gpu) stage bench_1gpu 300 $PY "${BENCH[@]}" ;;
+      # CUDA_DEVICE_MAX_CONNECTIONS=1: megatron's TP linears overlap their gradient all-reduce with the
+      # weight-gradient GEMM only when kernels launch in order (megatron's own launchers set it too)
+      tp2) CUDA_DEVICE_MAX_CONNECTIONS=1 stage bench_tp2 200 "${RUN2[@]}" "${BENCH[@]}" --only megatron --tp 2 ;;
+      tp2_sp) CUDA_DEVICE_MAX_CONNECTIONS=1 stage bench_tp2_sp 200 "${RUN2[@]}" "${BENCH[@]}" --only megatron --tp 2 --sp ;;
+      pp2) stage bench_pp2 200 "${RUN2[@]}" "${BENCH[@]}" --only megatron --pp 2 --micro-batches 8 ;;
+      fsdp2) stage bench_fsdp2 200 "${RUN2[@]}" "${BENCH[@]}" --only fsdp ;;
+      fsdp2_mp) stage bench_fsdp2_mp 200 "${RUN2[@]}" "${BENCH[@]}" --only fsdp --fsdp-mp ;;
+      *) note "unknown benchmark row $row"; FAILED+=("bench_$row") ;;
+    esac
+  done
   grep -v "Warning\|warnings.warn" "$OUT"/bench_*.log | grep -E "row|split_|part|matmul|predicted" | tail -40
 fi
 [ -f "$OUT/gpu_tests.log" ] && { echo "---- gpu_tests"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -25; }

@@ -504,6 +504,9 @@ def test_run_py_parallel_training_on_gpus_equals_one_gpu(parallel: str, gpu_sing
     run_dir = tmp_path / "run"
     run_py(*GPU_RUN, f"parallel={parallel}", "task.stop_after_steps=4", f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=600)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    # validation before training: every rank keeps its own shard (no broadcast from rank 0 over the world)
+    before = read_results(run_dir)["metrics"]["val_loss_before"]
+    assert before == pytest.approx(read_results(gpu_single_run)["metrics"]["val_loss_before"], abs=1e-4)
     run_py(*GPU_RUN, f"parallel={parallel}", "ckpt_path=last", f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=600)
     one, two = read_results(gpu_single_run), read_results(run_dir)
     assert two["status"] == "ok", two.get("error")

@@ -460,6 +460,22 @@ class MegatronStrategy(DDPStrategy):
             "rank": parallel_state.get_data_parallel_rank(),
         }
 
+    def setup(self, trainer: Any) -> None:
+        """Outside fitting, ``DDPStrategy.setup`` broadcasts every module state from global rank 0 over
+        the whole world (``_sync_module_states``), which would overwrite the other tensor-parallel
+        ranks' shards with rank 0's (a wrong model at TP > 1) and, under pipeline parallelism, meet
+        tensors of another stage's shapes (a collective mismatch that hangs). Only data-parallel
+        replicas share weights, so only they are synchronised (as :meth:`configure_ddp` does)."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if trainer.state.fn == TrainerFn.FITTING:
+            return super().setup(trainer)
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        broadcast_trainable_params(self.model)
+        self.setup_precision_plugin()
+
     def configure_ddp(self) -> None:
         """No torch DDP wrapper: :meth:`MegatronSplitModel.run_schedule` averages gradients over the DP group.
 
