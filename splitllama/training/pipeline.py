@@ -83,10 +83,17 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
     if kind == AdapterKind.mlp and init in (AdapterInit.identity, AdapterInit.lstsq):
         raise RunConfigError(f"adapter.init={init.name}: applies to the linear and lowrank adapters; the mlp adapter takes random")
     if cfg.task.model_dir is not None and cfg.task.name.name in ("eval", "generate"):
+        from ..modeling_split_llama import saved_model_problem
+
+        model_dir = os.path.expanduser(cfg.task.model_dir)
         try:
-            return SplitLlamaConfig.from_pretrained(os.path.expanduser(cfg.task.model_dir))
+            config = SplitLlamaConfig.from_pretrained(model_dir)
         except Exception as exc:  # noqa: BLE001
             raise RunConfigError(f"task.model_dir={cfg.task.model_dir}: not a saved split model ({exc})") from exc
+        problem = saved_model_problem(model_dir)
+        if problem:
+            raise RunConfigError(f"task.model_dir={cfg.task.model_dir}: {problem}")
+        return config
     fields: dict[str, Any] = {
         **layer_selection(cfg),
         "adapter": kind.name,
