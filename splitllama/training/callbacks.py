@@ -11,22 +11,44 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, Logger
 
+from ..results import RunInterrupted, RunSignals
+
 logger = logging.getLogger(__name__)
 
 
-class StopAfterSteps(pl.Callback):
-    """Stop training after ``steps`` optimizer steps, as an interrupted run would.
+class GracefulStop(pl.Callback):
+    """Stop training with a checkpoint at ``checkpoint_path``: after ``steps`` optimizer steps (an
+    interrupted run on purpose, ``task.stop_after_steps``), or on a signal :class:`RunSignals` caught.
 
-    The run keeps its full schedule (``trainer.max_steps``); resuming with ``ckpt_path`` finishes
-    it. Used to test exact resumption and to split a long run into chunks.
+    The checkpoint is saved at the end of a training step, where Lightning's own periodic ones are
+    saved, so resuming from it continues the run exactly. The run keeps its full schedule
+    (``trainer.max_steps``); resuming with ``ckpt_path`` finishes it.
     """
 
-    def __init__(self, steps: int) -> None:
-        self.steps = steps
+    def __init__(self, checkpoint_path: str | os.PathLike[str], steps: int | None = None, signals: RunSignals | None = None) -> None:
+        self.checkpoint_path, self.steps, self.signals = str(checkpoint_path), steps, signals
+        self.saved: str | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.signals is not None:
+            self.signals.fitting = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step >= self.steps:
+        by_signal = self.signals is not None and self.signals.received is not None
+        if by_signal or (self.steps is not None and trainer.global_step >= self.steps):
+            trainer.save_checkpoint(self.checkpoint_path)
+            self.saved = self.checkpoint_path
             trainer.should_stop = True
+            if by_signal:  # Lightning raises SIGTERMException itself on SIGTERM; this covers SIGINT
+                self.signals.fitting = False
+                raise RunInterrupted(self.signals.received, self.checkpoint_path)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.signals is not None:
+            self.signals.fitting = False
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)
 
 
 def make_loggers(
@@ -107,4 +129,4 @@ def wandb_run_file(loggers: list[Logger]) -> str | None:
     return None
 
 
-__all__ = ["StopAfterSteps", "csv_metrics_file", "make_loggers", "wandb_run_file"]
+__all__ = ["GracefulStop", "csv_metrics_file", "make_loggers", "wandb_run_file"]

@@ -314,6 +314,15 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         hint = "give a .ckpt file or a run directory that has checkpoints/last.ckpt"
     if not path.is_file():
         raise RunConfigError(f"ckpt_path={value}: no checkpoint at {path}; {hint}")
+    import zipfile
+
+    try:  # a torch checkpoint is a zip archive; a truncated one lacks the directory at its end
+        zipfile.ZipFile(path).close()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise RunConfigError(
+            f"ckpt_path={value}: {path} is not a readable checkpoint (truncated or corrupt: {exc}); "
+            f"resume from another .ckpt in {path.parent} or start a new run"
+        ) from None
     return str(path)
 
 
