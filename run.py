@@ -291,9 +291,11 @@ def main(cfg: DictConfig) -> float | None:
     except BaseException as exc:
         if SIGNALS.received is not None or isinstance(exc, (KeyboardInterrupt, RunInterrupted)):
             # Ctrl-C (Lightning turns it into SystemExit), SIGTERM (SLURM before a kill), a clean stop on either
-            checkpoint = exc.checkpoint if isinstance(exc, RunInterrupted) else _last_checkpoint(cfg)
+            checkpoint = SIGNALS.checkpoint or _last_checkpoint(cfg)
             record.data["interrupted_by"] = SIGNALS.received or type(exc).__name__
             record.update("paths", {"checkpoint": checkpoint})
+            if SIGNALS.step is not None:
+                record.update("metrics", {"steps": SIGNALS.step})
             if rank_zero:
                 path = record.write("interrupted")
                 log.error("interrupted by %s; %s records it; resume with ckpt_path=last hydra.run.dir=%s (checkpoint %s)",

@@ -84,6 +84,9 @@ class RunSignals:
     def __init__(self) -> None:
         self.received: str | None = None
         self.fitting = False
+        #: where and at which step training stopped with a checkpoint on the signal (GracefulStop)
+        self.checkpoint: str | None = None
+        self.step: int | None = None
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._handle)
@@ -95,15 +98,12 @@ class RunSignals:
         self.received = self.received or name
         if not self.fitting or (again and signum == signal.SIGINT):
             raise KeyboardInterrupt(name)
-        logger.warning("%s: stopping after this training step with a checkpoint (Ctrl-C again to stop now)", name)
+        logger.warning("%s: stopping after this training step with a checkpoint%s", name,
+                       " (Ctrl-C again to stop now)" if signum == signal.SIGINT else "")
 
 
 class RunInterrupted(BaseException):
-    """Training stopped on a signal, after saving ``checkpoint`` (run.py records ``status: interrupted``)."""
-
-    def __init__(self, signal_name: str, checkpoint: str) -> None:
-        super().__init__(f"{signal_name}: stopped after saving {checkpoint}")
-        self.signal_name, self.checkpoint = signal_name, checkpoint
+    """Training stopped on a signal after a checkpoint (run.py records ``status: interrupted``)."""
 
 
 def git_info(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,21 @@ class BatchLog:
         self.callback = _Callback()
 
 
-def quick_fit(cache: Path, run_dir: Path, *overrides: str, resume: bool = False) -> tuple[float, list]:
+class SendSignal:
+    """Send ``signum`` to this process when Lightning reaches hook ``hook`` after ``step`` steps."""
+
+    def __init__(self, signum: int, hook: str, step: int) -> None:
+        import lightning.pytorch as pl
+
+        def send(trainer, *args) -> None:  # noqa: ANN001
+            if trainer.global_step == step and not getattr(self, "sent", False):
+                self.sent = True
+                signal.raise_signal(signum)
+
+        self.callback = type("SendSignalCallback", (pl.Callback,), {hook: lambda _self, trainer, *a: send(trainer)})()
+
+
+def quick_fit(cache: Path, run_dir: Path, *overrides: str, resume: bool = False, signals=None, extra=()) -> tuple[float, list]:  # noqa: ANN001
     """Train as ``run.py debug=quick`` does (same pipeline pieces, checkpoints and stop callback),
     in this process; returns the final validation loss and the batches this fit consumed."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -169,7 +184,7 @@ def quick_fit(cache: Path, run_dir: Path, *overrides: str, resume: bool = False)
     last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
     callbacks = [ModelCheckpoint(dirpath=cfg.paths.checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
                                  save_last=True, save_top_k=1),
-                 GracefulStop(last, cfg.task.stop_after_steps), log.callback]
+                 GracefulStop(last, cfg.task.stop_after_steps, signals), log.callback, *extra]
     trainer = P.make_trainer(cfg, [], callbacks)
     if not P.builds_per_rank(cfg):
         module.configure_model()
@@ -193,4 +208,30 @@ def test_resume_takes_the_same_batches_and_reaches_the_same_loss(
     resumed_loss, rest = quick_fit(embedded_cache, tmp_path, resume=True)
     assert len(first) == stop and len(rest) == 8 - stop
     assert first + rest == full_batches
+    assert resumed_loss == full_loss
+
+
+@pytest.mark.parametrize(("signum", "hook", "step"), [
+    (signal.SIGINT, "on_train_batch_start", 2),  # Ctrl-C inside a step: stop after it, with a checkpoint
+    (signal.SIGTERM, "on_validation_start", 4),  # SIGTERM (SLURM) during validation: Lightning's SIGTERMException
+], ids=["SIGINT in a step", "SIGTERM in validation"])
+def test_a_signal_stops_with_a_checkpoint_that_resumes_exactly(
+    embedded_cache: Path, tmp_path: Path, uninterrupted_quick_fit: tuple[float, list], signum: int, hook: str, step: int
+) -> None:
+    from splitllama.results import RunInterrupted, RunSignals
+
+    full_loss, full_batches = uninterrupted_quick_fit
+    signals = RunSignals()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals.install()
+    try:
+        with pytest.raises((RunInterrupted, SystemExit)):
+            quick_fit(embedded_cache, tmp_path, signals=signals, extra=[SendSignal(signum, hook, step).callback])
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert signals.received == signal.Signals(signum).name
+    assert signals.checkpoint == str(tmp_path / "checkpoints" / "last.ckpt") and signals.step == step + (hook == "on_train_batch_start")
+    resumed_loss, rest = quick_fit(embedded_cache, tmp_path, resume=True)
+    assert rest == full_batches[signals.step:]
     assert resumed_loss == full_loss

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..results import RunInterrupted, RunSignals
 
@@ -27,7 +28,6 @@ class GracefulStop(pl.Callback):
 
     def __init__(self, checkpoint_path: str | os.PathLike[str], steps: int | None = None, signals: RunSignals | None = None) -> None:
         self.checkpoint_path, self.steps, self.signals = str(checkpoint_path), steps, signals
-        self.saved: str | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.signals is not None:
@@ -36,19 +36,27 @@ class GracefulStop(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         by_signal = self.signals is not None and self.signals.received is not None
         if by_signal or (self.steps is not None and trainer.global_step >= self.steps):
-            trainer.save_checkpoint(self.checkpoint_path)
-            self.saved = self.checkpoint_path
+            self._save(trainer)
             trainer.should_stop = True
-            if by_signal:  # Lightning raises SIGTERMException itself on SIGTERM; this covers SIGINT
+            if by_signal:  # Lightning raises SIGTERMException itself on SIGTERM, later; this covers SIGINT too
                 self.signals.fitting = False
-                raise RunInterrupted(self.signals.received, self.checkpoint_path)
+                raise RunInterrupted(f"{self.signals.received}: stopped at step {trainer.global_step}, saved {self.checkpoint_path}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.signals is not None:
             self.signals.fitting = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # SIGTERM during validation or between hooks: Lightning stops at a step boundary (SIGTERMException),
+        # where its own checkpoints are saved too; a second Ctrl-C may come mid-step, so it saves nothing
+        if isinstance(exception, SIGTERMException) and self.signals is not None and self.signals.step != trainer.global_step:
+            self._save(trainer)
         self.on_train_end(trainer, pl_module)
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.checkpoint_path)
+        if self.signals is not None:
+            self.signals.checkpoint, self.signals.step = self.checkpoint_path, trainer.global_step
 
 
 def make_loggers(
