@@ -9,9 +9,10 @@
     python run.py -m adapter=linear,mlp layers.n70=2,4,8   # a sweep (multirun)
 
 Each run writes ``results.json`` in its run directory (``outputs/<date>/<time>-<random>/``, or
-``outputs/slurm-<job id>/`` in a SLURM job), also when it fails or is interrupted (Ctrl-C, SIGTERM:
+``outputs/slurm-<job id>-<command hash>/`` in a SLURM job), also when it fails or is interrupted (Ctrl-C, SIGTERM:
 training stops with a checkpoint; a requeued SLURM job resumes from it). A used run directory is
-refused unless the run resumes it (``ckpt_path=last``). The return value (validation loss) is what a Hydra sweeper optimises.
+refused unless the run resumes it (``ckpt_path=last``). The return value (validation loss) is
+what a Hydra sweeper optimises.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Iterator
@@ -51,8 +53,10 @@ class RunDirInUse(RuntimeError):
 
 def run_id() -> str:
     """The run directory's name under ``outputs/``: date/time plus a per-process random suffix
-    (two runs started in the same second get distinct directories), or ``slurm-<job id>`` in a
-    SLURM job, so that a requeued job reruns into (and resumes) the directory it was preempted in."""
+    (two runs started in the same second get distinct directories), or, in a SLURM job,
+    ``slurm-<job id>-<hash of the command line>``: a requeued job reruns the same command into
+    (and resumes) the directory it was preempted in, and different commands of one job script
+    get their own."""
     return _run_id()
 
 
@@ -61,7 +65,9 @@ def _run_id() -> str:
     job = os.environ.get("SLURM_JOB_ID")
     if job:
         task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return f"slurm-{os.environ.get('SLURM_ARRAY_JOB_ID', job)}_{task}" if task else f"slurm-{job}"
+        job = f"{os.environ.get('SLURM_ARRAY_JOB_ID', job)}_{task}" if task else job
+        command = hashlib.sha1("\0".join(sys.argv[1:]).encode()).hexdigest()[:8]
+        return f"slurm-{job}-{command}"
     return time.strftime("%Y-%m-%d/%H-%M-%S-") + secrets.token_hex(3)
 
 

@@ -189,6 +189,7 @@ def quick_fit(cache: Path, run_dir: Path, *overrides: str, resume: bool = False,
     if not P.builds_per_rank(cfg):
         module.configure_model()
     trainer.fit(module, data, ckpt_path=str(last) if resume else None)
+    assert type(module.backend).__name__ == {"hf": "HFBackend", "megatron": "MegatronBackend"}[cfg.backend.name]
     return trainer.validate(module, data, verbose=False)[0]["val/loss"], log.batches
 
 
