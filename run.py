@@ -8,8 +8,11 @@
     python run.py task=eval task.model_dir=outputs/.../hf_model
     python run.py -m adapter=linear,mlp layers.n70=2,4,8   # a sweep (multirun)
 
-Each run writes ``results.json`` in its run directory (``outputs/<date>/<time>/``), also when it
-fails. The return value (validation loss) is what a Hydra sweeper optimises.
+Each run writes ``results.json`` in its run directory (``outputs/<date>/<time>-<random>/``, or
+``outputs/slurm-<job id>-<command hash>/`` in a SLURM job), also when it fails or is interrupted (Ctrl-C, SIGTERM:
+training stops with a checkpoint; a requeued SLURM job resumes from it). A used run directory is
+refused unless the run resumes it (``ckpt_path=last``). The return value (validation loss) is
+what a Hydra sweeper optimises.
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from splitllama.results import split_summary
+from splitllama.results import RunSignals, register_run_dir_resolver, split_summary
 from splitllama.training.schema import RunConfigError, register_configs
 
 log = logging.getLogger("splitllama.run")
 register_configs()
+register_run_dir_resolver()
+#: SIGINT / SIGTERM of this process (installed by main on rank 0; training stops cleanly on them)
+SIGNALS = RunSignals()
 
 
 def train(cfg: DictConfig, record) -> float:
@@ -35,10 +41,10 @@ def train(cfg: DictConfig, record) -> float:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from splitllama.training import pipeline as P
-    from splitllama.training.callbacks import StopAfterSteps, csv_metrics_file, make_loggers, wandb_run_file
+    from splitllama.training.callbacks import GracefulStop, csv_metrics_file, make_loggers, wandb_run_file
 
     record.update("split", split_summary(P.validate(cfg)))
-    ckpt_path = P.resolve_ckpt_path(cfg)
+    ckpt_path = P.resolve_ckpt_path(cfg) or _requeued_checkpoint(cfg)
     P.seed_everything(cfg.seed)
     with record.timed("donors"):
         donors = P.resolve_donors(cfg)
@@ -62,8 +68,7 @@ def train(cfg: DictConfig, record) -> float:
     record.update("logger", logger_info)
     callbacks = [ModelCheckpoint(dirpath=cfg.paths.checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
                                  save_last=True, save_top_k=1)]
-    if cfg.task.stop_after_steps:
-        callbacks.append(StopAfterSteps(cfg.task.stop_after_steps))
+    callbacks.append(GracefulStop(Path(cfg.paths.checkpoint_dir) / "last.ckpt", cfg.task.stop_after_steps, SIGNALS))
     trainer = P.make_trainer(cfg, loggers, callbacks)
     def record_model() -> None:
         record.update("params", module.parameter_counts())
@@ -242,15 +247,41 @@ def _is_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _resumes(cfg: DictConfig) -> bool:
+    """Whether this run may take a used run directory: a deliberate resume (``ckpt_path``), or a
+    SLURM job requeued after preemption, rerunning the same command into the same directory."""
+    return cfg.ckpt_path is not None or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def _requeued_checkpoint(cfg: DictConfig) -> str | None:
+    """The run directory's ``last.ckpt`` when a requeued SLURM job reruns an interrupted run."""
+    last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
+    if cfg.ckpt_path is None and _resumes(cfg) and last.is_file():
+        log.info("SLURM requeue (SLURM_RESTART_COUNT=%s): resuming from %s", os.environ["SLURM_RESTART_COUNT"], last)
+        return str(last)
+    return None
+
+
+def _last_checkpoint(cfg: DictConfig) -> str | None:
+    last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
+    return str(last) if last.is_file() else None
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from splitllama.configuration_split_llama import SplitConfigError
-    from splitllama.results import RunRecord
+    from splitllama.results import RunDirInUse, RunInterrupted, RunRecord
     from splitllama.training.pipeline import config_dict, plain
 
     task = plain(cfg.task.name)
     rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
     record = RunRecord(cfg.paths.output_dir, task=task, config=config_dict(cfg), repo_dir=Path(__file__).resolve().parent)
+    if rank_zero:  # other ranks run in the directory rank 0 claimed
+        try:
+            record.claim(resume=_resumes(cfg), hint=", or resume it with ckpt_path=last" if task == "train" else "")
+        except RunDirInUse as exc:
+            raise SystemExit(f"error: {exc}") from None
+        SIGNALS.install()
     try:
         metric = TASKS[task](cfg, record)
         status = "interrupted" if record.data.get("interrupted") else "ok"
@@ -258,10 +289,24 @@ def main(cfg: DictConfig) -> float | None:
             path = record.write(status)
             log.info("%s: %s", status, path)
         return sweep_value(cfg, metric, record.data.get("flops", {}))
-    except Exception as exc:
+    except BaseException as exc:
+        if SIGNALS.received is not None or isinstance(exc, (KeyboardInterrupt, RunInterrupted)):
+            # Ctrl-C (Lightning turns it into SystemExit), SIGTERM (SLURM before a kill), a clean stop on either
+            checkpoint = SIGNALS.checkpoint or _last_checkpoint(cfg)
+            record.data["interrupted_by"] = SIGNALS.received or type(exc).__name__
+            record.update("paths", {"checkpoint": checkpoint})
+            if SIGNALS.step is not None:
+                record.update("metrics", {"steps": SIGNALS.step})
+            if rank_zero:
+                path = record.write("interrupted")
+                log.error("interrupted by %s; %s records it; resume with ckpt_path=last hydra.run.dir=%s (checkpoint %s)",
+                          record.data["interrupted_by"], path, cfg.paths.output_dir, checkpoint)
+            raise SystemExit(143 if SIGNALS.received == "SIGTERM" else 130) from None
         record.fail(exc)
         if rank_zero:
             record.write()
+        if not isinstance(exc, Exception):
+            raise
         if _is_multirun():  # record the failure and let the sweep go on
             log.error("run failed (%s: %s); results.json records it", type(exc).__name__, exc)
             # +inf, not nan: a failed job is the worst trial (Optuna's sweeper aborts the study on nan)

@@ -39,6 +39,9 @@ ADAPTER_FILES = ("adapter.safetensors", "adapter.pt")
 READ_THREADS = 4
 
 Calibration = Sequence[str] | torch.Tensor
+LLAMA_EMBEDDING = "model.embed_tokens.weight"
+#: Donor tensors are cast to the model's dtype when read: only floating-point ones mean the same after the cast.
+DONOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def build_split_model(
@@ -146,21 +149,38 @@ def check_plan(
     """
     problems: list[str] = []
     resolved: list[tuple[TensorSource, str]] = []
+    not_llama = set()
+    for ckpt in (small, large):
+        if LLAMA_EMBEDDING not in ckpt and not any(n.startswith("model.layers.") for n in ckpt.names()):
+            not_llama.add(ckpt.role)
+            problems.append(f"{ckpt.role}: {ckpt.path} is not a LLaMA checkpoint: no {LLAMA_EMBEDDING!r} or 'model.layers.*' "
+                            f"tensors (it holds e.g. {sorted(ckpt.names())[:3]})")
     for src in plan_weights(config):
         if src.target not in expected:
             continue  # e.g. lm_head of a value model
         ckpt = small if src.donor == "small" else large
+        if ckpt.role in not_llama:
+            continue
         name = src.source
         if name not in ckpt:
             if src.fallback and src.fallback in ckpt:
                 name = src.fallback
             else:
-                problems.append(f"missing tensor {src.source!r} in {ckpt.role} ({ckpt.path})")
+                untied = ""
+                if src.target == "lm_head.weight" and LLAMA_EMBEDDING in ckpt:
+                    untied = " (its config.json has tie_word_embeddings=false, so embed_tokens is not its head)"
+                problems.append(f"missing tensor {src.source!r} in {ckpt.role} ({ckpt.path}){untied}")
                 continue
         shape = ckpt.shape(name)
         if shape != tuple(expected[src.target]):
             problems.append(
                 f"{ckpt.role}: tensor {name!r} has shape {list(shape)}, but {src.target} needs {list(expected[src.target])}"
+            )
+            continue
+        if ckpt.dtype(name) not in DONOR_DTYPES:
+            problems.append(
+                f"{ckpt.role}: tensor {name!r} in {ckpt.shard_of(name)} is {str(ckpt.dtype(name)).removeprefix('torch.')}; "
+                f"donor weights must be floating point ({', '.join(str(d).removeprefix('torch.') for d in DONOR_DTYPES)})"
             )
             continue
         resolved.append((src, name))
@@ -427,7 +447,8 @@ def build_from_seed_dir(
     attn_implementation: str | None = None,
     **unused: Any,
 ) -> CustomSplitLLamaPreTrainedModel:
-    """Assemble from a seed-style directory: a ``config.json`` with ``path8b``, ``path70b``, layer counts, no weights.
+    """Assemble from a seed-style directory: a ``config.json`` with ``path8b``, ``path70b``, layer counts,
+    ``"assemble_from_donors": true``, and no weights.
 
     The adapter comes from ``adapter_checkpoint``, else from ``adapter.safetensors`` /
     ``adapter.pt`` in the directory, else from ``adapter_init`` (default ``random``, logged).
@@ -438,6 +459,7 @@ def build_from_seed_dir(
         if not raw.get(field):
             raise _field_error(field, f"{path / 'config.json'} has no weights and no {field} to assemble from")
     config = SplitLlamaConfig.from_pretrained(os.fspath(path))
+    config.assemble_from_donors = False  # the assembled model holds its weights; saving it writes a saved model
     if adapter_checkpoint is None and adapter_init is None:
         for name in ADAPTER_FILES:
             if (path / name).is_file():

@@ -16,6 +16,7 @@ and loaded with ``trust_remote_code=True`` on a machine without ``splitllama``.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, ClassVar
 
@@ -39,6 +40,14 @@ def _load_donor_config(path: str, field: str) -> LlamaConfig:
     config_file = os.path.join(os.fspath(path), "config.json")
     if not os.path.isfile(config_file):
         raise _field_error(field, f"no config.json in donor directory {path!r}")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise _field_error(field, f"cannot read donor config {config_file}: {exc}") from exc
+    if model_type != "llama":
+        raise _field_error(field, f"{config_file} declares model_type {model_type!r}: not a LLaMA checkpoint "
+                                  "(a donor must have model_type 'llama')")
     try:
         config = LlamaConfig.from_pretrained(os.fspath(path))
     except Exception as exc:  # noqa: BLE001 - re-raised with the field named
@@ -112,6 +121,10 @@ class SplitLlamaConfig(PreTrainedConfig):
         adapter_rank: rank of the low-rank adapter.
         adapter_bias: whether the adapter's linears have a bias.
         config_8b / config_70b: the donor ``LlamaConfig``s (read from the paths if absent).
+        assemble_from_donors: set in a seed-style directory (a ``config.json`` without weights):
+            ``from_pretrained`` then assembles the model from ``path8b`` / ``path70b``. Saved
+            models write ``false``; a directory is never taken for seed-style because its weights
+            file is missing.
     """
 
     model_type: ClassVar[str] = "custom_split_llama"
@@ -132,6 +145,7 @@ class SplitLlamaConfig(PreTrainedConfig):
     adapter_bias: bool = True
     config_8b: dict | PreTrainedConfig | None = None
     config_70b: dict | PreTrainedConfig | None = None
+    assemble_from_donors: bool = False
     # Derived from the donors on construction (mirrors of the large donor, for tools that read
     # the top level, such as vLLM's cache sizing); a conflicting vocab_size or rms_norm_eps is an error.
     vocab_size: int | None = None

@@ -18,6 +18,7 @@ model also loads with ``trust_remote_code=True`` where splitllama is not install
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -40,6 +41,35 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
 )
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def declares_assembly(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path/config.json`` declares a seed-style directory (``"assemble_from_donors": true``)."""
+    config_file = os.path.join(os.fspath(path), "config.json")
+    if not os.path.isfile(config_file):
+        return False
+    with open(config_file, encoding="utf-8") as f:
+        return json.load(f).get("assemble_from_donors") is True
+
+
+def saved_model_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why the split-model directory ``path`` cannot be loaded as it declares itself, or ``None``.
+
+    A saved model must hold a weights file; a seed-style directory (``assemble_from_donors``)
+    must not, since which weights count would be ambiguous. Checked before any weight is read.
+    """
+    path = os.fspath(path)
+    present = [f for f in WEIGHT_FILES if os.path.exists(os.path.join(path, f))]
+    config_file = os.path.join(path, "config.json")
+    if declares_assembly(path):
+        if present:
+            return (f"{config_file} declares assemble_from_donors=true, but {path} also holds {present[0]}: "
+                    "remove one (a saved model keeps its weights; a seed-style directory has none)")
+        return None
+    if not present:
+        return (f"{path}: no weights file ({', '.join(WEIGHT_FILES)}); a saved split model needs its weights. "
+                f"To assemble it from its donors (path8b, path70b) instead, set \"assemble_from_donors\": true in {config_file}")
+    return None
 
 
 class SplitLlamaAdapter(nn.Module):
@@ -98,21 +128,26 @@ class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], *model_args: Any, **kwargs: Any):
         """Load a saved split model, or assemble one from a seed-style directory.
 
-        A seed-style directory has a ``config.json`` naming ``path8b``, ``path70b`` and layer
-        counts but no weights: the model is then assembled from the donors by
-        :func:`splitllama.build_split_model` (that path needs the splitllama package). A saved
-        model must provide every parameter: a missing one is an error, never a random weight.
+        A seed-style directory declares itself: its ``config.json`` names ``path8b``, ``path70b``
+        and layer counts and sets ``"assemble_from_donors": true``; the model is then assembled
+        from the donors by :func:`splitllama.build_from_seed_dir` (that path needs the splitllama
+        package). Any other directory is a saved model and must hold its weights: a missing
+        weights file or parameter is an error, never donors plus a random adapter.
         """
         path = os.fspath(pretrained_model_name_or_path)
-        if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES):
-            try:
-                from splitllama.assembly import build_from_seed_dir
-            except ImportError as exc:  # pragma: no cover - only without the package
-                raise ImportError(
-                    f"{path} holds no weights, only a split-model config; assembling it from its donors "
-                    "needs the splitllama package (pip install splitllama)"
-                ) from exc
-            return build_from_seed_dir(path, model_class=cls, **kwargs)
+        if os.path.isdir(path):
+            problem = saved_model_problem(path)
+            if problem:
+                raise FileNotFoundError(problem)
+            if declares_assembly(path):
+                try:
+                    from splitllama.assembly import build_from_seed_dir
+                except ImportError as exc:  # pragma: no cover - only without the package
+                    raise ImportError(
+                        f"{path} declares assemble_from_donors; assembling it from its donors "
+                        "needs the splitllama package (pip install splitllama)"
+                    ) from exc
+                return build_from_seed_dir(path, model_class=cls, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
         missing = [k for k in info.get("missing_keys", []) if not k.startswith(cls._initialised_if_missing or ("\0",))]
@@ -133,6 +168,7 @@ class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
         The split model reads the small donor's token ids, so its tokenizer is the model's
         tokenizer; it is copied from ``config.path8b`` unless the directory already has one.
         """
+        self.config.assemble_from_donors = False  # the directory holds this model's weights
         super().save_pretrained(save_directory, *args, **kwargs)
         source = getattr(self.config, "path8b", None)
         if not source or not os.path.isdir(source) or os.path.exists(os.path.join(save_directory, "tokenizer_config.json")):

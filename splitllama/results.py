@@ -7,25 +7,109 @@ Fields: ``status`` (``ok`` | ``failed`` | ``interrupted``), ``error`` (type, mes
 happened), ``task``, ``config`` (the resolved Hydra config), ``metrics`` (``val_loss_before``,
 ``val_loss``, ``val_ppl``, ...), ``params`` (``total``, ``trainable``), ``flops``
 (``train_flops_per_token``, ...), ``timings`` (seconds per phase), ``paths`` (run dir, export
-dir, checkpoint, W&B run file), ``git`` (commit, dirty), ``versions``, ``started`` / ``finished``.
+dir, checkpoint, W&B run file), ``git`` (commit, dirty), ``versions``, ``started`` / ``finished``,
+``attempts`` (earlier attempts in the same run directory: status, times, error, metrics, and the
+file under ``results_history/`` that keeps each one's full record).
+
+A run directory belongs to one run: :meth:`RunRecord.claim` takes it atomically (``.run_claim``,
+created with ``O_EXCL``), so a second run into a used directory is refused unless it resumes it
+deliberately (``ckpt_path``, or a SLURM requeue of an interrupted run). A resumed attempt keeps
+the history: a record with ``status: ok`` is never replaced by a failed or interrupted attempt
+(that attempt is listed in ``attempts`` and kept in ``results_history/``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
+import logging
 import math
 import os
 import platform
+import secrets
+import signal
+import socket
 import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 RESULTS_FILE = "results.json"
+HISTORY_DIR = "results_history"
+CLAIM_FILE = ".run_claim"
 SCHEMA_VERSION = 1
+
+
+class RunDirInUse(RuntimeError):
+    """A run directory already belongs to another run; the message says how to resume or avoid it."""
+
+
+def run_id() -> str:
+    """The run directory's name under ``outputs/``: date/time plus a per-process random suffix
+    (two runs started in the same second get distinct directories), or, in a SLURM job,
+    ``slurm-<job id>-<hash of the command line>``: a requeued job reruns the same command into
+    (and resumes) the directory it was preempted in, and different commands of one job script
+    get their own."""
+    return _run_id()
+
+
+@functools.cache
+def _run_id() -> str:
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        job = f"{os.environ.get('SLURM_ARRAY_JOB_ID', job)}_{task}" if task else job
+        command = hashlib.sha1("\0".join(sys.argv[1:]).encode()).hexdigest()[:8]
+        return f"slurm-{job}-{command}"
+    return time.strftime("%Y-%m-%d/%H-%M-%S-") + secrets.token_hex(3)
+
+
+def register_run_dir_resolver() -> None:
+    """``${run_id:}`` for ``conf/hydra/default.yaml`` (once per process; see :func:`run_id`)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", run_id)
+
+
+class RunSignals:
+    """SIGINT and SIGTERM for ``run.py``: remember which arrived; stop cleanly during training.
+
+    Outside training a signal interrupts at once (``KeyboardInterrupt``). During training the
+    first one asks :class:`GracefulStop` to checkpoint and stop after the current step (SLURM
+    sends SIGTERM some time before it kills a job); a second SIGINT interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.fitting = False
+        #: where and at which step training stopped with a checkpoint on the signal (GracefulStop)
+        self.checkpoint: str | None = None
+        self.step: int | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        again = self.received is not None
+        self.received = self.received or name
+        if not self.fitting or (again and signum == signal.SIGINT):
+            raise KeyboardInterrupt(name)
+        logger.warning("%s: stopping after this training step with a checkpoint%s", name,
+                       " (Ctrl-C again to stop now)" if signum == signal.SIGINT else "")
+
+
+class RunInterrupted(BaseException):
+    """Training stopped on a signal after a checkpoint (run.py records ``status: interrupted``)."""
 
 
 def git_info(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -78,6 +162,45 @@ class RunRecord:
             "versions": _versions(),
         }
         self._t0 = time.perf_counter()
+        #: the record of the attempt before this one in the same run directory (a resume)
+        self.previous: dict[str, Any] | None = None
+        self._archived: dict[int, str] = {}  # record -> its results_history file (written once per attempt)
+
+    def claim(self, *, resume: bool, hint: str = "") -> None:
+        """Take the run directory for this run, atomically; a used one only when ``resume`` is true.
+
+        Raises :class:`RunDirInUse` (naming the directory and the run that holds it) otherwise.
+        On a resume the earlier record is kept (``self.previous``) and its ``val_loss_before``
+        carried over, since a resumed run does not measure it again.
+        """
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        claim = self.run_dir / CLAIM_FILE
+        results = self.run_dir / RESULTS_FILE
+        stamp = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": self.data["started"]})
+        try:
+            fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            fd = None
+        if fd is not None and not results.exists():
+            with os.fdopen(fd, "w") as f:
+                f.write(stamp)
+            return
+        if fd is not None:
+            os.close(fd)
+        holder = results.exists() and read_results(results)
+        if not resume:
+            if holder:
+                who = f"{RESULTS_FILE} records a run with status {holder.get('status')!r} started {holder.get('started')}"
+            else:
+                who = f"{CLAIM_FILE} says a run holds it ({claim.read_text(errors='replace').strip() or 'still starting'})"
+            raise RunDirInUse(f"run directory {self.run_dir} is in use: {who}. A new run needs its own directory "
+                              f"(leave hydra.run.dir to its default){hint}")
+        claim.write_text(stamp)
+        if holder:
+            self.previous = holder
+            before = holder.get("metrics", {}).get("val_loss_before")
+            if before is not None:
+                self.data["metrics"].setdefault("val_loss_before", before)
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -107,10 +230,35 @@ class RunRecord:
         self.data["timings"]["total_s"] = round(time.perf_counter() - self._t0, 3)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / RESULTS_FILE
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(_jsonable(self.data), indent=2))
-        os.replace(tmp, path)
+        if self.previous is None:
+            _write_json(path, self.data)
+            return path
+        # a resume: keep every attempt; an ok record is not replaced by a failed or interrupted one
+        attempts = list(self.previous.get("attempts", []))
+        if self.previous.get("status") == "ok" and self.data["status"] != "ok":
+            _write_json(path, {**self.previous, "attempts": [*attempts, self._archive(self.data)]})
+        else:
+            _write_json(path, {**self.data, "attempts": [*attempts, self._archive(self.previous)]})
         return path
+
+    def _archive(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Keep ``record`` as ``results_history/attempt-<n>.json``; return its summary for ``attempts``."""
+        history = self.run_dir / HISTORY_DIR
+        history.mkdir(exist_ok=True)
+        key = id(record)
+        if key not in self._archived:
+            self._archived[key] = f"{HISTORY_DIR}/attempt-{len(list(history.glob('attempt-*.json'))) + 1}.json"
+        name = self._archived[key]
+        _write_json(self.run_dir / name, {k: v for k, v in record.items() if k != "attempts"})
+        summary = {k: record.get(k) for k in ("status", "started", "finished", "error") if record.get(k) is not None}
+        return {**summary, "metrics": record.get("metrics", {}), "record": name}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write then rename: a reader (or a crash) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2))
+    os.replace(tmp, path)
 
 
 def _versions() -> dict[str, str]:
@@ -139,4 +287,5 @@ def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads((path / RESULTS_FILE if path.is_dir() else path).read_text())
 
 
-__all__ = ["RESULTS_FILE", "RunRecord", "git_info", "read_results", "split_summary"]
+__all__ = ["CLAIM_FILE", "HISTORY_DIR", "RESULTS_FILE", "RunDirInUse", "RunInterrupted", "RunRecord", "RunSignals", "git_info", "read_results",
+           "register_run_dir_resolver", "run_id", "split_summary"]

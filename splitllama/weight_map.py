@@ -66,7 +66,8 @@ class WeightRule:
     donor: Donor
     source: str
     target: str
-    #: Used when the donor lacks ``source`` (tied embeddings: ``lm_head`` is ``embed_tokens``).
+    #: Read instead of a missing ``source`` when the donor's config ties its embeddings
+    #: (``tie_word_embeddings``: ``lm_head`` is ``embed_tokens``); never for an untied donor.
     fallback: str | None = None
 
 
@@ -111,7 +112,9 @@ def plan_weights(config: SplitLlamaConfig) -> list[TensorSource]:
     plan: list[TensorSource] = []
     for rule in SPLIT_WEIGHT_RULES:
         if "{}" not in rule.source:
-            plan.append(TensorSource(rule.target, rule.donor, rule.source, rule.fallback))
+            donor_config = config.config_8b if rule.donor == "small" else config.config_70b
+            tied = bool(getattr(donor_config, "tie_word_embeddings", False))
+            plan.append(TensorSource(rule.target, rule.donor, rule.source, rule.fallback if tied else None))
             continue
         part: LayerPart = "first" if rule.target.startswith("model.layers_first.") else "last"
         donor_layers = config.layers_8 if part == "first" else config.layers_70

@@ -97,22 +97,37 @@ class RunPy:
 
     def __call__(self, *overrides: str, cwd: Path, ok: bool = True, timeout: float = 900,
                  env: dict[str, str | None] | None = None) -> "subprocess.CompletedProcess[str]":
+        proc = _run_bounded(self.command(*overrides), cwd=cwd, env=self.environment(env), timeout=timeout)
+        if ok and proc.returncode != 0:
+            raise AssertionError(f"run.py {' '.join(overrides)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        return proc
+
+    def start(self, *overrides: str, cwd: Path, env: dict[str, str | None] | None = None) -> "subprocess.Popen[str]":
+        """The same command in the background (to signal it); stdout and stderr together."""
         import subprocess
+
+        return subprocess.Popen(self.command(*overrides), cwd=cwd, env=self.environment(env),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    @staticmethod
+    def command(*overrides: str) -> list[str]:
         import sys
 
+        return [sys.executable, str(REPO / "run.py"), *overrides]
+
+    def environment(self, env: dict[str, str | None] | None) -> dict[str, str]:
         full_env = {**os.environ, "SPLITLLAMA_CACHE": str(self.cache), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
         # a fresh process, not a rank of this one (in-process megatron tests set MASTER_PORT and keep it bound)
         for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK"):
             full_env.pop(key, None)
+        for key in [k for k in full_env if k.startswith("SLURM_")]:  # not a SLURM job unless a test says so
+            full_env.pop(key)
         for key, value in (env or {}).items():  # None removes a variable
             if value is None:
                 full_env.pop(key, None)
             else:
                 full_env[key] = value
-        proc = _run_bounded([sys.executable, str(REPO / "run.py"), *overrides], cwd=cwd, env=full_env, timeout=timeout)
-        if ok and proc.returncode != 0:
-            raise AssertionError(f"run.py {' '.join(overrides)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-        return proc
+        return full_env
 
 
 def _run_bounded(cmd: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> "subprocess.CompletedProcess[str]":

@@ -177,6 +177,7 @@ def test_seed_style_directory_and_tokenizer(tmp_path: Path, small_donor: Path, l
     (seed_dir / "config.json").write_text(json.dumps({
         "architectures": ["CustomSplitLLamaForCausalLM"], "model_type": "custom_split_llama",
         "path8b": str(small), "path70b": str(large_donor), "num_layers_8": 2, "num_layers_70": 3, "mlp": False,
+        "assemble_from_donors": True,
     }))
     adapter = {"adapter.adapter_linear_1.weight": torch.randn(128, 64), "adapter.adapter_linear_1.bias": torch.zeros(128)}
     save_file(adapter, seed_dir / "adapter.safetensors")
@@ -197,7 +198,8 @@ def test_seed_style_directory_and_tokenizer(tmp_path: Path, small_donor: Path, l
 
 
 def test_seed_style_directory_without_paths(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "custom_split_llama", "num_layers_8": 2, "num_layers_70": 3}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "custom_split_llama", "num_layers_8": 2, "num_layers_70": 3,
+                                                        "assemble_from_donors": True}))
     with pytest.raises(SplitConfigError, match=r"config_8b: small donor unknown: give path8b"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 

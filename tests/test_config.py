@@ -49,7 +49,7 @@ def test_weight_plan_maps_donor_layers() -> None:
     assert (src.donor, src.source) == ("small", "model.layers.3.self_attn.q_proj.weight")
     src = plan["model.layers_last.0.mlp.down_proj.weight"]
     assert (src.donor, src.source) == ("large", "model.layers.2.mlp.down_proj.weight")
-    assert plan["lm_head.weight"].fallback == "model.embed_tokens.weight"
+    assert plan["lm_head.weight"].fallback is None  # an untied donor's head is its lm_head.weight, never embed_tokens
     assert len(plan) == 3 + 9 * 4
     assert global_layer_index(cfg, "first", 1) == 1 and global_layer_index(cfg, "last", 0) == 3
     assert parse_split_name("model.layers_last.1.mlp.up_proj.weight") == ("last", 1, "mlp.up_proj.weight")

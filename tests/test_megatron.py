@@ -519,3 +519,28 @@ def test_run_py_parallel_training_on_gpus_equals_one_gpu(parallel: str, gpu_sing
     run_py("debug=quick", "logger=csv", "task=eval", f"task.model_dir={run_dir / 'hf_model'}", "parallel.accelerator=cpu",
            f"hydra.run.dir={eval_dir}", cwd=tmp_path, timeout=600)
     assert read_results(eval_dir)["metrics"]["val_loss"] == pytest.approx(two["metrics"]["val_loss"], abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ exact resume
+@pytest.fixture(scope="module")
+def uninterrupted_megatron_fit(embedded_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[float, list]:
+    from .test_training import quick_fit
+
+    return quick_fit(embedded_cache, tmp_path_factory.mktemp("megatron_uninterrupted"), "backend=megatron")
+
+
+@pytest.mark.parametrize("stop", [
+    pytest.param(1, marks=pytest.mark.slow), 3, pytest.param(5, marks=pytest.mark.slow), pytest.param(7, marks=pytest.mark.slow),
+], ids=["first step", "before half", "after half", "last step"])
+def test_megatron_resume_takes_the_same_batches_and_reaches_the_same_loss(
+    embedded_cache: Path, tmp_path: Path, uninterrupted_megatron_fit: tuple[float, list], stop: int
+) -> None:
+    """backend=megatron (manual optimisation through megatron's schedule) stopped after ``stop`` of 8
+    steps and resumed: the uninterrupted batches and final validation loss, exactly."""
+    from .test_training import quick_fit
+
+    full_loss, full_batches = uninterrupted_megatron_fit
+    _, first = quick_fit(embedded_cache, tmp_path, "backend=megatron", f"task.stop_after_steps={stop}")
+    resumed_loss, rest = quick_fit(embedded_cache, tmp_path, "backend=megatron", resume=True)
+    assert first + rest == full_batches and len(first) == stop
+    assert resumed_loss == full_loss

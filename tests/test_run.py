@@ -8,11 +8,18 @@ experiment loop (training, logging, checkpoints, resume, export, errors), not th
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
+import re
+import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from splitllama.results import read_results
 from splitllama.wandb_offline import find_run_file, read_offline_run
@@ -95,14 +102,94 @@ def test_exported_model_reproduces_the_validation_loss(default_run: Path, run_py
 
 
 def test_resume_reaches_the_uninterrupted_val_loss(default_run: Path, run_py: RunPy, tmp_path: Path) -> None:
-    run_py(QUICK, "task.stop_after_steps=4", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    """Stopped before half the run (where the resumed sampler used to repeat batches) and resumed
+    through run.py: the uninterrupted validation loss, exactly; the interrupted attempt is kept."""
+    run_py(QUICK, "task.stop_after_steps=3", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     first = read_results(tmp_path)
-    assert first["status"] == "interrupted" and first["metrics"]["steps"] == 4
+    assert first["status"] == "interrupted" and first["metrics"]["steps"] == 3
     assert not (tmp_path / "hf_model").exists()  # an interrupted run is not exported
     run_py(QUICK, "ckpt_path=last", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
-    resumed = read_results(tmp_path)
+    resumed, uninterrupted = read_results(tmp_path), read_results(default_run)
     assert resumed["status"] == "ok" and resumed["metrics"]["steps"] == 8
-    assert resumed["metrics"]["val_loss"] == pytest.approx(read_results(default_run)["metrics"]["val_loss"], abs=1e-6)
+    assert resumed["metrics"]["val_loss"] == uninterrupted["metrics"]["val_loss"]
+    assert resumed["metrics"]["val_loss_before"] == uninterrupted["metrics"]["val_loss_before"]  # carried over, not re-measured
+    assert [a["status"] for a in resumed["attempts"]] == ["interrupted"]
+    assert read_results(tmp_path / resumed["attempts"][0]["record"])["metrics"]["steps"] == 3
+
+
+# ------------------------------------------------------------------ run directories and records are never lost
+def test_runs_started_together_get_their_own_directories(run_py: RunPy, tmp_path: Path) -> None:
+    """Two runs started in the same second with the default run directory (Hydra's date/time alone
+    gave both the same one: one results.json and one hf_model survived)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda _: run_py(QUICK, "task=assemble", "logger=none", cwd=tmp_path, timeout=600), range(2)))
+    assert all(p.returncode == 0 for p in procs)
+    run_dirs = sorted(p.parent for p in tmp_path.glob("outputs/*/*/results.json"))
+    assert len(run_dirs) == 2, run_dirs
+    for run_dir in run_dirs:
+        assert re.fullmatch(r"\d{2}-\d{2}-\d{2}-[0-9a-f]{6}", run_dir.name), run_dir
+        assert read_results(run_dir)["status"] == "ok" and (run_dir / "hf_model" / "model.safetensors").is_file()
+
+
+def test_a_used_run_directory_is_refused_and_a_failed_resume_keeps_the_record(default_run: Path, run_py: RunPy, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(default_run, run_dir)
+    finished = (run_dir / "results.json").read_bytes()
+    proc = run_py(QUICK, f"hydra.run.dir={run_dir}", cwd=tmp_path, ok=False, timeout=300)
+    message = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in message
+    assert (f"error: run directory {run_dir} is in use: results.json records a run with status 'ok' started "
+            f"{read_results(run_dir)['started']}. A new run needs its own directory (leave hydra.run.dir to its default), "
+            "or resume it with ckpt_path=last") in message, message[-2000:]
+    assert (run_dir / "results.json").read_bytes() == finished
+
+    proc = run_py(QUICK, "ckpt_path=last", "optim.lr=-1", f"hydra.run.dir={run_dir}", cwd=tmp_path, ok=False, timeout=300)
+    assert proc.returncode != 0 and "error: optim.lr=-1.0: must be > 0" in proc.stdout + proc.stderr
+    kept = read_results(run_dir)
+    assert kept["status"] == "ok" and kept["metrics"] == json.loads(finished)["metrics"]
+    (failed,) = kept["attempts"]
+    assert failed["status"] == "failed" and failed["error"]["message"] == "optim.lr=-1.0: must be > 0"
+    assert read_results(run_dir / failed["record"])["status"] == "failed"
+
+
+def signal_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, signum: int) -> str:
+    deadline = time.monotonic() + 600
+    while not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "run.py ended before its first checkpoint"
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    return proc.communicate(timeout=600)[0]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_writes_interrupted_with_the_checkpoint(run_py: RunPy, tmp_path: Path, signum: int) -> None:
+    """Ctrl-C (SIGINT) or SIGTERM during training: training stops after the step with a checkpoint,
+    results.json says ``interrupted`` and names it, the exit status is 128 + the signal number."""
+    proc = run_py.start(QUICK, "logger=csv", "trainer.max_steps=40", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    output = signal_after_first_checkpoint(proc, tmp_path, signum)
+    assert proc.returncode == 128 + signum, output[-3000:]
+    results = read_results(tmp_path)
+    assert results["status"] == "interrupted" and results["interrupted_by"] == signal.Signals(signum).name
+    assert results["paths"]["checkpoint"] == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert 4 <= results["metrics"]["steps"] < 40 and "val_loss_before" in results["metrics"]
+    assert torch.load(results["paths"]["checkpoint"], weights_only=False)["global_step"] == results["metrics"]["steps"]
+
+
+def test_slurm_preemption_resumes_by_rerunning_the_same_command(run_py: RunPy, tmp_path: Path) -> None:
+    """A SLURM job gets ``outputs/slurm-<job id>-<command hash>``; SIGTERM (sent before the kill) stops it
+    with a checkpoint; the requeued job (same command, SLURM_RESTART_COUNT=1) resumes and finishes."""
+    command = (QUICK, "logger=csv", "trainer.max_steps=12")
+    run_dir = tmp_path / "outputs" / f"slurm-4242-{hashlib.sha1(chr(0).join(command).encode()).hexdigest()[:8]}"
+    proc = run_py.start(*command, cwd=tmp_path, env={"SLURM_JOB_ID": "4242"})
+    signal_after_first_checkpoint(proc, run_dir, signal.SIGTERM)
+    assert proc.returncode == 143 and read_results(run_dir)["status"] == "interrupted"
+    stopped_at = read_results(run_dir)["metrics"]["steps"]
+    run_py(*command, cwd=tmp_path, env={"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1"})
+    results = read_results(run_dir)
+    assert results["status"] == "ok" and results["metrics"]["steps"] == 12
+    assert [(a["status"], a["metrics"]["steps"]) for a in results["attempts"]] == [("interrupted", stopped_at)]
 
 
 def test_ddp_on_two_cpu_processes(default_run: Path, run_py: RunPy, tmp_path: Path) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,3 +129,110 @@ def test_lora_targets_the_chosen_layers_and_merges_on_export(small_donor, large_
     assert not [n for n, _ in merged.named_parameters() if "lora" in n]
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, backend.logits(ids), atol=1e-5)
+
+
+# ------------------------------------------------------------------ exact resume, in-process (run.py's wiring)
+class BatchLog:
+    """The training batches a fit took, in order (a Lightning callback)."""
+
+    def __init__(self) -> None:
+        import lightning.pytorch as pl
+
+        outer = self
+
+        class _Callback(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+                outer.batches.append(batch["input_ids"].tolist())
+
+        self.batches: list[list[list[int]]] = []
+        self.callback = _Callback()
+
+
+class SendSignal:
+    """Send ``signum`` to this process when Lightning reaches hook ``hook`` after ``step`` steps."""
+
+    def __init__(self, signum: int, hook: str, step: int) -> None:
+        import lightning.pytorch as pl
+
+        def send(trainer, *args) -> None:  # noqa: ANN001
+            if trainer.global_step == step and not getattr(self, "sent", False):
+                self.sent = True
+                signal.raise_signal(signum)
+
+        self.callback = type("SendSignalCallback", (pl.Callback,), {hook: lambda _self, trainer, *a: send(trainer)})()
+
+
+def quick_fit(cache: Path, run_dir: Path, *overrides: str, resume: bool = False, signals=None, extra=()) -> tuple[float, list]:  # noqa: ANN001
+    """Train as ``run.py debug=quick`` does (same pipeline pieces, checkpoints and stop callback),
+    in this process; returns the final validation loss and the batches this fit consumed."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from splitllama.training import pipeline as P
+    from splitllama.training.callbacks import GracefulStop
+
+    from tests.conftest import compose_run_config
+
+    cfg = compose_run_config("debug=quick", "logger=none", f"paths.output_dir={run_dir}", f"paths.cache_dir={cache}", *overrides)
+    P.validate(cfg)
+    P.seed_everything(cfg.seed)
+    donors = P.resolve_donors(cfg)
+    data = P.make_datamodule(cfg, P.load_tokenizer(donors.path8b))
+    data.setup("fit")
+    module = P.make_module(cfg, P.model_spec(cfg, donors, calibration=data.train_blocks[: cfg.adapter.calibration_blocks]),
+                           teacher_path=donors.path70b)
+    log = BatchLog()
+    last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
+    callbacks = [ModelCheckpoint(dirpath=cfg.paths.checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
+                                 save_last=True, save_top_k=1),
+                 GracefulStop(last, cfg.task.stop_after_steps, signals), log.callback, *extra]
+    trainer = P.make_trainer(cfg, [], callbacks)
+    if not P.builds_per_rank(cfg):
+        module.configure_model()
+    trainer.fit(module, data, ckpt_path=str(last) if resume else None)
+    assert type(module.backend).__name__ == {"hf": "HFBackend", "megatron": "MegatronBackend"}[cfg.backend.name]
+    return trainer.validate(module, data, verbose=False)[0]["val/loss"], log.batches
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_quick_fit(embedded_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[float, list]:
+    return quick_fit(embedded_cache, tmp_path_factory.mktemp("uninterrupted"))
+
+
+@pytest.mark.parametrize("stop", [1, 3, 5, 7], ids=["first step", "before half", "after half", "last step"])
+def test_resume_takes_the_same_batches_and_reaches_the_same_loss(
+    embedded_cache: Path, tmp_path: Path, uninterrupted_quick_fit: tuple[float, list], stop: int
+) -> None:
+    """Stopped after ``stop`` of 8 steps and resumed from ``last.ckpt``: every batch once, in the
+    uninterrupted order, and the same final validation loss in float32 (exactly, not approximately)."""
+    full_loss, full_batches = uninterrupted_quick_fit
+    _, first = quick_fit(embedded_cache, tmp_path, f"task.stop_after_steps={stop}")
+    resumed_loss, rest = quick_fit(embedded_cache, tmp_path, resume=True)
+    assert len(first) == stop and len(rest) == 8 - stop
+    assert first + rest == full_batches
+    assert resumed_loss == full_loss
+
+
+@pytest.mark.parametrize(("signum", "hook", "step"), [
+    (signal.SIGINT, "on_train_batch_start", 2),  # Ctrl-C inside a step: stop after it, with a checkpoint
+    (signal.SIGTERM, "on_validation_start", 4),  # SIGTERM (SLURM) during validation: Lightning's SIGTERMException
+], ids=["SIGINT in a step", "SIGTERM in validation"])
+def test_a_signal_stops_with_a_checkpoint_that_resumes_exactly(
+    embedded_cache: Path, tmp_path: Path, uninterrupted_quick_fit: tuple[float, list], signum: int, hook: str, step: int
+) -> None:
+    from splitllama.results import RunInterrupted, RunSignals
+
+    full_loss, full_batches = uninterrupted_quick_fit
+    signals = RunSignals()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals.install()
+    try:
+        with pytest.raises((RunInterrupted, SystemExit)):
+            quick_fit(embedded_cache, tmp_path, signals=signals, extra=[SendSignal(signum, hook, step).callback])
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert signals.received == signal.Signals(signum).name
+    assert signals.checkpoint == str(tmp_path / "checkpoints" / "last.ckpt") and signals.step == step + (hook == "on_train_batch_start")
+    resumed_loss, rest = quick_fit(embedded_cache, tmp_path, resume=True)
+    assert rest == full_batches[signals.step:]
+    assert resumed_loss == full_loss

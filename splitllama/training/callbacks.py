@@ -10,23 +10,53 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from ..results import RunInterrupted, RunSignals
 
 logger = logging.getLogger(__name__)
 
 
-class StopAfterSteps(pl.Callback):
-    """Stop training after ``steps`` optimizer steps, as an interrupted run would.
+class GracefulStop(pl.Callback):
+    """Stop training with a checkpoint at ``checkpoint_path``: after ``steps`` optimizer steps (an
+    interrupted run on purpose, ``task.stop_after_steps``), or on a signal :class:`RunSignals` caught.
 
-    The run keeps its full schedule (``trainer.max_steps``); resuming with ``ckpt_path`` finishes
-    it. Used to test exact resumption and to split a long run into chunks.
+    The checkpoint is saved at the end of a training step, where Lightning's own periodic ones are
+    saved, so resuming from it continues the run exactly. The run keeps its full schedule
+    (``trainer.max_steps``); resuming with ``ckpt_path`` finishes it.
     """
 
-    def __init__(self, steps: int) -> None:
-        self.steps = steps
+    def __init__(self, checkpoint_path: str | os.PathLike[str], steps: int | None = None, signals: RunSignals | None = None) -> None:
+        self.checkpoint_path, self.steps, self.signals = str(checkpoint_path), steps, signals
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.signals is not None:
+            self.signals.fitting = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step >= self.steps:
+        by_signal = self.signals is not None and self.signals.received is not None
+        if by_signal or (self.steps is not None and trainer.global_step >= self.steps):
+            self._save(trainer)
             trainer.should_stop = True
+            if by_signal:  # Lightning raises SIGTERMException itself on SIGTERM, later; this covers SIGINT too
+                self.signals.fitting = False
+                raise RunInterrupted(f"{self.signals.received}: stopped at step {trainer.global_step}, saved {self.checkpoint_path}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.signals is not None:
+            self.signals.fitting = False
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # SIGTERM during validation or between hooks: Lightning stops at a step boundary (SIGTERMException),
+        # where its own checkpoints are saved too; a second Ctrl-C may come mid-step, so it saves nothing
+        if isinstance(exception, SIGTERMException) and self.signals is not None and self.signals.step != trainer.global_step:
+            self._save(trainer)
+        self.on_train_end(trainer, pl_module)
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.checkpoint_path)
+        if self.signals is not None:
+            self.signals.checkpoint, self.signals.step = self.checkpoint_path, trainer.global_step
 
 
 class HangWatchdog(pl.Callback):
@@ -144,4 +174,4 @@ def wandb_run_file(loggers: list[Logger]) -> str | None:
     return None
 
 
-__all__ = ["StopAfterSteps", "csv_metrics_file", "make_loggers", "wandb_run_file"]
+__all__ = ["GracefulStop", "csv_metrics_file", "make_loggers", "wandb_run_file"]

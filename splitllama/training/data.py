@@ -85,8 +85,12 @@ def read_text_files(files: Sequence[str], text_field: str = "text") -> list[str]
             for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if not line.strip():
                     continue
-                record = json.loads(line)
-                if text_field not in record:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"data.files: {path}:{lineno} is not valid JSON ({exc.msg}, column {exc.colno}); "
+                                     "a .jsonl file holds one JSON object per line") from None
+                if not isinstance(record, dict) or text_field not in record:
                     raise ValueError(f"data.files: {path}:{lineno} has no field data.text_field={text_field!r}")
                 documents.append(str(record[text_field]))
         else:
@@ -114,6 +118,11 @@ class ResumableBlockSampler(Sampler[int]):
     drawn from ``seed + e``; rank ``r`` of ``w`` takes global samples ``j * w + r``. The stream is a
     pure function of the index, so starting at ``start`` (samples this rank already consumed)
     continues a run exactly.
+
+    The length stays ``num_samples`` when starting later: the whole run is one Lightning epoch,
+    and a resumed Lightning restores its batch index inside that epoch, so it counts the samples
+    before ``start`` as seen and ends the epoch (and the run) with the stream's last sample. A
+    shorter length would end the epoch early and start a second pass at ``start`` again.
     """
 
     def __init__(self, num_blocks: int, num_samples: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
@@ -133,7 +142,7 @@ class ResumableBlockSampler(Sampler[int]):
             yield int(perm[index % self.num_blocks])
 
     def __len__(self) -> int:
-        return max(0, self.num_samples - self.start)
+        return self.num_samples
 
 
 class SplitTextDataModule(pl.LightningDataModule):

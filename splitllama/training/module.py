@@ -31,7 +31,9 @@ from .objectives import Objective, next_token_loss
 
 logger = logging.getLogger(__name__)
 
-# Our data module records its own position (see data.py); Lightning cannot know that.
+# Lightning cannot see that our data module resumes the training stream itself (its sampler keeps
+# the run's full length and starts at the saved position, matching the in-epoch batch index
+# Lightning restores; see data.py). tests/test_training.py checks resumed == uninterrupted exactly.
 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
 # Manual optimisation (megatron's schedule) checkpoints the state after the optimizer step, as the
 # automatic loop does; that is what resuming needs, so Lightning's advice to save the earlier state does not apply.

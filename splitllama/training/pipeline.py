@@ -83,10 +83,17 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
     if kind == AdapterKind.mlp and init in (AdapterInit.identity, AdapterInit.lstsq):
         raise RunConfigError(f"adapter.init={init.name}: applies to the linear and lowrank adapters; the mlp adapter takes random")
     if cfg.task.model_dir is not None and cfg.task.name.name in ("eval", "generate"):
+        from ..modeling_split_llama import saved_model_problem
+
+        model_dir = os.path.expanduser(cfg.task.model_dir)
         try:
-            return SplitLlamaConfig.from_pretrained(os.path.expanduser(cfg.task.model_dir))
+            config = SplitLlamaConfig.from_pretrained(model_dir)
         except Exception as exc:  # noqa: BLE001
             raise RunConfigError(f"task.model_dir={cfg.task.model_dir}: not a saved split model ({exc})") from exc
+        problem = saved_model_problem(model_dir)
+        if problem:
+            raise RunConfigError(f"task.model_dir={cfg.task.model_dir}: {problem}")
+        return config
     fields: dict[str, Any] = {
         **layer_selection(cfg),
         "adapter": kind.name,
@@ -320,6 +327,15 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         hint = "give a .ckpt file or a run directory that has checkpoints/last.ckpt"
     if not (path.is_file() or is_sharded_checkpoint(path)):
         raise RunConfigError(f"ckpt_path={value}: no checkpoint at {path}; {hint}")
+    import zipfile
+
+    try:  # a torch checkpoint is a zip archive; a truncated one lacks the directory at its end
+        zipfile.ZipFile(path).close()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise RunConfigError(
+            f"ckpt_path={value}: {path} is not a readable checkpoint (truncated or corrupt: {exc}); "
+            f"resume from another .ckpt in {path.parent} or start a new run"
+        ) from None
     return str(path)
 
 
