@@ -26,7 +26,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from splitllama.results import RunSignals, register_run_dir_resolver, split_summary
+from splitllama.results import RunSignals, is_first_rank, register_run_dir_resolver, split_summary
 from splitllama.training.schema import RunConfigError, register_configs
 
 log = logging.getLogger("splitllama.run")
@@ -274,7 +274,7 @@ def main(cfg: DictConfig) -> float | None:
     from splitllama.training.pipeline import config_dict, plain
 
     task = plain(cfg.task.name)
-    rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    rank_zero = is_first_rank()
     record = RunRecord(cfg.paths.output_dir, task=task, config=config_dict(cfg), repo_dir=Path(__file__).resolve().parent)
     if rank_zero:  # other ranks run in the directory rank 0 claimed
         try:

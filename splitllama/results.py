@@ -62,6 +62,10 @@ def run_id() -> str:
 
 @functools.cache
 def _run_id() -> str:
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID")
+    if elastic and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # torchrun: every rank the same directory
+        command = hashlib.sha1("\0".join(sys.argv[1:]).encode()).hexdigest()[:8]
+        return time.strftime("%Y-%m-%d/") + f"torchrun-{elastic[:12]}-{command}"
     job = os.environ.get("SLURM_JOB_ID")
     if job:
         task = os.environ.get("SLURM_ARRAY_TASK_ID")
@@ -69,6 +73,19 @@ def _run_id() -> str:
         command = hashlib.sha1("\0".join(sys.argv[1:]).encode()).hexdigest()[:8]
         return f"slurm-{job}-{command}"
     return time.strftime("%Y-%m-%d/%H-%M-%S-") + secrets.token_hex(3)
+
+
+def is_first_rank() -> bool:
+    """True unless this process is a later rank of a distributed run: Lightning's own processes
+    (``LOCAL_RANK`` / ``NODE_RANK``), torchrun's (``RANK``) or a SLURM job's tasks (``SLURM_PROCID``
+    when the job runs several tasks, one rank each). Only the first rank claims the run directory
+    and writes ``results.json``."""
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+        if os.environ.get(key, "0") not in ("", "0"):
+            return False
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and os.environ.get("SLURM_PROCID", "0") not in ("", "0"):
+        return False
+    return True
 
 
 def register_run_dir_resolver() -> None:

@@ -1,4 +1,5 @@
-"""``parallel=fsdp`` (FSDP2 sharding of the HF backend) through run.py, on two CPU processes (gloo).
+"""Distributed runs on CPU: ``parallel=fsdp`` (FSDP2 sharding of the HF backend) through run.py on two
+processes (gloo), the hang watchdog, which process is the first rank, and the multi-node config.
 
 The same code path runs on GPUs (NCCL); ``tests/test_gpu_hf.py`` repeats the equality there.
 Equality to one process: two ranks with ``data.batch_size=4`` each see exactly the eight
@@ -10,11 +11,15 @@ order (tolerance 1e-5 nats).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from splitllama.results import read_results
+from splitllama.training.callbacks import HangWatchdog
 from tests.conftest import RunPy
 
 QUICK = ("debug=quick", "logger=csv")
@@ -121,3 +126,70 @@ def test_megatron_multinode_config_composes(tmp_path: Path) -> None:
                              config_70b=llama_config(hidden_size=8192, num_attention_heads=64, num_hidden_layers=2, **shapes),
                              num_layers_8=1, num_layers_70=1)
     check_tensor_parallel(split, cfg.parallel.tp)
+
+
+# ------------------------------------------------------------------ a stuck run fails with its stacks (trainer.hang_timeout_s)
+STUCK_RUN = textwrap.dedent("""
+    import time
+    import torch
+    import lightning.pytorch as pl
+    from splitllama.training.callbacks import HangWatchdog
+
+    class Stuck(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 2:
+                time.sleep(120)  # stands in for a collective some rank never joins
+            return self.layer(batch).sum()
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(16, 2), batch_size=2)
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = pl.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, callbacks=[HangWatchdog(3)])
+    trainer.fit(Stuck())
+    print("finished")
+""")
+
+
+def test_hang_watchdog_dumps_stacks_and_exits(tmp_path: Path) -> None:
+    """A training step that never returns: within the timeout the process prints the stuck frame and exits 1."""
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_RUN)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "finished" not in proc.stdout
+    assert "Timeout" in proc.stderr and "in training_step" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_hang_watchdog_refuses_a_non_positive_timeout() -> None:
+    with pytest.raises(ValueError, match=r"trainer.hang_timeout_s=0: must be > 0 seconds"):
+        HangWatchdog(0)
+
+
+def test_first_rank_claims_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the first rank claims the run directory and writes results.json: Lightning's later ranks,
+    torchrun's, and the tasks of a multi-task SLURM job (one rank each) are not it."""
+    from splitllama.results import _run_id, is_first_rank
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert is_first_rank()
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert not is_first_rank()
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert is_first_rank()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not is_first_rank()
+    # torchrun: every rank names the same run directory
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "3f0c2a9b-aaaa")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _run_id.cache_clear()
+    try:
+        assert "/torchrun-3f0c2a9b-aaa" in _run_id()
+    finally:
+        _run_id.cache_clear()
