@@ -70,6 +70,8 @@ class HarnessSettings:
     references: bool = True
     #: bootstrap resamples for stderrs of non-mean metrics (acc's stderr is analytic)
     bootstrap_iters: int = 1000
+    #: keep each item's responses (per-choice log-likelihoods); see :func:`write_samples`
+    log_samples: bool = False
 
     @classmethod
     def from_config(cls, harness: Any) -> HarnessSettings:
@@ -79,7 +81,7 @@ class HarnessSettings:
             num_fewshot=harness.num_fewshot, batch_size=harness.batch_size,
             include_path=os.path.expanduser(harness.include_path) if harness.include_path else None,
             engine=harness.engine.name if hasattr(harness.engine, "name") else str(harness.engine),
-            references=harness.references, bootstrap_iters=harness.bootstrap_iters,
+            references=harness.references, bootstrap_iters=harness.bootstrap_iters, log_samples=harness.log_samples,
         )
 
     @property
@@ -161,7 +163,7 @@ def _fingerprint(settings: HarnessSettings, tasks: dict[str, Any]) -> str:
 
     ident = {
         "version": REFERENCE_VERSION, "lm_eval": lm_eval.__version__,
-        "settings": {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "references", "include_path")},
+        "settings": {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "references", "include_path", "log_samples")},
         "tasks": {name: _jsonable_config(task.dump_config()) for name, task in sorted(tasks.items())},
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -191,7 +193,7 @@ class HarnessScores:
 
 
 def score_model(model: Any, tokenizer: Any, prepared: PreparedTasks, *, model_dir: str | None = None,
-                log_samples: bool = False) -> HarnessScores:
+                log_samples: bool | None = None) -> HarnessScores:
     """Score a causal LM on the prepared tasks.
 
     ``engine=hf``: ``model`` (a transformers model in memory, or a directory to load) through
@@ -201,6 +203,7 @@ def score_model(model: Any, tokenizer: Any, prepared: PreparedTasks, *, model_di
     import lm_eval
 
     settings = prepared.settings
+    log_samples = settings.log_samples if log_samples is None else log_samples
     start = time.perf_counter()
     lm = _make_lm(model, tokenizer, settings, model_dir)
     was_training = getattr(model, "training", False)
@@ -245,6 +248,26 @@ def _make_lm(model: Any, tokenizer: Any, settings: HarnessSettings, model_dir: s
 
         model = AutoModelForCausalLM.from_pretrained(str(model), dtype="float32").eval()
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+
+
+def item_loglikelihoods(samples: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Per task, each item's ``doc_id``, ``target`` and per-choice log-likelihoods (multiple-choice
+    and log-likelihood tasks), in doc_id order; lm-eval's ``--log_samples`` files hold the same."""
+    items: dict[str, list[dict[str, Any]]] = {}
+    for task, rows in samples.items():
+        items[task] = sorted(({"doc_id": row["doc_id"], "target": row.get("target"),
+                               "loglikelihoods": [float(resp[0]) for resp in row["filtered_resps"]]} for row in rows),
+                             key=lambda item: item["doc_id"])
+    return items
+
+
+def write_samples(samples: dict[str, list[dict[str, Any]]], out_dir: str | os.PathLike[str]) -> Path:
+    """``<out_dir>/<task>.jsonl``: one line per item (see :func:`item_loglikelihoods`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for task, items in item_loglikelihoods(samples).items():
+        (out / f"{task}.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    return out
 
 
 def parse_scores(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -309,7 +332,7 @@ def donor_references(donor_paths: dict[str, str], tokenizer: Any, prepared: Prep
                 references[which] = {**json.loads(file.read_text()), "cached": True}
                 continue
             logger.info("scoring the %s donor on %s (cached in %s)", which, ", ".join(prepared.tasks), file)
-            result = score_model(path, tokenizer, prepared, model_dir=path)
+            result = score_model(path, tokenizer, prepared, model_dir=path, log_samples=False)
             entry = {"scores": result.scores, "donor": str(path), "seconds": result.seconds, "key": key}
             tmp = file.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(entry, indent=2))
@@ -341,6 +364,8 @@ __all__ = [
     "donor_fingerprint",
     "donor_references",
     "gap_closed",
+    "item_loglikelihoods",
+    "write_samples",
     "logger_metrics",
     "parse_scores",
     "prepare_tasks",

@@ -46,6 +46,11 @@ def test_multirun_goes_on_after_failures_and_prints_a_summary(sweep: tuple[Path,
     for name in ("heatmap.png", "pareto.png"):
         assert (sweep_dir / name).read_bytes().startswith(PNG)
     assert len((sweep_dir / "summary.csv").read_text().strip().splitlines()) == 13
+    # downstream tasks (debug=quick scores ours on a few items): a column each, the donors' scores and the gap closed
+    assert "stdlib_docstring_name/acc" in stdout and "stdlib_docstring_next/acc" in stdout
+    header = (sweep_dir / "summary.csv").read_text().splitlines()[0].split(",")
+    assert {"stdlib_docstring_next/acc_stderr", "stdlib_docstring_next/acc:large", "stdlib_docstring_next/acc:gap_closed"} <= set(header)
+    assert (sweep_dir / "harness_heatmap.png").read_bytes().startswith(PNG)
     # the W&B group of every job is the sweep
     run = read_offline_run(find_run_file(sweep_dir / "0" / "wandb"))
     assert run.group == f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}"

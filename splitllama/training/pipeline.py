@@ -330,14 +330,17 @@ def run_harness(cfg: DictConfig, prepared: Any, record: Any, model: Any, tokeniz
     """Score ``model`` (in memory, or a saved directory) on the prepared tasks, and the donors
     (``donor_paths``: ``{"small": ..., "large": ...}``; cached) when ``eval.harness.references``.
 
-    Writes ``metrics.harness`` and ``references.harness`` into the run record and logs
+    Writes ``metrics.harness`` and ``references.harness`` into the run record (per-item
+    log-likelihoods into ``harness_samples/`` with ``eval.harness.log_samples``) and logs
     ``harness/<task>/<metric>`` (donors: ``harness_small/...``, ``harness_large/...``).
     """
-    from ..harness import donor_references, logger_metrics, references_for_record, score_model
+    from ..harness import donor_references, logger_metrics, references_for_record, score_model, write_samples
 
     with record.timed("harness"):
         result = score_model(model, tokenizer, prepared, model_dir=model_dir)
     record.update("metrics", {"harness": result.scores})
+    if result.samples is not None:
+        record.update("paths", {"harness_samples": str(write_samples(result.samples, Path(cfg.paths.output_dir) / "harness_samples"))})
     logged = logger_metrics(result.scores)
     if prepared.settings.references and donor_paths:
         with record.timed("harness_references"):

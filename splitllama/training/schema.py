@@ -313,6 +313,8 @@ class HarnessConfig:
     #: also score both donors (once per donor weights and task settings, cached)
     references: bool = True
     bootstrap_iters: int = 1000
+    #: also write each item's per-choice log-likelihoods to <run dir>/harness_samples/<task>.jsonl
+    log_samples: bool = False
 
 
 @dataclass
