@@ -102,14 +102,10 @@ def train(cfg: DictConfig, record) -> float:
                 record.update("paths", {"export_dir": str(module.backend.export_hf(cfg.paths.export_dir, tokenizer))})
         if harness is not None and not record.data["interrupted"] and trainer.is_global_zero:
             # megatron's shards are scored through the gathered export (see splitllama.harness)
-            model = module.backend.hf_model() if module.backend.name == "hf" else record.data["paths"].get("export_dir")
-            if model is None:
-                log.warning("eval.harness: backend=%s is scored on its exported model; task.export=false, so no scores",
-                            module.backend.name)
-            else:
-                P.run_harness(cfg, harness, record, model, tokenizer, loggers=loggers, step=steps,
-                              donor_paths=P.harness_donor_paths(module.backend.config, donors),
-                              model_dir=record.data["paths"].get("export_dir"))
+            export_dir = record.data["paths"].get("export_dir")
+            model = module.backend.hf_model() if module.backend.name == "hf" else export_dir
+            P.run_harness(cfg, harness, record, model, tokenizer, loggers=loggers, step=steps, model_dir=export_dir,
+                          donor_paths=P.harness_donor_paths(module.backend.config, donors))
     finally:
         _finish_wandb(loggers)
     return val_loss

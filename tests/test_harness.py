@@ -142,3 +142,18 @@ def test_harness_columns_and_gap_closed() -> None:
     columns = harness_columns(scores, {"small": {TASK: {"acc": 0.3}}, "large": {TASK: {"acc": 0.7}}})
     assert columns[f"{TASK}/acc"] == 0.5 and columns[f"{TASK}/acc:gap_closed"] == pytest.approx(0.5)
     assert columns[f"{TASK}/acc:small"] == 0.3 and math.isnan(columns[f"{TASK}/acc_norm_stderr"])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("task=eval", "eval.harness.engine=vllm"), "eval.harness.engine=vllm: vLLM scores a saved model"),
+    (("task.export=false", "eval.harness.engine=vllm"), "eval.harness.engine=vllm: vLLM scores a saved model"),
+    (("backend=megatron", "task.export=false"), "backend=megatron is scored through its exported HF model"),
+])
+def test_harness_settings_that_cannot_work_fail_at_once(overrides: tuple[str, ...], message: str) -> None:
+    from splitllama.training.pipeline import prepare_harness
+    from splitllama.training.schema import RunConfigError
+
+    from tests.conftest import compose_run_config
+
+    with pytest.raises(RunConfigError, match=message):
+        prepare_harness(compose_run_config(*overrides))

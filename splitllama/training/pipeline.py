@@ -322,6 +322,13 @@ def prepare_harness(cfg: DictConfig) -> Any:
     settings = HarnessSettings.from_config(cfg.eval.harness)
     if not settings.enabled:
         return None
+    task = plain(cfg.task.name)
+    if settings.engine == "vllm" and ((task == "train" and not cfg.task.export) or (task == "eval" and not cfg.task.model_dir)):
+        raise RunConfigError("eval.harness.engine=vllm: vLLM scores a saved model; give task.model_dir (task=eval) or keep "
+                             "task.export=true (task=train), or use eval.harness.engine=hf (the model in memory)")
+    if builds_per_rank(cfg) and task == "train" and not cfg.task.export:
+        raise RunConfigError("eval.harness.tasks: backend=megatron is scored through its exported HF model (see "
+                             "splitllama.harness); keep task.export=true, or set eval.harness.tasks=[]")
     return prepare_tasks(settings, cache_dir(cfg))
 
 
@@ -350,6 +357,7 @@ def run_harness(cfg: DictConfig, prepared: Any, record: Any, model: Any, tokeniz
             logged.update(logger_metrics(ref["scores"], prefix=f"harness_{which}"))
     for lg in loggers:
         lg.log_metrics(logged, step=step)
+        lg.save()  # after fit nothing else flushes the CSV logger's buffer
     for task, row in result.scores.items():
         logger.info("harness %s: %s", task, ", ".join(f"{k}={v:.4f}" for k, v in row.items() if v is not None))
     return result.scores
