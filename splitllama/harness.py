@@ -236,7 +236,13 @@ def _make_lm(model: Any, tokenizer: Any, settings: HarnessSettings, model_dir: s
         if model_dir is None:
             raise HarnessTaskError("eval.harness.engine=vllm: needs a saved model (task.model_dir, or task=train with "
                                    "task.export=true); vLLM loads weights from disk")
-        return _vllm_model_type()(pretrained=str(model_dir), batch_size=settings.batch_size, dtype="float32")
+        from vllm.platforms import current_platform
+
+        from .vllm.inference import DEFAULT_CPU_KV_CACHE_BYTES
+
+        # as splitllama.vllm.load_llm: on CPU a fixed KV cache, not a fraction of the machine's memory
+        extra = {"kv_cache_memory_bytes": DEFAULT_CPU_KV_CACHE_BYTES} if current_platform.is_cpu() else {}
+        return _vllm_model_type()(pretrained=str(model_dir), batch_size=settings.batch_size, dtype="float32", **extra)
     from lm_eval.models.huggingface import HFLM
 
     if isinstance(model, (str, os.PathLike)):
