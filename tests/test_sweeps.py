@@ -104,6 +104,7 @@ def test_notebook_builds_the_table_and_figures(sweep: tuple[Path, str], tmp_path
                      for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "12 runs" in text and "'failed': 4" in text
     assert "val_loss" in text and "flops_per_token" in text
+    assert "stdlib_docstring_next/acc:gap_closed" in text  # the downstream-task cell
     for name in ("heatmap.png", "pareto.png"):
         assert (tmp_path / "figures" / name).read_bytes().startswith(PNG)
     assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
