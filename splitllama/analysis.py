@@ -12,7 +12,10 @@ by ``run.py`` for every job, failed ones included) or a W&B project/group (onlin
 Columns: ``job``, ``status`` (ok | interrupted | failed), ``error``, ``task``, ``adapter``, ``n8``,
 ``n70`` (the layers the run used; the requested ones if it failed before resolving them),
 ``val_loss``, ``val_loss_before``, ``val_ppl``, ``steps``, ``params``, ``trainable``,
-``flops_per_token`` (training FLOPs per token), ``runtime_s``, ``overrides``, ``run_dir``.
+``flops_per_token`` (training FLOPs per token), ``runtime_s``, ``overrides``, ``run_dir``; and,
+for runs that scored downstream tasks (``eval.harness``), the columns of :func:`harness_columns`:
+``<task>/<metric>`` and ``<task>/<metric>_stderr``, the donors' ``<task>/<metric>:small`` and
+``:large``, and ``<task>/<metric>:gap_closed`` (0 at the small donor's score, 1 at the large one's).
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ def run_row(results: dict[str, Any], run_dir: str | os.PathLike[str] | None = No
         "error": f"{error['type']}: {error['message']}" if error else None,
         "overrides": " ".join(_hydra_overrides(run_dir)),
         "run_dir": str(run_dir),
+        **harness_columns(metrics.get("harness") or {},
+                          {which: ref.get("scores", {}) for which, ref in ((results.get("references") or {}).get("harness") or {}).items()}),
     }
 
 
@@ -87,7 +92,7 @@ def load_sweep(sweep_dir: str | os.PathLike[str]) -> pd.DataFrame:
     rows = [run_row(json.loads(p.read_text()), p.parent) for p in sweep_dir.rglob(RESULTS_FILE)]
     if not rows:
         raise FileNotFoundError(f"no {RESULTS_FILE} under {sweep_dir}: not a run.py sweep (or no job has finished)")
-    df = pd.DataFrame(rows, columns=COLUMNS)
+    df = pd.DataFrame(rows, columns=COLUMNS + _extra_columns(rows))
     order = pd.to_numeric(df["job"], errors="coerce")
     return df.assign(_order=order).sort_values(["_order", "run_dir"]).drop(columns="_order").reset_index(drop=True)
 
@@ -120,10 +125,11 @@ def load_wandb(project: str, *, entity: str | None = None, group: str | None = N
             "trainable": summary.get("params/trainable"), "flops_per_token": summary.get("flops/train_per_token", math.nan),
             "runtime_s": summary.get("_runtime", math.nan), "task": (config.get("task") or {}).get("name"),
             "error": None, "overrides": run.group or "", "run_dir": run.url,
+            **harness_columns(*_harness_from_logged(summary)),
         })
     if not rows:
         raise LookupError(f"no W&B runs in {path}" + (f" group {group}" if group else ""))
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame(rows, columns=COLUMNS + _extra_columns(rows))
 
 
 def pareto_front(df: pd.DataFrame, x: str = "flops_per_token", y: str = "val_loss") -> pd.Series:
@@ -148,8 +154,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def summary_table(df: pd.DataFrame, columns: Sequence[str] = SUMMARY_COLUMNS, *, markdown: bool = False) -> str:
-    """The sweep as a text (or Markdown) table, best validation loss first, failed runs last."""
+def summary_table(df: pd.DataFrame, columns: Sequence[str] | None = None, *, markdown: bool = False) -> str:
+    """The sweep as a text (or Markdown) table, best validation loss first, failed runs last
+    (default columns: SUMMARY_COLUMNS and each downstream task's headline score)."""
+    columns = list(columns) if columns is not None else SUMMARY_COLUMNS + harness_summary_columns(df)
     ordered = df.assign(_failed=df["status"] != "ok").sort_values(["_failed", "val_loss"], na_position="last")
     cells = [[_fmt(row[c]) for c in columns] for _, row in ordered.iterrows()]
     if markdown:
@@ -236,7 +244,99 @@ def write_report(df: pd.DataFrame, out_dir: str | os.PathLike[str], *, figures: 
         paths["heatmap"], paths["pareto"] = out_dir / "heatmap.png", out_dir / "pareto.png"
         plt.close(plot_heatmaps(df, out=paths["heatmap"]))
         plt.close(plot_pareto(df, out=paths["pareto"]))
+        if harness_summary_columns(df):
+            paths["harness_heatmap"] = out_dir / "harness_heatmap.png"
+            plt.close(plot_harness_heatmaps(df, out=paths["harness_heatmap"]))
     return paths
+
+
+# ---------------------------------------------------------------------- downstream tasks (eval.harness)
+def harness_columns(scores: dict[str, dict[str, Any]], references: dict[str, dict[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """A run's downstream scores as flat columns.
+
+    ``scores``: results.json's ``metrics.harness`` (``{task: {metric: value, <metric>_stderr: ...}}``);
+    ``references``: ``{"small": scores, "large": scores}`` of the donors. Gives ``<task>/<metric>``,
+    ``<task>/<metric>_stderr``, ``<task>/<metric>:small``, ``:large`` and ``:gap_closed``.
+    """
+    from .harness import gap_closed
+
+    references = references or {}
+    columns: dict[str, Any] = {}
+    for task, row in scores.items():
+        for metric, value in row.items():
+            columns[f"{task}/{metric}"] = math.nan if value is None else value
+            if metric.endswith("_stderr"):
+                continue
+            refs = {which: (ref.get(task) or {}).get(metric) for which, ref in references.items()}
+            for which, value_ref in refs.items():
+                columns[f"{task}/{metric}:{which}"] = math.nan if value_ref is None else value_ref
+            if "small" in refs and "large" in refs:
+                closed = gap_closed(value, refs["small"], refs["large"])
+                columns[f"{task}/{metric}:gap_closed"] = math.nan if closed is None else closed
+    return columns
+
+
+def _harness_from_logged(summary: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, dict[str, Any]]]]:
+    """``harness/<task>/<metric>`` (and ``harness_small/...``, ``harness_large/...``) logger keys
+    back into the nested scores :func:`harness_columns` takes."""
+    scores: dict[str, dict[str, Any]] = {}
+    references: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, value in summary.items():
+        prefix, _, rest = str(key).partition("/")
+        task, _, metric = rest.rpartition("/")
+        if not task or not prefix.startswith("harness"):
+            continue
+        target = scores if prefix == "harness" else references.setdefault(prefix.removeprefix("harness_"), {})
+        target.setdefault(task, {})[metric] = value
+    return scores, references
+
+
+def _extra_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Columns beyond COLUMNS that some row has (the downstream tasks), sorted."""
+    return sorted({key for row in rows for key in row} - set(COLUMNS))
+
+
+def harness_summary_columns(df: pd.DataFrame) -> list[str]:
+    """Each task's headline score column: ``<task>/acc`` where the task has one, else its first metric."""
+    tasks: dict[str, list[str]] = {}
+    for column in df.columns:
+        task, slash, metric = str(column).rpartition("/")
+        if slash and ":" not in metric and not metric.endswith("_stderr") and column not in COLUMNS:
+            tasks.setdefault(task, []).append(metric)
+    return [f"{task}/{'acc' if 'acc' in metrics else metrics[0]}" for task, metrics in sorted(tasks.items())]
+
+
+def plot_harness_heatmaps(df: pd.DataFrame, *, adapter: str | None = None, out: str | os.PathLike[str] | None = None):
+    """One heatmap per downstream task of its headline score over (n8 rows, n70 columns), for one
+    adapter (the most common one by default); each panel's title gives the donors' scores."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    columns = harness_summary_columns(df)
+    adapter = adapter or (df["adapter"].mode().iloc[0] if df["adapter"].notna().any() else None)
+    sub = df[(df["adapter"] == adapter) & (df["status"] == "ok")] if adapter is not None else df[df["status"] == "ok"]
+    n8s, n70s = sorted(df["n8"].dropna().unique()), sorted(df["n70"].dropna().unique())
+    fig, axes = plt.subplots(1, max(1, len(columns)), figsize=(1.2 + 3.4 * max(1, len(columns)), 0.6 * len(n8s) + 2.6), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        grid = np.full((len(n8s), len(n70s)), np.nan)
+        for _, row in sub.iterrows():
+            grid[n8s.index(row["n8"]), n70s.index(row["n70"])] = row[column]
+        image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+        for i in range(len(n8s)):
+            for j in range(len(n70s)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="white", fontsize=8)
+        refs = [f"{which} {sub[f'{column}:{which}'].dropna().iloc[0]:.3f}" for which in ("small", "large")
+                if f"{column}:{which}" in sub and sub[f"{column}:{which}"].notna().any()]
+        ax.set_xticks(range(len(n70s)), [str(int(v)) for v in n70s])
+        ax.set_yticks(range(len(n8s)), [str(int(v)) for v in n8s])
+        ax.set_xlabel("n70")
+        ax.set_ylabel("n8")
+        ax.set_title(f"{column}\n{adapter} adapter" + (f"; donors: {', '.join(refs)}" if refs else ""), fontsize=8)
+        fig.colorbar(image, ax=ax, shrink=0.85)
+    if out is not None:
+        fig.savefig(out, dpi=110, bbox_inches="tight")
+    return fig
 
 
 def iter_sweep_dirs(root: str | os.PathLike[str]) -> Iterable[Path]:
@@ -244,5 +344,5 @@ def iter_sweep_dirs(root: str | os.PathLike[str]) -> Iterable[Path]:
     return sorted(p for p in Path(root).glob("*/*") if p.is_dir())
 
 
-__all__ = ["COLUMNS", "iter_sweep_dirs", "load_sweep", "load_wandb", "pareto_front", "plot_heatmaps", "plot_pareto",
+__all__ = ["COLUMNS", "harness_columns", "harness_summary_columns", "iter_sweep_dirs", "plot_harness_heatmaps", "load_sweep", "load_wandb", "pareto_front", "plot_heatmaps", "plot_pareto",
            "run_row", "summary_table", "write_report"]

@@ -5,7 +5,8 @@ job of a multirun is recorded with ``status: failed`` and its error, and the swe
 
 Fields: ``status`` (``ok`` | ``failed`` | ``interrupted``), ``error`` (type, message, where it
 happened), ``task``, ``config`` (the resolved Hydra config), ``metrics`` (``val_loss_before``,
-``val_loss``, ``val_ppl``, ...), ``params`` (``total``, ``trainable``), ``flops``
+``val_loss``, ``val_ppl``, ``harness`` (downstream task scores per task, see :mod:`splitllama.harness`),
+...), ``references`` (``harness.{small,large}``: the donors' scores on the same tasks), ``params`` (``total``, ``trainable``), ``flops``
 (``train_flops_per_token``, ...), ``timings`` (seconds per phase), ``paths`` (run dir, export
 dir, checkpoint, W&B run file), ``git`` (commit, dirty), ``versions``, ``started`` / ``finished``,
 ``attempts`` (earlier attempts in the same run directory: status, times, error, metrics, and the

@@ -2,7 +2,8 @@
 
 Enabled in ``conf/hydra/default.yaml``. After the last job it loads the sweep directory's
 ``results.json`` files (failed jobs included) and prints the table, and writes
-``summary.csv``, ``summary.md``, ``heatmap.png`` and ``pareto.png`` beside the job folders.
+``summary.csv``, ``summary.md``, ``heatmap.png`` and ``pareto.png`` beside the job folders (and
+``harness_heatmap.png`` when the runs scored downstream tasks: a column per task in the table).
 """
 
 from __future__ import annotations

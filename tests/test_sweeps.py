@@ -27,6 +27,7 @@ def sweep(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     """``python run.py -m layers.n8=1,2 layers.n70=1,2,99 adapter=linear,mlp``: n70=99 fails in 4 jobs."""
     sweep_dir = tmp_path_factory.mktemp("sweep") / "grid"
     proc = run_py("-m", QUICK, "layers.n8=1,2", "layers.n70=1,2,99", "adapter=linear,mlp", f"hydra.sweep.dir={sweep_dir}",
+                  "eval.harness.tasks=[stdlib_docstring_name,stdlib_docstring_next]", "eval.harness.limit=4",
                   cwd=sweep_dir.parent)
     return sweep_dir, proc.stdout
 
@@ -46,6 +47,11 @@ def test_multirun_goes_on_after_failures_and_prints_a_summary(sweep: tuple[Path,
     for name in ("heatmap.png", "pareto.png"):
         assert (sweep_dir / name).read_bytes().startswith(PNG)
     assert len((sweep_dir / "summary.csv").read_text().strip().splitlines()) == 13
+    # downstream tasks (debug=quick scores ours on a few items): a column each, the donors' scores and the gap closed
+    assert "stdlib_docstring_name/acc" in stdout and "stdlib_docstring_next/acc" in stdout
+    header = (sweep_dir / "summary.csv").read_text().splitlines()[0].split(",")
+    assert {"stdlib_docstring_next/acc_stderr", "stdlib_docstring_next/acc:large", "stdlib_docstring_next/acc:gap_closed"} <= set(header)
+    assert (sweep_dir / "harness_heatmap.png").read_bytes().startswith(PNG)
     # the W&B group of every job is the sweep
     run = read_offline_run(find_run_file(sweep_dir / "0" / "wandb"))
     assert run.group == f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}"
@@ -99,6 +105,7 @@ def test_notebook_builds_the_table_and_figures(sweep: tuple[Path, str], tmp_path
                      for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "12 runs" in text and "'failed': 4" in text
     assert "val_loss" in text and "flops_per_token" in text
+    assert "stdlib_docstring_next/acc:gap_closed" in text  # the downstream-task cell
     for name in ("heatmap.png", "pareto.png"):
         assert (tmp_path / "figures" / name).read_bytes().startswith(PNG)
     assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)

@@ -60,6 +60,11 @@ class WandbMode(Enum):
     online = "online"
 
 
+class HarnessEngine(Enum):
+    hf = "hf"
+    vllm = "vllm"
+
+
 class DataSource(Enum):
     stdlib_docs = "stdlib_docs"
     files = "files"
@@ -300,6 +305,33 @@ class PathsConfig:
     checkpoint_dir: str = "checkpoints"
 
 
+@dataclass
+class HarnessConfig:
+    """Downstream tasks scored with lm-evaluation-harness at the end of ``task=train`` and in
+    ``task=eval`` (see :mod:`splitllama.harness`). ``tasks`` empty: off."""
+
+    tasks: List[str] = field(default_factory=list)
+    #: items per task: a count, a fraction (< 1), or null for all
+    limit: Optional[float] = None
+    #: null: each task's default
+    num_fewshot: Optional[int] = None
+    batch_size: int = 32
+    #: a folder of lm-eval task YAML files of one's own
+    include_path: Optional[str] = None
+    #: hf: the model in memory (HFLM); vllm: lm-eval's vLLM model over the saved model
+    engine: HarnessEngine = HarnessEngine.hf
+    #: also score both donors (once per donor weights and task settings, cached)
+    references: bool = True
+    bootstrap_iters: int = 1000
+    #: also write each item's per-choice log-likelihoods to <run dir>/harness_samples/<task>.jsonl
+    log_samples: bool = False
+
+
+@dataclass
+class EvalConfig:
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
+
+
 class SweepObjective(Enum):
     """What ``run.py`` returns to a Hydra sweeper (Optuna minimises it)."""
 
@@ -336,6 +368,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     #: resume: ``last`` (this run dir's checkpoints/last.ckpt), a .ckpt file, or another run's directory
     ckpt_path: Optional[str] = None
@@ -490,6 +523,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterInit",
     "AdapterKind",
+    "HarnessEngine",
     "RunConfig",
     "RunConfigError",
     "SweepConfig",

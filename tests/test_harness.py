@@ -1,0 +1,160 @@
+"""Downstream evaluation (``eval.harness``, :mod:`splitllama.harness`) with the real lm-evaluation-harness.
+
+The end-to-end test trains through ``run.py`` (which scores the split model in memory at the end
+and the donors once), scores the exported model through ``run.py task=eval``, and compares the
+per-item log-likelihoods of both with those of the ``lm_eval`` command line on the exported model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from splitllama.results import read_results
+
+from tests.conftest import RunPy
+
+pytest.importorskip("lm_eval")
+
+QUICK = "debug=quick"
+TASK = "stdlib_docstring_next"
+ITEMS = 12
+#: Per-item log-likelihoods (sums over a choice's tokens, fp32, the same weights and batches)
+#: agree to this absolute tolerance between run.py in memory, run.py on the saved model, and the CLI.
+LL_TOLERANCE = 1e-4
+
+
+def _items(path: Path) -> dict[int, list[float]]:
+    return {row["doc_id"]: row["loglikelihoods"] for row in map(json.loads, path.read_text().splitlines())}
+
+
+def _cli_items(output_path: Path) -> dict[int, list[float]]:
+    """Per-item log-likelihoods from the ``samples_<task>_*.jsonl`` lm_eval --log_samples writes."""
+    (samples,) = output_path.rglob(f"samples_{TASK}_*.jsonl")
+    return {row["doc_id"]: [float(resp[0]) for resp in row["filtered_resps"]] for row in map(json.loads, samples.read_text().splitlines())}
+
+
+def _assert_close(ours: dict[int, list[float]], theirs: dict[int, list[float]]) -> None:
+    assert sorted(ours) == sorted(theirs) and len(ours) == ITEMS
+    for doc_id, lls in ours.items():
+        assert len(lls) == 4 and all(math.isfinite(v) and v < 0 for v in lls)
+        assert max(abs(a - b) for a, b in zip(lls, theirs[doc_id])) <= LL_TOLERANCE, (doc_id, lls, theirs[doc_id])
+
+
+@pytest.mark.timeout(2400)  # three processes that each import lm-eval; minutes on a loaded 2-core machine
+def test_run_py_scores_match_the_lm_eval_cli_on_the_exported_model(run_py: RunPy, tmp_path: Path) -> None:
+    harness = [f"eval.harness.tasks=[{TASK}]", f"eval.harness.limit={ITEMS}", "eval.harness.batch_size=8",
+               "eval.harness.log_samples=true"]
+    train_dir = tmp_path / "train"
+    run_py(QUICK, "logger=csv", "task.eval_before=false", *harness, f"hydra.run.dir={train_dir}", cwd=tmp_path)
+    trained = read_results(train_dir)
+    scores = trained["metrics"]["harness"][TASK]
+    assert 0.0 <= scores["acc"] <= 1.0 and scores["acc_stderr"] > 0 and "acc_norm" in scores
+    references = trained["references"]["harness"]
+    assert set(references) == {"small", "large"} and TASK in references["small"]["scores"]
+    assert trained["timings"]["harness_s"] > 0
+    # logged as harness/<task>/<metric> beside the loss
+    header = Path(trained["paths"]["metrics_csv"]).read_text().splitlines()[0].split(",")
+    assert f"harness/{TASK}/acc" in header and f"harness_large/{TASK}/acc" in header
+
+    # run.py task=eval on the exported model: the same scores; the donors' come from the cache
+    export = trained["paths"]["export_dir"]
+    eval_dir = tmp_path / "eval"
+    run_py("task=eval", f"task.model_dir={export}", QUICK, *harness, f"hydra.run.dir={eval_dir}", cwd=tmp_path)
+    evaluated = read_results(eval_dir)
+    assert evaluated["metrics"]["harness"][TASK]["acc"] == pytest.approx(scores["acc"])
+    assert all(ref["cached"] for ref in evaluated["references"]["harness"].values())
+    assert evaluated["references"]["harness"]["large"]["scores"] == references["large"]["scores"]
+
+    # the lm_eval command line on the exported model (trust_remote_code: the saved modeling code)
+    include = next((Path(os.environ.get("SPLITLLAMA_CACHE", run_py.cache)).expanduser() / "eval_tasks").glob("*/"))
+    out = tmp_path / "cli"
+    cli = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
+           f"pretrained={export},trust_remote_code=True,dtype=float32", "--tasks", TASK, "--include_path", str(include),
+           "--limit", str(ITEMS), "--batch_size", "8", "--device", "cpu", "--log_samples", "--output_path", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cli, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cli_items = _cli_items(out)
+    _assert_close(_items(train_dir / "harness_samples" / f"{TASK}.jsonl"), cli_items)  # in memory, after training
+    _assert_close(_items(eval_dir / "harness_samples" / f"{TASK}.jsonl"), cli_items)   # loaded by run.py task=eval
+
+
+def test_unknown_task_fails_before_any_model_work(run_py: RunPy, tmp_path: Path) -> None:
+    proc = run_py(QUICK, "eval.harness.tasks=[stdlib_docstring_name,no_such_task]", f"hydra.run.dir={tmp_path / 'r'}",
+                  cwd=tmp_path, ok=False)
+    assert proc.returncode != 0
+    assert "unknown task 'no_such_task'" in proc.stderr and "stdlib_docstring_next" in proc.stderr
+    results = read_results(tmp_path / "r")
+    assert results["status"] == "failed" and results["error"]["type"] == "HarnessTaskError"
+    assert "donors_s" not in results["timings"]  # failed before the donors were even looked at
+
+
+def test_missing_dataset_fails_naming_the_task(embedded_cache: Path, tmp_path: Path) -> None:
+    from splitllama.harness import HarnessSettings, HarnessTaskError, prepare_tasks
+
+    (tmp_path / "mine.yaml").write_text(
+        "task: my_docs\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: "
+        f"{tmp_path / 'absent.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+    )
+    with pytest.raises(HarnessTaskError, match=r"task 'my_docs': its dataset cannot be loaded"):
+        prepare_tasks(HarnessSettings(tasks=("my_docs",), include_path=str(tmp_path)), embedded_cache)
+    with pytest.raises(HarnessTaskError, match=r"eval.harness.include_path=.*is not a directory"):
+        prepare_tasks(HarnessSettings(tasks=("my_docs",), include_path=str(tmp_path / "nowhere")), embedded_cache)
+    with pytest.raises(HarnessTaskError, match=r"eval.harness.limit=0: must be"):
+        prepare_tasks(HarnessSettings(tasks=(TASK,), limit=0), embedded_cache)
+
+
+def test_own_task_items_are_held_out_and_well_formed(embedded_cache: Path) -> None:
+    from splitllama.eval_tasks import NUM_CHOICES, OWN_TASKS, build_task_data
+    from splitllama.training.data import in_validation
+
+    folder = build_task_data(embedded_cache)
+    assert build_task_data(embedded_cache) == folder  # made once
+    for task in OWN_TASKS:
+        test = [json.loads(line) for line in (folder / f"{task}.test.jsonl").read_text().splitlines()]
+        assert 100 <= len(test) <= 400
+        for item in test:
+            assert len(set(item["choices"])) == NUM_CHOICES and 0 <= item["label"] < NUM_CHOICES
+        labels = [item["label"] for item in test]
+        assert max(labels.count(k) for k in range(NUM_CHOICES)) < 0.4 * len(test)  # answer positions spread
+    names = [json.loads(line) for line in (folder / "stdlib_docstring_name.test.jsonl").read_text().splitlines()]
+    assert all(item["function"].rsplit(".", 1)[1] not in item["docstring"].split() for item in names)  # name masked
+    from splitllama.eval_tasks import documented_functions
+
+    held_out = {fn.qualname for fn in documented_functions() if in_validation(fn.docstring, 0.05)}
+    assert {item["function"] for item in names} <= held_out
+
+
+def test_harness_columns_and_gap_closed() -> None:
+    from splitllama.analysis import harness_columns
+    from splitllama.harness import parse_scores
+
+    scores = parse_scores({TASK: {"alias": TASK, "acc,none": 0.5, "acc_stderr,none": 0.05, "acc_norm,none": 0.4,
+                                  "acc_norm_stderr,none": "N/A"}})
+    assert scores == {TASK: {"acc": 0.5, "acc_stderr": 0.05, "acc_norm": 0.4, "acc_norm_stderr": None}}
+    columns = harness_columns(scores, {"small": {TASK: {"acc": 0.3}}, "large": {TASK: {"acc": 0.7}}})
+    assert columns[f"{TASK}/acc"] == 0.5 and columns[f"{TASK}/acc:gap_closed"] == pytest.approx(0.5)
+    assert columns[f"{TASK}/acc:small"] == 0.3 and math.isnan(columns[f"{TASK}/acc_norm_stderr"])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("task=eval", "eval.harness.engine=vllm"), "eval.harness.engine=vllm: vLLM scores a saved model"),
+    (("task.export=false", "eval.harness.engine=vllm"), "eval.harness.engine=vllm: vLLM scores a saved model"),
+    (("backend=megatron", "task.export=false"), "backend=megatron is scored through its exported HF model"),
+])
+def test_harness_settings_that_cannot_work_fail_at_once(overrides: tuple[str, ...], message: str) -> None:
+    from splitllama.training.pipeline import prepare_harness
+    from splitllama.training.schema import RunConfigError
+
+    from tests.conftest import compose_run_config
+
+    with pytest.raises(RunConfigError, match=message):
+        prepare_harness(compose_run_config(*overrides))
