@@ -106,9 +106,9 @@ def train(cfg: DictConfig, record) -> float:
             with record.timed("export"):
                 record.update("paths", {"export_dir": str(module.backend.export_hf(cfg.paths.export_dir, tokenizer))})
         if harness is not None and not record.data["interrupted"] and trainer.is_global_zero:
-            # megatron's shards are scored through the gathered export (see splitllama.harness)
+            # a sharded model (megatron, FSDP2) is scored through its gathered export (see splitllama.harness)
             export_dir = record.data["paths"].get("export_dir")
-            model = module.backend.hf_model() if module.backend.name == "hf" else export_dir
+            model = export_dir if module.backend.collective_export else module.backend.hf_model()
             P.run_harness(cfg, harness, record, model, tokenizer, loggers=loggers, step=steps, model_dir=export_dir,
                           donor_paths=P.harness_donor_paths(module.backend.config, donors))
     finally:

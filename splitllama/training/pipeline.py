@@ -355,9 +355,10 @@ def prepare_harness(cfg: DictConfig) -> Any:
     if settings.engine == "vllm" and ((task == "train" and not cfg.task.export) or (task == "eval" and not cfg.task.model_dir)):
         raise RunConfigError("eval.harness.engine=vllm: vLLM scores a saved model; give task.model_dir (task=eval) or keep "
                              "task.export=true (task=train), or use eval.harness.engine=hf (the model in memory)")
-    if builds_per_rank(cfg) and task == "train" and not cfg.task.export:
-        raise RunConfigError("eval.harness.tasks: backend=megatron is scored through its exported HF model (see "
-                             "splitllama.harness); keep task.export=true, or set eval.harness.tasks=[]")
+    if (builds_per_rank(cfg) or cfg.parallel.strategy == "fsdp") and task == "train" and not cfg.task.export:
+        raise RunConfigError(f"eval.harness.tasks: a sharded model (backend={cfg.backend.name}, parallel={cfg.parallel.name}) is "
+                             "scored through its exported HF model (see splitllama.harness); keep task.export=true, or set "
+                             "eval.harness.tasks=[]")
     return prepare_tasks(settings, cache_dir(cfg))
 
 
