@@ -246,12 +246,13 @@ def _is_multirun() -> bool:
 def main(cfg: DictConfig) -> float | None:
     from splitllama.configuration_split_llama import SplitConfigError
     from splitllama.results import RunRecord
-    from splitllama.training.pipeline import config_dict, plain
+    from splitllama.training.pipeline import apply_cpu_threads, config_dict, plain
 
     task = plain(cfg.task.name)
     rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
     record = RunRecord(cfg.paths.output_dir, task=task, config=config_dict(cfg), repo_dir=Path(__file__).resolve().parent)
     try:
+        apply_cpu_threads(cfg)
         metric = TASKS[task](cfg, record)
         status = "interrupted" if record.data.get("interrupted") else "ok"
         if rank_zero:

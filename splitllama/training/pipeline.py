@@ -38,6 +38,22 @@ def seed_everything(seed: int) -> None:
     seed_all(seed, workers=True, verbose=False)
 
 
+def apply_cpu_threads(cfg: DictConfig) -> None:
+    """Limit this process's torch CPU threads to ``parallel.cpu_threads`` (when set).
+
+    Jobs that a sweep runs side by side would otherwise each start one thread per core and
+    oversubscribe the machine.
+    """
+    threads = cfg.parallel.get("cpu_threads")
+    if threads is None:
+        return
+    if threads < 1:
+        raise RunConfigError(f"parallel.cpu_threads={threads}: give a positive number of threads, or null for torch's default")
+    import torch
+
+    torch.set_num_threads(int(threads))
+
+
 def uses_embedded_donors(cfg: DictConfig) -> bool:
     return cfg.donors.path8b is None and cfg.donors.path70b is None
 

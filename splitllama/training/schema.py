@@ -98,6 +98,7 @@ class DonorShapeConfig:
     intermediate_size: int = 448
     pretrain_steps: int = 200
     lr: float = 3e-3
+    warmup_steps: Optional[int] = None
 
 
 @dataclass
@@ -111,6 +112,7 @@ class EmbeddedConfig:
     min_doc_chars: int = 80
     seed: int = 0
     eval_blocks: Optional[int] = None
+    eval_every: Optional[int] = None
     small: DonorShapeConfig = field(default_factory=DonorShapeConfig)
     large: DonorShapeConfig = field(
         default_factory=lambda: DonorShapeConfig(
@@ -188,6 +190,9 @@ class ParallelConfig:
     #: backend=megatron only: each batch (data.batch_size) is split into micro-batches of this
     #: size for megatron's schedule (None: one micro-batch); pipelines want >= pp micro-batches
     micro_batch_size: Optional[int] = None
+    #: torch CPU threads of each run process (None: torch's default, one per core). Jobs that a
+    #: sweep runs side by side (hydra/launcher=joblib) each want cores / n_jobs.
+    cpu_threads: Optional[int] = None
 
 
 @dataclass
@@ -366,6 +371,19 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
         raise RunConfigError(f"{key}={value}: {rule}")
 
 
+def _validate_embedded_recipe(embedded: Any) -> None:
+    """The pre-training fields of the embedded-donor recipe (shapes are checked by the split config)."""
+    if embedded.eval_every is not None:
+        _check(embedded.eval_every >= 1, "donors.embedded.eval_every", embedded.eval_every, "must be >= 1, or null")
+    for which in ("small", "large"):
+        donor = embedded[which]
+        _check(donor.pretrain_steps >= 1, f"donors.embedded.{which}.pretrain_steps", donor.pretrain_steps, "must be >= 1")
+        _check(donor.lr > 0, f"donors.embedded.{which}.lr", donor.lr, "must be > 0")
+        if donor.warmup_steps is not None:
+            _check(0 <= donor.warmup_steps <= donor.pretrain_steps, f"donors.embedded.{which}.warmup_steps", donor.warmup_steps,
+                   f"must be in [0, pretrain_steps={donor.pretrain_steps}], or null")
+
+
 def validate_run_settings(cfg: Any) -> None:
     """Range checks of fields that need no donor (cheap; run before anything else)."""
     _check(cfg.data.seq_len >= 2, "data.seq_len", cfg.data.seq_len, "must be >= 2")
@@ -399,6 +417,7 @@ def validate_run_settings(cfg: Any) -> None:
         _check(cfg.sweep.flops_budget is not None and cfg.sweep.flops_budget > 0, "sweep.flops_budget", cfg.sweep.flops_budget,
                "must be > 0 (training FLOPs per token) for sweep.objective=penalised")
     _validate_parallel(cfg)
+    _validate_embedded_recipe(cfg.donors.embedded)
     _check(cfg.sweep.penalty >= 0, "sweep.penalty", cfg.sweep.penalty, "must be >= 0")
     if cfg.task.stop_after_steps is not None:
         _check(cfg.task.stop_after_steps >= 1, "task.stop_after_steps", cfg.task.stop_after_steps, "must be >= 1")
