@@ -48,6 +48,10 @@ def train(cfg: DictConfig, record) -> float:
     with record.timed("data"):
         data = P.make_datamodule(cfg, tokenizer)
         data.setup("fit")
+    with record.timed("references"):  # before the split model is built: one donor in memory at a time
+        references = P.donor_references(cfg, donors, data.val_blocks)
+    if references is not None:
+        record.update("references", references.as_record())
     calibration = data.train_blocks[: cfg.adapter.calibration_blocks]
     module = P.make_module(cfg, P.model_spec(cfg, donors, calibration=calibration), teacher_path=donors.path70b)
     loggers, logger_info = make_loggers(
@@ -90,9 +94,13 @@ def train(cfg: DictConfig, record) -> float:
         steps = trainer.global_step
         record.update("metrics", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "steps": steps,
                                   "train_tokens_seen": data.batches_consumed * data.batch_size * data.seq_len * module.data_parallel_size()})
+        if references is not None:
+            record.update("metrics", references.metrics(val_loss, record.data["metrics"].get("val_loss_before")))
+        final = {k: v for k, v in record.data["metrics"].items()
+                 if k in ("val_loss", "val_loss_before", "gap_closed", "gap_closed_before") and v is not None}
         for lg in loggers:
-            lg.log_metrics({"final/val_loss": val_loss, **{f"final/{k}": v for k, v in record.data["metrics"].items()
-                                                            if k == "val_loss_before"}}, step=steps)
+            lg.log_metrics({**{f"final/{k}": v for k, v in final.items()},
+                            **(references.log_values() if references is not None else {})}, step=steps)
         record.update("paths", {"checkpoint": str(Path(cfg.paths.checkpoint_dir) / "last.ckpt")})
         record.data["interrupted"] = steps < cfg.trainer.max_steps and not cfg.trainer.fast_dev_run
         # a model-parallel backend gathers its shards: every rank takes part, rank 0 writes
@@ -135,12 +143,16 @@ def evaluate(cfg: DictConfig, record) -> float:
     """Validation loss and perplexity of a saved split model (task.model_dir) or of a fresh assembly."""
     from splitllama.training import pipeline as P
 
-    record.update("split", split_summary(P.validate(cfg)))
+    split = P.validate(cfg)
+    record.update("split", split_summary(split))
     model_dir = os.path.expanduser(cfg.task.model_dir) if cfg.task.model_dir else None
     donors = None if model_dir else P.resolve_donors(cfg)
     tokenizer = P.load_tokenizer(model_dir or donors.path8b)
     data = P.make_datamodule(cfg, tokenizer)
     data.setup("validate")
+    # a saved split model is compared with the donors it was assembled from, where they still are
+    reference_donors = donors or P.saved_model_donors(split)
+    references = P.donor_references(cfg, reference_donors, data.val_blocks) if reference_donors else None
     module = P.make_module(cfg, P.model_spec(cfg, donors, calibration=data.train_blocks[: cfg.adapter.calibration_blocks],
                                              model_dir=model_dir), teacher_path=None, objective_kind="lm")
     trainer = P.make_trainer(cfg, [], [])
@@ -150,6 +162,9 @@ def evaluate(cfg: DictConfig, record) -> float:
     record.update("flops", module.flops())
     record.update("metrics", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
                               "val_tokens": data.val_blocks.shape[0] * (data.seq_len - 1)})
+    if references is not None:
+        record.update("references", references.as_record())
+        record.update("metrics", {"gap_closed": references.gap_closed(val_loss)})
     record.update("paths", {"model_dir": model_dir})
     return val_loss
 

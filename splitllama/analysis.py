@@ -13,6 +13,11 @@ Columns: ``job``, ``status`` (ok | interrupted | failed), ``error``, ``task``, `
 ``n70`` (the layers the run used; the requested ones if it failed before resolving them),
 ``val_loss``, ``val_loss_before``, ``val_ppl``, ``steps``, ``params``, ``trainable``,
 ``flops_per_token`` (training FLOPs per token), ``runtime_s``, ``overrides``, ``run_dir``.
+
+The donors are the reference of every run (:mod:`splitllama.references`): ``small_val_loss`` and
+``large_val_loss`` are the two donors scored on the run's own validation blocks, ``gap_closed``
+(and ``gap_closed_before``, before training) is ``(small - split) / (small - large)``: 0 at the
+small donor, 1 at the large. The heatmap and the Pareto figure draw the donors as reference lines.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ import pandas as pd
 
 from .results import RESULTS_FILE
 
-COLUMNS = ["job", "status", "adapter", "n8", "n70", "val_loss", "val_loss_before", "val_ppl", "steps", "params",
-           "trainable", "flops_per_token", "runtime_s", "task", "error", "overrides", "run_dir"]
+#: the donors as references, scored on each run's validation blocks (results.json ``references``, ``metrics.gap_closed``)
+REFERENCE_COLUMNS = ["small_val_loss", "large_val_loss", "gap_closed", "gap_closed_before"]
+COLUMNS = ["job", "status", "adapter", "n8", "n70", "val_loss", "val_loss_before", "val_ppl", *REFERENCE_COLUMNS, "steps",
+           "params", "trainable", "flops_per_token", "runtime_s", "task", "error", "overrides", "run_dir"]
 #: the columns :func:`summary_table` shows
-SUMMARY_COLUMNS = ["job", "status", "adapter", "n8", "n70", "val_loss", "val_loss_before", "params", "trainable",
-                   "flops_per_token", "runtime_s"]
+SUMMARY_COLUMNS = ["job", "status", "adapter", "n8", "n70", "val_loss", "val_loss_before", "gap_closed", "params",
+                   "trainable", "flops_per_token", "runtime_s"]
 
 
 def _hydra_overrides(run_dir: Path) -> list[str]:
@@ -48,6 +55,22 @@ def _requested_layers(config: dict[str, Any]) -> tuple[Any, Any]:
     n8 = layers.get("n8") if layers.get("n8") is not None else (len(layers["list8"]) if layers.get("list8") else donors.get("default_n8"))
     n70 = layers.get("n70") if layers.get("n70") is not None else (len(layers["list70"]) if layers.get("list70") else donors.get("default_n70"))
     return n8, n70
+
+
+def _number(value: Any) -> float:
+    """A metric as a float; ``None`` (undefined, e.g. ``gap_closed`` of equal donors) and strings as NaN."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def reference_values(results: dict[str, Any]) -> dict[str, float]:
+    """The :data:`REFERENCE_COLUMNS` of one run's ``results.json`` (NaN where the run has none)."""
+    references, metrics = results.get("references") or {}, results.get("metrics") or {}
+    return {
+        "small_val_loss": _number((references.get("small") or {}).get("val_loss")),
+        "large_val_loss": _number((references.get("large") or {}).get("val_loss")),
+        "gap_closed": _number(metrics.get("gap_closed")),
+        "gap_closed_before": _number(metrics.get("gap_closed_before")),
+    }
 
 
 def run_row(results: dict[str, Any], run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -67,6 +90,7 @@ def run_row(results: dict[str, Any], run_dir: str | os.PathLike[str] | None = No
         "val_loss": metrics.get("val_loss", math.nan),
         "val_loss_before": metrics.get("val_loss_before", math.nan),
         "val_ppl": metrics.get("val_ppl", math.nan),
+        **reference_values(results),
         "steps": metrics.get("steps"),
         "params": params.get("total"),
         "trainable": params.get("trainable"),
@@ -116,6 +140,8 @@ def load_wandb(project: str, *, entity: str | None = None, group: str | None = N
             "job": run.name, "status": state, "adapter": split.get("adapter") or (config.get("adapter") or {}).get("kind"),
             "n8": n8, "n70": n70, "val_loss": summary.get("final/val_loss", summary.get("val/loss", math.nan)),
             "val_loss_before": summary.get("final/val_loss_before", math.nan), "val_ppl": summary.get("val/ppl", math.nan),
+            "small_val_loss": summary.get("ref/small_val_loss", math.nan), "large_val_loss": summary.get("ref/large_val_loss", math.nan),
+            "gap_closed": summary.get("final/gap_closed", math.nan), "gap_closed_before": summary.get("final/gap_closed_before", math.nan),
             "steps": summary.get("trainer/global_step"), "params": summary.get("params/total"),
             "trainable": summary.get("params/trainable"), "flops_per_token": summary.get("flops/train_per_token", math.nan),
             "runtime_s": summary.get("_runtime", math.nan), "task": (config.get("task") or {}).get("name"),
@@ -162,38 +188,87 @@ def summary_table(df: pd.DataFrame, columns: Sequence[str] = SUMMARY_COLUMNS, *,
     return "\n".join(lines)
 
 
+def donor_losses(df: pd.DataFrame) -> dict[str, float]:
+    """The small and large donors' validation losses over a sweep's runs (median; NaN where none scored them).
+
+    The runs of one sweep share their validation blocks, so each donor has one value; runs on
+    different blocks (``data.max_val_blocks`` swept) get the median, and :func:`reference_summary`
+    says how far they spread.
+    """
+    return {which: float(df[f"{which}_val_loss"].median()) if df[f"{which}_val_loss"].notna().any() else math.nan
+            for which in ("small", "large")}
+
+
+def reference_summary(df: pd.DataFrame) -> str:
+    """One line naming the donors' losses, the scale ``gap_closed`` is on (or why there is none)."""
+    refs = donor_losses(df)
+    if any(math.isnan(v) for v in refs.values()):
+        return "donors: not scored (eval.references=false, or runs made before donors were scored)"
+    spread = max(float(df[f"{w}_val_loss"].max() - df[f"{w}_val_loss"].min()) for w in ("small", "large"))
+    line = (f"donors on the runs' validation blocks: small {refs['small']:.4f}, large {refs['large']:.4f} "
+            f"(gap_closed = (small - split) / (small - large): 0 = small donor, 1 = large donor)")
+    if spread > 1e-6:
+        line += f"; the runs' donor scores differ by up to {spread:.3g} (different validation blocks): medians shown"
+    if refs["large"] >= refs["small"]:
+        line += "; the large donor is not better than the small one, so gap_closed has no meaningful direction"
+    return line
+
+
+def _draw_reference_lines(ax: Any, refs: dict[str, float], *, horizontal: bool = True) -> None:
+    """Dashed lines at the donors' losses on a loss axis (y when ``horizontal``), labelled."""
+    for which, style in (("small", {"color": "tab:red", "ls": "--"}), ("large", {"color": "tab:green", "ls": "--"})):
+        value = refs.get(which, math.nan)
+        if math.isnan(value):
+            continue
+        label = f"{which} donor ({value:.3f})"
+        (ax.axhline if horizontal else ax.axvline)(value, lw=1.2, label=label, **style)
+
+
 def plot_heatmaps(df: pd.DataFrame, value: str = "val_loss", *, out: str | os.PathLike[str] | None = None):
-    """One heatmap per adapter of ``value`` over (n8 rows, n70 columns); failed cells marked ``x``."""
+    """One heatmap per adapter of ``value`` over (n8 rows, n70 columns); failed cells marked ``x``.
+
+    For a loss, the donors are the reference: the colour scale spans both donors' losses, which
+    are marked on the colour bar, and each cell also shows its ``gap_closed``.
+    """
     import matplotlib.pyplot as plt  # headless machines get Agg by themselves; notebooks keep inline
     import numpy as np
 
     adapters = sorted(df["adapter"].dropna().unique())
     n8s, n70s = sorted(df["n8"].dropna().unique()), sorted(df["n70"].dropna().unique())
     ok = df[df["status"] == "ok"]
-    vmin, vmax = ok[value].min(), ok[value].max()
+    refs = donor_losses(df) if value in ("val_loss", "val_loss_before") else {}
+    gap_column = {"val_loss": "gap_closed", "val_loss_before": "gap_closed_before"}.get(value)
+    scale = [ok[value].min(), ok[value].max(), *(v for v in refs.values() if not math.isnan(v))]
+    vmin, vmax = min(scale), max(scale)
     fig, axes = plt.subplots(1, max(1, len(adapters)), figsize=(3.2 + 2.6 * len(adapters), 0.6 * len(n8s) + 2.4), squeeze=False)
     image = None
     for ax, adapter in zip(axes[0], adapters):
         grid = np.full((len(n8s), len(n70s)), np.nan)
+        gaps = np.full((len(n8s), len(n70s)), np.nan)
         sub = df[df["adapter"] == adapter]
         for _, row in sub.iterrows():
             i, j = n8s.index(row["n8"]), n70s.index(row["n70"])
             if row["status"] == "ok":
                 grid[i, j] = row[value]
+                gaps[i, j] = row[gap_column] if gap_column else np.nan
             else:
                 ax.text(j, i, "x", ha="center", va="center", color="red", fontsize=12)
         image = ax.imshow(grid, cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto", origin="lower")
         for i in range(len(n8s)):
             for j in range(len(n70s)):
                 if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="white", fontsize=8)
+                    text = f"{grid[i, j]:.3f}" + (f"\ngap {gaps[i, j]:+.2f}" if not np.isnan(gaps[i, j]) else "")
+                    ax.text(j, i, text, ha="center", va="center", color="white", fontsize=8)
         ax.set_xticks(range(len(n70s)), [str(int(v)) for v in n70s])
         ax.set_yticks(range(len(n8s)), [str(int(v)) for v in n8s])
         ax.set_xlabel("n70 (last layers of the large donor)")
         ax.set_ylabel("n8 (first layers of the small donor)")
         ax.set_title(f"{value}, {adapter} adapter")
     if image is not None:
-        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85, label=value)
+        colorbar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85, label=value)
+        _draw_reference_lines(colorbar.ax, refs)
+        if any(not math.isnan(v) for v in refs.values()):
+            colorbar.ax.legend(loc="upper left", bbox_to_anchor=(1.8, 1.0), fontsize=7, frameon=False)
     if out is not None:
         fig.savefig(out, dpi=110, bbox_inches="tight")
     return fig
@@ -201,7 +276,8 @@ def plot_heatmaps(df: pd.DataFrame, value: str = "val_loss", *, out: str | os.Pa
 
 def plot_pareto(df: pd.DataFrame, x: str = "flops_per_token", y: str = "val_loss", *,
                 out: str | os.PathLike[str] | None = None):
-    """``y`` against ``x`` for every finished run, coloured by adapter, the Pareto front joined."""
+    """``y`` against ``x`` for every finished run, coloured by adapter, the Pareto front joined; for a loss,
+    the donors' losses on the same validation blocks as dashed reference lines."""
     import matplotlib.pyplot as plt  # headless machines get Agg by themselves; notebooks keep inline
 
     ok = df[(df["status"] == "ok") & df[x].notna() & df[y].notna()]
@@ -214,6 +290,8 @@ def plot_pareto(df: pd.DataFrame, x: str = "flops_per_token", y: str = "val_loss
                         textcoords="offset points")
     ax.step(front[x], front[y], where="post", color="black", lw=1, label="Pareto front")
     ax.scatter(front[x], front[y], facecolors="none", edgecolors="black", s=110, lw=1.2)
+    if y in ("val_loss", "val_loss_before"):
+        _draw_reference_lines(ax, donor_losses(df))
     ax.set_xlabel({"flops_per_token": "training FLOPs per token", "params": "parameters"}.get(x, x))
     ax.set_ylabel(y)
     ax.set_title("labels: n8+n70")
@@ -231,7 +309,7 @@ def write_report(df: pd.DataFrame, out_dir: str | os.PathLike[str], *, figures: 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / "summary.csv", "markdown": out_dir / "summary.md"}
     df.to_csv(paths["csv"], index=False)
-    paths["markdown"].write_text(summary_table(df, markdown=True) + "\n")
+    paths["markdown"].write_text(f"{reference_summary(df)}\n\n{summary_table(df, markdown=True)}\n")
     if figures and (df["status"] == "ok").any():
         paths["heatmap"], paths["pareto"] = out_dir / "heatmap.png", out_dir / "pareto.png"
         plt.close(plot_heatmaps(df, out=paths["heatmap"]))
@@ -244,5 +322,5 @@ def iter_sweep_dirs(root: str | os.PathLike[str]) -> Iterable[Path]:
     return sorted(p for p in Path(root).glob("*/*") if p.is_dir())
 
 
-__all__ = ["COLUMNS", "iter_sweep_dirs", "load_sweep", "load_wandb", "pareto_front", "plot_heatmaps", "plot_pareto",
-           "run_row", "summary_table", "write_report"]
+__all__ = ["COLUMNS", "REFERENCE_COLUMNS", "donor_losses", "iter_sweep_dirs", "load_sweep", "load_wandb", "pareto_front",
+           "plot_heatmaps", "plot_pareto", "reference_summary", "reference_values", "run_row", "summary_table", "write_report"]

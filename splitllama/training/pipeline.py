@@ -153,6 +153,32 @@ def resolve_donors(cfg: DictConfig) -> Donors:
     return Donors(str(built.path8b), str(built.path70b), built.manifest, built.built_now)
 
 
+def saved_model_donors(split: SplitLlamaConfig) -> Donors | None:
+    """The donors a saved split model was assembled from (its config's paths), if both directories still exist."""
+    paths = (split.path8b, split.path70b)
+    if all(p is not None and Path(p).is_dir() for p in paths):
+        return Donors(*paths)  # type: ignore[arg-type]
+    return None
+
+
+def donor_references(cfg: DictConfig, donors: Donors, val_blocks: Any) -> Any:
+    """Both donors scored on the run's validation blocks (cached), or ``None`` with ``eval.references=false``.
+
+    See :mod:`splitllama.references`; scored on the GPU when the run trains on one.
+    """
+    if not cfg.eval.references:
+        return None
+    import torch
+
+    from ..references import score_references
+
+    device = "cuda" if torch.cuda.is_available() and cfg.parallel.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    return score_references(
+        donors.path8b, donors.path70b, val_blocks, cache_dir=cache_dir(cfg), batch_size=cfg.data.val_batch_size or cfg.data.batch_size,
+        dtype=cfg.backend.dtype, attn_implementation=cfg.backend.attn_implementation, device=device,
+    )
+
+
 def load_tokenizer(path: str) -> Any:
     """The split model's tokenizer: the small donor's (or a saved split model's)."""
     from transformers import AutoTokenizer
@@ -336,6 +362,7 @@ def run_name(cfg: DictConfig) -> str:
 __all__ = [
     "Donors",
     "config_dict",
+    "donor_references",
     "layer_selection",
     "load_documents",
     "load_tokenizer",
@@ -349,6 +376,7 @@ __all__ = [
     "resolve_ckpt_path",
     "resolve_donors",
     "run_name",
+    "saved_model_donors",
     "seed_everything",
     "validate",
 ]

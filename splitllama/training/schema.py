@@ -295,6 +295,19 @@ class PathsConfig:
     checkpoint_dir: str = "checkpoints"
 
 
+@dataclass
+class EvalConfig:
+    """What a run measures besides its own validation loss.
+
+    ``references``: score both donors (plain LLaMA models) on the run's validation blocks, so
+    results.json, the loggers and the sweep summary carry ``small_val_loss``, ``large_val_loss``
+    and ``gap_closed`` (0 at the small donor, 1 at the large). Scores are cached per donor and
+    blocks (see :mod:`splitllama.references`); ``false`` skips them.
+    """
+
+    references: bool = True
+
+
 class SweepObjective(Enum):
     """What ``run.py`` returns to a Hydra sweeper (Optuna minimises it)."""
 
@@ -331,6 +344,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     #: resume: ``last`` (this run dir's checkpoints/last.ckpt), a .ckpt file, or another run's directory
     ckpt_path: Optional[str] = None
@@ -485,6 +499,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterInit",
     "AdapterKind",
+    "EvalConfig",
     "RunConfig",
     "RunConfigError",
     "SweepConfig",
