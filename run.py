@@ -90,7 +90,7 @@ def train(cfg: DictConfig, record) -> float:
         if not build_first:
             record_model()
         with record.timed("eval_after"):
-            val_loss = trainer.validate(module, data, verbose=False)[0]["val/loss"]
+            val_loss = P.final_val_loss(trainer, module, data)
         steps = trainer.global_step
         record.update("metrics", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "steps": steps,
                                   "train_tokens_seen": data.batches_consumed * data.batch_size * data.seq_len * module.data_parallel_size()})
@@ -267,7 +267,9 @@ def main(cfg: DictConfig) -> float | None:
     rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
     record = RunRecord(cfg.paths.output_dir, task=task, config=config_dict(cfg), repo_dir=Path(__file__).resolve().parent)
     try:
-        apply_cpu_threads(cfg)
+        threads = apply_cpu_threads(cfg)
+        if threads is not None:
+            record.data["cpu_threads"] = threads
         metric = TASKS[task](cfg, record)
         status = "interrupted" if record.data.get("interrupted") else "ok"
         if rank_zero:

@@ -34,10 +34,10 @@ from .results import RESULTS_FILE
 
 #: the donors as references, scored on each run's validation blocks (results.json ``references``, ``metrics.gap_closed``)
 REFERENCE_COLUMNS = ["small_val_loss", "large_val_loss", "gap_closed", "gap_closed_before"]
-COLUMNS = ["job", "status", "adapter", "n8", "n70", "val_loss", "val_loss_before", "val_ppl", *REFERENCE_COLUMNS, "steps",
+COLUMNS = ["job", "status", "adapter", "init", "finetune", "seed", "n8", "n70", "val_loss", "val_loss_before", "val_ppl", *REFERENCE_COLUMNS, "steps",
            "params", "trainable", "flops_per_token", "runtime_s", "task", "error", "overrides", "run_dir"]
 #: the columns :func:`summary_table` shows
-SUMMARY_COLUMNS = ["job", "status", "adapter", "n8", "n70", "val_loss", "val_loss_before", "gap_closed", "params",
+SUMMARY_COLUMNS = ["job", "status", "adapter", "init", "finetune", "seed", "n8", "n70", "val_loss", "val_loss_before", "gap_closed", "params",
                    "trainable", "flops_per_token", "runtime_s"]
 
 
@@ -73,6 +73,14 @@ def reference_values(results: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def _training_setup(config: dict[str, Any]) -> dict[str, Any]:
+    """How a run's adapter started and what trained: ``init`` (random when unset), ``finetune``
+    (the trainable parts joined by ``+``, ``+lora`` with LoRA) and ``seed``."""
+    adapter, finetune = config.get("adapter") or {}, config.get("finetune") or {}
+    parts = list(finetune.get("trainable") or []) + (["lora"] if (finetune.get("lora") or {}).get("enabled") else [])
+    return {"init": adapter.get("init") or "random", "finetune": "+".join(parts) or None, "seed": config.get("seed")}
+
+
 def run_row(results: dict[str, Any], run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """One flat row from a run's ``results.json`` content."""
     config = results.get("config") or {}
@@ -85,6 +93,7 @@ def run_row(results: dict[str, Any], run_dir: str | os.PathLike[str] | None = No
         "job": run_dir.name,
         "status": results.get("status"),
         "adapter": split.get("adapter") or (config.get("adapter") or {}).get("kind"),
+        **_training_setup(config),
         "n8": n8,
         "n70": n70,
         "val_loss": metrics.get("val_loss", math.nan),
@@ -138,6 +147,7 @@ def load_wandb(project: str, *, entity: str | None = None, group: str | None = N
         state = {"finished": "ok", "crashed": "failed", "failed": "failed"}.get(run.state, run.state)
         rows.append({
             "job": run.name, "status": state, "adapter": split.get("adapter") or (config.get("adapter") or {}).get("kind"),
+            **_training_setup(config),
             "n8": n8, "n70": n70, "val_loss": summary.get("final/val_loss", summary.get("val/loss", math.nan)),
             "val_loss_before": summary.get("final/val_loss_before", math.nan), "val_ppl": summary.get("val/ppl", math.nan),
             "small_val_loss": summary.get("ref/small_val_loss", math.nan), "large_val_loss": summary.get("ref/large_val_loss", math.nan),
@@ -317,10 +327,77 @@ def write_report(df: pd.DataFrame, out_dir: str | os.PathLike[str], *, figures: 
     return paths
 
 
+def stitching_series(df: pd.DataFrame) -> pd.Series:
+    """Each run's series in a stitching study: adapter init, plus what trained beyond the adapter
+    (``lstsq``, ``random``, ``lstsq + last``)."""
+    extra = df["finetune"].fillna("").map(lambda f: " + ".join(p for p in f.split("+") if p and p != "adapter"))
+    return df["init"].fillna("random") + extra.map(lambda e: f" + {e}" if e else "")
+
+
+def stitching_curve(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds of each (series, n8, n70) point of a stitching study.
+
+    Columns: ``series``, ``n8``, ``n70``, ``seeds`` (finished runs), then ``<metric>_mean`` and
+    ``<metric>_std`` for ``val_loss_before``, ``val_loss``, ``gap_closed_before`` and ``gap_closed``
+    (the std of one seed is NaN). Failed runs are left out; ``summary_table`` lists them.
+    """
+    metrics = ["val_loss_before", "val_loss", "gap_closed_before", "gap_closed"]
+    ok = df[df["status"] == "ok"].assign(series=stitching_series)
+    grouped = ok.groupby(["series", "n8", "n70"])[metrics]
+    table = grouped.agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table.insert(0, "seeds", ok.groupby(["series", "n8", "n70"])["seed"].nunique())
+    return table.reset_index().sort_values(["n8", "series", "n70"]).reset_index(drop=True)
+
+
+def stitching_curve_table(curve: pd.DataFrame) -> str:
+    """:func:`stitching_curve` as a Markdown table of ``mean ± std`` cells."""
+    columns = ["series", "n8", "n70", "seeds", "val_loss_before", "val_loss", "gap_closed_before", "gap_closed"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in curve.iterrows():
+        cells = [str(row["series"]), str(row["n8"]), str(row["n70"]), str(row["seeds"])]
+        for metric in columns[4:]:
+            mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
+            cells.append(_fmt(mean) if math.isnan(std) else f"{mean:.3f} ± {std:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_stitching_curve(df: pd.DataFrame, *, out: str | os.PathLike[str] | None = None):
+    """The split's validation loss against n70, one panel per n8, one line per series (mean over
+    seeds, bars: std); dotted, the same series before training; dashed, the two donors."""
+    import matplotlib.pyplot as plt
+
+    curve = stitching_curve(df)
+    refs = donor_losses(df)
+    n8s = sorted(curve["n8"].unique())
+    fig, axes = plt.subplots(1, max(1, len(n8s)), figsize=(5.2 * max(1, len(n8s)), 4.2), squeeze=False, sharey=True)
+    colours = dict(zip(sorted(curve["series"].unique()), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, n8 in zip(axes[0], n8s):
+        for series, sub in curve[curve["n8"] == n8].groupby("series"):
+            colour = colours[series]
+            ax.errorbar(sub["n70"], sub["val_loss_mean"], yerr=sub["val_loss_std"].fillna(0), marker="o", capsize=3,
+                        color=colour, label=f"{series}: trained")
+            if not series.endswith(" + last") or "random" in series:  # before training, the init alone
+                ax.plot(sub["n70"], sub["val_loss_before_mean"], ls=":", marker=".", color=colour, label=f"{series}: before training")
+        _draw_reference_lines(ax, refs)
+        ax.set_xlabel("n70 (large-donor layers used)")
+        ax.set_title(f"n8 = {n8} small-donor layers")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation loss (nats/token)")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle("Stitching curve: split validation loss vs large-donor layers (mean ± std over seeds)")
+    fig.tight_layout()
+    if out is not None:
+        fig.savefig(out, dpi=120)
+    return fig
+
+
 def iter_sweep_dirs(root: str | os.PathLike[str]) -> Iterable[Path]:
     """Sweep directories under a ``multirun/`` root, newest last."""
     return sorted(p for p in Path(root).glob("*/*") if p.is_dir())
 
 
 __all__ = ["COLUMNS", "REFERENCE_COLUMNS", "donor_losses", "iter_sweep_dirs", "load_sweep", "load_wandb", "pareto_front",
+           "plot_stitching_curve", "stitching_curve", "stitching_curve_table", "stitching_series",
            "plot_heatmaps", "plot_pareto", "reference_summary", "reference_values", "run_row", "summary_table", "write_report"]

@@ -162,9 +162,9 @@ class EmbeddedRecipe:
     eval_blocks: int | None = None
     #: also score each donor every this many pre-training steps (``None``: only at the end); the
     #: manifest keeps the curve, which is how a recipe's step counts are chosen
-    eval_every: int | None = None
-    small: DonorRecipe = field(default_factory=lambda: DonorRecipe(128, 4, 4, 2, 32, 448, pretrain_steps=200))
-    large: DonorRecipe = field(default_factory=lambda: DonorRecipe(256, 8, 8, 2, 32, 896, pretrain_steps=100))
+    eval_every: int | None = 60
+    small: DonorRecipe = field(default_factory=lambda: DonorRecipe(128, 4, 4, 2, 32, 448, pretrain_steps=200, lr=3e-3, warmup_steps=20))
+    large: DonorRecipe = field(default_factory=lambda: DonorRecipe(256, 8, 8, 2, 32, 896, pretrain_steps=600, lr=2e-3, warmup_steps=60))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EmbeddedRecipe:

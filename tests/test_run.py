@@ -46,6 +46,11 @@ def test_default_run_writes_results(default_run: Path) -> None:
     metrics = results["metrics"]
     assert metrics["steps"] == 8
     assert metrics["val_loss"] < metrics["val_loss_before"], "8 adapter steps should lower the validation loss"
+    # validation passes: before training, and at steps 4 and 8 (val_check_interval=4); the final loss is
+    # the step-8 pass of fit, not a repeat of it
+    val = column(read_csv_metrics(default_run), "val/loss")
+    assert len(val) == 3 and val[0] == pytest.approx(metrics["val_loss_before"], abs=1e-6)
+    assert val[-1] == pytest.approx(metrics["val_loss"], abs=1e-6)
     assert math.isclose(metrics["val_ppl"], math.exp(metrics["val_loss"]), rel_tol=1e-9)
     assert results["config"]["adapter"]["kind"] == "linear"
     # the embedded donors' default split: the first 2 of the small donor's 4 layers, the last 4 of the large's 8
@@ -194,6 +199,8 @@ BAD_OVERRIDES = [
     (["optim.lr=fast"], "optim.lr"),
     (["trainer.max_step=3"], "trainer.max_step"),
     (["donors=llama3_8b_70b"], "donors.path8b"),
+    (["donors.embedded.large.warmup_steps=999"], "donors.embedded.large.warmup_steps=999: must be in [0, pretrain_steps="),
+    (["parallel.cpu_threads=0"], "parallel.cpu_threads=0"),
     (["donors=llama3_8b_70b", "donors.path8b=/nonexistent/Llama-3-8B", "donors.path70b=/nonexistent/Llama-3-70B"],
      "/nonexistent/Llama-3-8B"),
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from splitllama.analysis import load_sweep, pareto_front, summary_table
+from splitllama.analysis import load_sweep, pareto_front, stitching_curve, summary_table
 from splitllama.results import read_results
 from splitllama.wandb_offline import find_run_file, read_offline_run
 
@@ -156,6 +156,38 @@ def test_stitch_grid_experiment_is_a_twelve_run_grid(run_py: RunPy, tmp_path: Pa
     assert set(params) == {"layers.n8", "layers.n70", "adapter"} and math.prod(len(g) for g in grid) == 12
     assert cfg["logger"]["kind"] == "csv" and cfg["trainer"]["max_steps"] == 60
     assert cfg["hydra"]["sweep"]["dir"].startswith("multirun/stitch_grid/")
+
+
+def test_stitching_curve_study_runs_side_by_side_and_reads_as_a_curve(run_py: RunPy, tmp_path: Path) -> None:
+    """``experiment=stitching_curve``, reduced (n8=1, n70 in {1, 2}, 2 seeds; the three series) through the
+    joblib launcher, 2 jobs at a time with 1 torch thread each; then its table, figure and notebook."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    sweep_dir = tmp_path / "s"
+    run_py("-m", "experiment=stitching_curve", QUICK, "layers.n8=1", "layers.n70=1,2", "seed=0,1", "hydra/launcher=joblib",
+           "hydra.launcher.n_jobs=2", "parallel.cpu_threads=1", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    df = load_sweep(sweep_dir)
+    assert len(df) == 12 and (df["status"] == "ok").all(), summary_table(df)
+    assert {read_results(Path(d))["cpu_threads"] for d in df["run_dir"]} == {1}
+    assert set(zip(df["init"], df["finetune"])) == {("random", "adapter"), ("lstsq", "adapter"), ("lstsq", "adapter+last")}
+    # training the large layers too trains far more than the adapter
+    assert df[df["finetune"] == "adapter+last"]["trainable"].min() > df[df["finetune"] == "adapter"]["trainable"].max()
+    curve = stitching_curve(df)
+    assert sorted(curve["series"].unique()) == ["lstsq", "lstsq + last", "random"]
+    assert len(curve) == 6 and (curve["seeds"] == 2).all() and curve["val_loss_std"].notna().all()
+    assert df["small_val_loss"].notna().all() and df["large_val_loss"].notna().all()  # the reference lines
+
+    nb = nbformat.read(REPO / "notebooks" / "stitching_curve.ipynb", as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1
+    params[0].source = f"sweep_dir = {str(sweep_dir)!r}\nfigures_dir = {str(tmp_path / 'figures')!r}"
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    table = (tmp_path / "figures" / "stitching_curve.md").read_text()
+    assert "| lstsq + last | 1 | 2 | 2 |" in table and " ± " in table
+    assert (tmp_path / "figures" / "stitching_curve.png").read_bytes().startswith(PNG)
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "12 runs" in text and "donors in order" in text
 
 
 def test_load_wandb_offline_names_the_local_alternative(monkeypatch: pytest.MonkeyPatch) -> None:

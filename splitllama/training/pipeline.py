@@ -38,20 +38,21 @@ def seed_everything(seed: int) -> None:
     seed_all(seed, workers=True, verbose=False)
 
 
-def apply_cpu_threads(cfg: DictConfig) -> None:
-    """Limit this process's torch CPU threads to ``parallel.cpu_threads`` (when set).
+def apply_cpu_threads(cfg: DictConfig) -> int | None:
+    """Limit this process's torch CPU threads to ``parallel.cpu_threads``; the count now in force (``None``: not set).
 
     Jobs that a sweep runs side by side would otherwise each start one thread per core and
     oversubscribe the machine.
     """
     threads = cfg.parallel.get("cpu_threads")
     if threads is None:
-        return
+        return None
     if threads < 1:
         raise RunConfigError(f"parallel.cpu_threads={threads}: give a positive number of threads, or null for torch's default")
     import torch
 
     torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
 
 
 def uses_embedded_donors(cfg: DictConfig) -> bool:
@@ -297,6 +298,15 @@ def make_strategy(cfg: DictConfig) -> Any:
 
         return DDPStrategy(find_unused_parameters=False)
     return strategy
+
+
+def final_val_loss(trainer: Any, module: Any, data: Any) -> float:
+    """The validation loss after training: the pass fit already made at its last step (a run whose
+    ``trainer.val_check_interval`` divides ``max_steps``), else a fresh validation pass."""
+    last = module.last_validation
+    if last is not None and last[0] == trainer.global_step and trainer.global_step > 0:
+        return last[1]
+    return trainer.validate(module, data, verbose=False)[0]["val/loss"]
 
 
 def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> Any:

@@ -90,6 +90,8 @@ class TaskConfig:
 
 @dataclass
 class DonorShapeConfig:
+    """One embedded donor (defaults: the small one of conf/donors/tiny.yaml)."""
+
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -98,7 +100,7 @@ class DonorShapeConfig:
     intermediate_size: int = 448
     pretrain_steps: int = 200
     lr: float = 3e-3
-    warmup_steps: Optional[int] = None
+    warmup_steps: Optional[int] = 20
 
 
 @dataclass
@@ -112,11 +114,12 @@ class EmbeddedConfig:
     min_doc_chars: int = 80
     seed: int = 0
     eval_blocks: Optional[int] = None
-    eval_every: Optional[int] = None
+    eval_every: Optional[int] = 60
     small: DonorShapeConfig = field(default_factory=DonorShapeConfig)
     large: DonorShapeConfig = field(
         default_factory=lambda: DonorShapeConfig(
-            hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=896, pretrain_steps=100
+            hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=896, pretrain_steps=600,
+            lr=2e-3, warmup_steps=60,
         )
     )
 
@@ -214,7 +217,7 @@ class DataConfig:
 class TrainerConfig:
     """Lightning Trainer arguments (the ones a run needs; see conf/trainer/)."""
 
-    max_steps: int = 120
+    max_steps: int = 80
     val_check_interval: Optional[int] = 40
     precision: str = "32-true"
     gradient_clip_val: Optional[float] = 1.0
