@@ -51,8 +51,10 @@ CANDIDATES: dict[str, list[str]] = {
     # more / fewer large-donor steps
     "large_steps_x0.5": ["large.pretrain_steps=@0.5", "large.warmup_steps=@0.5"],
     "large_steps_x1.5": ["large.pretrain_steps=@1.5", "large.warmup_steps=@1.5"],
-    # the small donor deeper (4 layers as before) under this recipe's budget
-    "small_4_layers": ["small.num_layers=4"],
+    # the same tokens in twice the steps (early training is update-limited), and a smaller vocabulary
+    # (a cheaper lm_head, more occurrences per token type in the 384k-token corpus)
+    "batch_8": ["batch_size=8", "small.pretrain_steps=@2", "small.warmup_steps=@2", "large.pretrain_steps=@2", "large.warmup_steps=@2"],
+    "vocab_4096": ["vocab_size=4096"],
 }
 
 

@@ -381,12 +381,13 @@ def plot_stitching_curve(df: pd.DataFrame, *, out: str | os.PathLike[str] | None
             if not series.endswith(" + last") or "random" in series:  # before training, the init alone
                 ax.plot(sub["n70"], sub["val_loss_before_mean"], ls=":", marker=".", color=colour, label=f"{series}: before training")
         _draw_reference_lines(ax, refs)
+        ax.set_xticks(sorted(curve["n70"].unique()))
         ax.set_xlabel("n70 (large-donor layers used)")
         ax.set_title(f"n8 = {n8} small-donor layers")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation loss (nats/token)")
     axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.suptitle("Stitching curve: split validation loss vs large-donor layers (mean ± std over seeds)")
+    fig.suptitle("split validation loss vs large-donor layers (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     if out is not None:
         fig.savefig(out, dpi=120)
