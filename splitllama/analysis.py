@@ -37,7 +37,7 @@ REFERENCE_COLUMNS = ["small_val_loss", "large_val_loss", "gap_closed", "gap_clos
 COLUMNS = ["job", "status", "adapter", "init", "finetune", "seed", "n8", "n70", "val_loss", "val_loss_before", "val_ppl", *REFERENCE_COLUMNS, "steps",
            "params", "trainable", "flops_per_token", "runtime_s", "task", "error", "overrides", "run_dir"]
 #: the columns :func:`summary_table` shows
-SUMMARY_COLUMNS = ["job", "status", "adapter", "init", "finetune", "seed", "n8", "n70", "val_loss", "val_loss_before", "gap_closed", "params",
+SUMMARY_COLUMNS = ["job", "status", "adapter", "n8", "n70", "val_loss", "val_loss_before", "gap_closed", "params",
                    "trainable", "flops_per_token", "runtime_s"]
 
 
