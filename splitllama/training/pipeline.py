@@ -11,12 +11,15 @@ import os
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..configuration_split_llama import SplitConfigError, SplitLlamaConfig
 from .schema import AdapterInit, AdapterKind, DataSource, RunConfigError, explain_split_error, validate_run_settings
+
+if TYPE_CHECKING:
+    from ..references import DonorReferences
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +133,16 @@ def check_donor_expectations(cfg: DictConfig) -> None:
         if expect is None:
             continue
         given = cfg.donors[f"path{key}"]
-        expected = LlamaConfig(**OmegaConf.to_container(expect, resolve=True))
+        values = OmegaConf.to_container(expect, resolve=True)
+        expected = LlamaConfig(**values)
         try:
             actual = AutoConfig.from_pretrained(os.path.expanduser(given))
         except Exception as exc:  # noqa: BLE001
             raise RunConfigError(f"donors.path{key}={given}: cannot read its config.json ({exc})") from exc
-        for name in EXPECTED_DONOR_FIELDS:
+        # only what the preset pins (a field LlamaConfig would fill with its own default is not checked)
+        pinned = [n for n in EXPECTED_DONOR_FIELDS
+                  if n in values or (n == "rope_parameters" and {"rope_theta", "rope_scaling"} & set(values))]
+        for name in pinned:
             want, got = getattr(expected, name, None), getattr(actual, name, None)
             if want != got:
                 model = cfg.donors.get(f"hub{key}") or "its checkpoint"
@@ -182,7 +189,7 @@ def saved_model_donors(split: SplitLlamaConfig) -> Donors | None:
     return None
 
 
-def donor_references(cfg: DictConfig, donors: Donors, val_blocks: Any) -> Any:
+def donor_references(cfg: DictConfig, donors: Donors, val_blocks: Any) -> DonorReferences | None:
     """Both donors scored on the run's validation blocks (cached), or ``None`` with ``eval.references=false``.
 
     See :mod:`splitllama.references`; scored on the GPU when the run trains on one.
