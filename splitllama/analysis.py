@@ -224,14 +224,12 @@ def reference_summary(df: pd.DataFrame) -> str:
     return line
 
 
-def _draw_reference_lines(ax: Any, refs: dict[str, float], *, horizontal: bool = True) -> None:
-    """Dashed lines at the donors' losses on a loss axis (y when ``horizontal``), labelled."""
-    for which, style in (("small", {"color": "tab:red", "ls": "--"}), ("large", {"color": "tab:green", "ls": "--"})):
+def _draw_reference_lines(ax: Any, refs: dict[str, float], *, lw: float = 1.2) -> None:
+    """Dashed horizontal lines at the donors' losses on a loss y-axis, labelled."""
+    for which, color in (("small", "tab:red"), ("large", "tab:green")):
         value = refs.get(which, math.nan)
-        if math.isnan(value):
-            continue
-        label = f"{which} donor ({value:.3f})"
-        (ax.axhline if horizontal else ax.axvline)(value, lw=1.2, label=label, **style)
+        if not math.isnan(value):
+            ax.axhline(value, lw=lw, ls="--", color=color, label=f"{which} donor ({value:.3f})")
 
 
 def plot_heatmaps(df: pd.DataFrame, value: str = "val_loss", *, out: str | os.PathLike[str] | None = None):
@@ -249,7 +247,8 @@ def plot_heatmaps(df: pd.DataFrame, value: str = "val_loss", *, out: str | os.Pa
     refs = donor_losses(df) if value in ("val_loss", "val_loss_before") else {}
     gap_column = {"val_loss": "gap_closed", "val_loss_before": "gap_closed_before"}.get(value)
     scale = [ok[value].min(), ok[value].max(), *(v for v in refs.values() if not math.isnan(v))]
-    vmin, vmax = min(scale), max(scale)
+    margin = 0.03 * (max(scale) - min(scale))  # so that a donor line at the end of the scale stays visible
+    vmin, vmax = min(scale) - margin, max(scale) + margin
     fig, axes = plt.subplots(1, max(1, len(adapters)), figsize=(3.2 + 2.6 * len(adapters), 0.6 * len(n8s) + 2.4), squeeze=False)
     image = None
     for ax, adapter in zip(axes[0], adapters):
@@ -276,9 +275,9 @@ def plot_heatmaps(df: pd.DataFrame, value: str = "val_loss", *, out: str | os.Pa
         ax.set_title(f"{value}, {adapter} adapter")
     if image is not None:
         colorbar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85, label=value)
-        _draw_reference_lines(colorbar.ax, refs)
+        _draw_reference_lines(colorbar.ax, refs, lw=2.5)
         if any(not math.isnan(v) for v in refs.values()):
-            colorbar.ax.legend(loc="upper left", bbox_to_anchor=(1.8, 1.0), fontsize=7, frameon=False)
+            colorbar.ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=7, frameon=False)
     if out is not None:
         fig.savefig(out, dpi=110, bbox_inches="tight")
     return fig

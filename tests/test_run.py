@@ -65,6 +65,19 @@ def test_default_run_writes_results(default_run: Path) -> None:
     assert (default_run / "hf_model" / "config.json").is_file()
 
 
+def test_default_run_has_the_donors_as_reference(default_run: Path) -> None:
+    """Both donors scored on the run's validation blocks; gap_closed = (small - split) / (small - large)."""
+    results = read_results(default_run)
+    refs, metrics = results["references"], results["metrics"]
+    small, large = refs["small"]["val_loss"], refs["large"]["val_loss"]
+    assert refs["small"]["path"] == results["donors"]["path8b"] and refs["large"]["path"] == results["donors"]["path70b"]
+    assert refs["val_blocks"] == 16  # debug=quick: data.max_val_blocks=16, the split model's validation blocks
+    assert math.isfinite(small) and math.isfinite(large) and small != large
+    assert metrics["gap_closed"] == pytest.approx((small - metrics["val_loss"]) / (small - large), rel=1e-9)
+    assert metrics["gap_closed_before"] == pytest.approx((small - metrics["val_loss_before"]) / (small - large), rel=1e-9)
+    assert "references_s" in results["timings"]
+
+
 def test_wandb_offline_run_holds_the_logged_metrics(default_run: Path) -> None:
     results = read_results(default_run)
     run = read_offline_run(find_run_file(default_run / "wandb"))
@@ -79,6 +92,9 @@ def test_wandb_offline_run_holds_the_logged_metrics(default_run: Path) -> None:
     lrs = run.column("train/lr")
     assert lrs[1] > lrs[0] and lrs[-1] < max(lrs)  # warmup, then cosine decay
     assert run.config["adapter"]["kind"] == "linear" and run.config["optim"] == results["config"]["optim"]
+    assert run.column("ref/small_val_loss") == [pytest.approx(results["references"]["small"]["val_loss"])]
+    assert run.column("ref/large_val_loss") == [pytest.approx(results["references"]["large"]["val_loss"])]
+    assert run.column("final/gap_closed") == [pytest.approx(results["metrics"]["gap_closed"])]
     assert {"train", "linear", "lm"} <= set(run.tags)
     # the CSV logger runs beside W&B and records the same validation losses
     assert column(read_csv_metrics(default_run), "val/loss") == pytest.approx(run.column("val/loss"), abs=1e-6)
@@ -97,6 +113,10 @@ def test_exported_model_reproduces_the_validation_loss(default_run: Path, run_py
     evaluated = read_results(tmp_path)
     assert evaluated["status"] == "ok"
     assert evaluated["metrics"]["val_loss"] == pytest.approx(read_results(default_run)["metrics"]["val_loss"], abs=1e-5)
+    # the saved model's config names its donors: they are its reference, scored on the same blocks (cached)
+    trained = read_results(default_run)
+    assert evaluated["references"]["small"] == {**trained["references"]["small"], "cached": True}
+    assert evaluated["metrics"]["gap_closed"] == pytest.approx(trained["metrics"]["gap_closed"], abs=1e-5)
 
 
 def test_resume_reaches_the_uninterrupted_val_loss(default_run: Path, run_py: RunPy, tmp_path: Path) -> None:
@@ -107,6 +127,8 @@ def test_resume_reaches_the_uninterrupted_val_loss(default_run: Path, run_py: Ru
     run_py(QUICK, "ckpt_path=last", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     resumed = read_results(tmp_path)
     assert resumed["status"] == "ok" and resumed["metrics"]["steps"] == 8
+    # the donors were scored on these blocks by the default run: read from the cache, the same values
+    assert resumed["references"]["large"] == {**read_results(default_run)["references"]["large"], "cached": True}
     assert resumed["metrics"]["val_loss"] == pytest.approx(read_results(default_run)["metrics"]["val_loss"], abs=1e-6)
 
 
@@ -123,9 +145,11 @@ def test_ddp_on_two_cpu_processes(default_run: Path, run_py: RunPy, tmp_path: Pa
 
 # ------------------------------------------------------------------ the design card's overrides and other recipes
 def test_mlp_adapter_with_layer_counts(run_py: RunPy, tmp_path: Path) -> None:
-    run_py(QUICK, "adapter=mlp", "layers.n70=8", "layers.n8=2", "logger=csv", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    run_py(QUICK, "adapter=mlp", "layers.n70=8", "layers.n8=2", "logger=csv", "eval.references=false", f"hydra.run.dir={tmp_path}",
+           cwd=tmp_path)
     results = read_results(tmp_path)
     assert results["status"] == "ok"
+    assert "references" not in results and "gap_closed" not in results["metrics"]  # eval.references=false
     exported = json.loads((tmp_path / "hf_model" / "config.json").read_text())
     assert exported["adapter"] == "mlp" and exported["layers_8"] == [0, 1] and exported["layers_70"] == list(range(8))
     assert exported["num_hidden_layers"] == 10

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from splitllama.analysis import load_sweep, pareto_front, stitching_curve, summary_table
+from splitllama.analysis import donor_losses, load_sweep, pareto_front, plot_heatmaps, plot_pareto, stitching_curve, summary_table
 from splitllama.results import read_results
 from splitllama.wandb_offline import find_run_file, read_offline_run
 
@@ -43,6 +43,8 @@ def test_multirun_goes_on_after_failures_and_prints_a_summary(sweep: tuple[Path,
     assert sorted(statuses.values()).count("ok") == 8 and sorted(statuses.values()).count("failed") == 4
     assert f"sweep {sweep_dir}: 12 runs (8 ok, 4 failed)" in stdout
     assert "val_loss" in stdout and "flops_per_token" in stdout
+    assert "donors on the runs' validation blocks: small " in stdout and "gap_closed" in stdout
+    assert "donors on the runs' validation blocks" in (sweep_dir / "summary.md").read_text()
     for name in ("heatmap.png", "pareto.png"):
         assert (sweep_dir / name).read_bytes().startswith(PNG)
     assert len((sweep_dir / "summary.csv").read_text().strip().splitlines()) == 13
@@ -69,6 +71,37 @@ def test_load_sweep_gives_one_row_per_run(sweep: tuple[Path, str]) -> None:
     assert trainable["linear"] == 128 * 256 + 256 and trainable["mlp"] > trainable["linear"]
     table = summary_table(df)
     assert table.splitlines()[2].split()[1] == "ok" and table.splitlines()[-1].split()[1] == "failed"
+
+
+def test_load_sweep_carries_the_donors_and_the_gap_closed(sweep: tuple[Path, str]) -> None:
+    df = load_sweep(sweep[0])
+    ok = df[df["status"] == "ok"]
+    # every job scored the same two donors on the same validation blocks
+    assert ok["small_val_loss"].nunique() == 1 and ok["large_val_loss"].nunique() == 1
+    small, large = ok["small_val_loss"].iloc[0], ok["large_val_loss"].iloc[0]
+    assert small != large
+    assert ok["gap_closed"].to_numpy() == pytest.approx(((small - ok["val_loss"]) / (small - large)).to_numpy())
+    assert ok["gap_closed_before"].to_numpy() == pytest.approx(((small - ok["val_loss_before"]) / (small - large)).to_numpy())
+    assert df.loc[df["status"] == "failed", "gap_closed"].isna().all()
+    assert donor_losses(df) == {"small": pytest.approx(small), "large": pytest.approx(large)}
+
+
+def test_figures_draw_the_donors_as_reference_lines(sweep: tuple[Path, str]) -> None:
+    import matplotlib.pyplot as plt
+
+    df = load_sweep(sweep[0])
+    refs = donor_losses(df)
+    pareto = plot_pareto(df)
+    lines = {line.get_label(): line.get_ydata()[0] for line in pareto.axes[0].get_lines()}
+    assert lines[f"small donor ({refs['small']:.3f})"] == pytest.approx(refs["small"])
+    assert lines[f"large donor ({refs['large']:.3f})"] == pytest.approx(refs["large"])
+    heatmap = plot_heatmaps(df)
+    colorbar = heatmap.axes[-1]  # the colour bar spans both donors and marks them
+    low, high = sorted(colorbar.get_ylim())
+    assert low <= min(refs.values()) and high >= max(refs.values())
+    assert sorted(line.get_ydata()[0] for line in colorbar.get_lines()) == pytest.approx(sorted(refs.values()))
+    assert any("gap" in t.get_text() for t in heatmap.axes[0].texts)
+    plt.close("all")
 
 
 def test_pareto_front_is_the_non_dominated_runs(sweep: tuple[Path, str]) -> None:
@@ -98,6 +131,7 @@ def test_notebook_builds_the_table_and_figures(sweep: tuple[Path, str], tmp_path
     text = "\n".join(o.get("text", "") or str(o.get("data", {}).get("text/plain", ""))
                      for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "12 runs" in text and "'failed': 4" in text
+    assert "donors on the runs' validation blocks" in text and "gap_closed" in text
     assert "val_loss" in text and "flops_per_token" in text
     for name in ("heatmap.png", "pareto.png"):
         assert (tmp_path / "figures" / name).read_bytes().startswith(PNG)

@@ -11,12 +11,15 @@ import os
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..configuration_split_llama import SplitConfigError, SplitLlamaConfig
 from .schema import AdapterInit, AdapterKind, DataSource, RunConfigError, explain_split_error, validate_run_settings
+
+if TYPE_CHECKING:
+    from ..references import DonorReferences
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +91,18 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
     """
     for key in ("path8b", "path70b"):
         if OmegaConf.is_missing(cfg.donors, key):
+            hub = cfg.donors.get(key.replace("path", "hub"))
+            source = f"; this preset is for {hub} (hf download {hub} --local-dir <dir>)" if hub else ""
             raise RunConfigError(
                 f"donors.{key}=???: required for donors={cfg.donors.name}; give donors.{key}=/path/to/checkpoint "
-                "(a Hugging Face LLaMA directory with config.json and safetensors)"
+                f"(a Hugging Face LLaMA directory with config.json and safetensors){source}"
             )
     if (cfg.donors.path8b is None) != (cfg.donors.path70b is None):
         missing = "path8b" if cfg.donors.path8b is None else "path70b"
         raise RunConfigError(f"donors.{missing}=null: give both donor paths, or neither for the embedded tiny donors")
     validate_run_settings(cfg)
+    if not uses_embedded_donors(cfg):
+        check_donor_expectations(cfg)
     kind, init = cfg.adapter.kind, cfg.adapter.init
     if kind == AdapterKind.mlp and init in (AdapterInit.identity, AdapterInit.lstsq):
         raise RunConfigError(f"adapter.init={init.name}: applies to the linear and lowrank adapters; the mlp adapter takes random")
@@ -123,6 +130,43 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
     if cfg.backend.name == "megatron":
         check_tensor_parallel(split, cfg.parallel.tp)
     return split
+
+
+#: the donor fields a preset's ``expect8b`` / ``expect70b`` pins, as ``LlamaConfig`` reads them (``rope_parameters``
+#: holds ``rope_theta`` and ``rope_scaling``); ``max_position_embeddings`` is left free (context extensions)
+EXPECTED_DONOR_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                         "intermediate_size", "vocab_size", "rms_norm_eps", "tie_word_embeddings", "rope_parameters")
+
+
+def check_donor_expectations(cfg: DictConfig) -> None:
+    """Each donor checkpoint's config.json against its preset's ``expect8b`` / ``expect70b`` (no weights read).
+
+    Catches the wrong checkpoint for a preset (another model, the donors swapped) before anything heavy.
+    """
+    from transformers import AutoConfig, LlamaConfig
+
+    for key in ("8b", "70b"):
+        expect = cfg.donors.get(f"expect{key}")
+        if expect is None:
+            continue
+        given = cfg.donors[f"path{key}"]
+        values = OmegaConf.to_container(expect, resolve=True)
+        expected = LlamaConfig(**values)
+        try:
+            actual = AutoConfig.from_pretrained(os.path.expanduser(given))
+        except Exception as exc:  # noqa: BLE001
+            raise RunConfigError(f"donors.path{key}={given}: cannot read its config.json ({exc})") from exc
+        # only what the preset pins (a field LlamaConfig would fill with its own default is not checked)
+        pinned = [n for n in EXPECTED_DONOR_FIELDS
+                  if n in values or (n == "rope_parameters" and {"rope_theta", "rope_scaling"} & set(values))]
+        for name in pinned:
+            want, got = getattr(expected, name, None), getattr(actual, name, None)
+            if want != got:
+                model = cfg.donors.get(f"hub{key}") or "its checkpoint"
+                raise RunConfigError(
+                    f"donors.path{key}={given}: its config.json has {name}={got}, but donors={cfg.donors.name} expects "
+                    f"{name}={want} ({model}); give that checkpoint, or donors.expect{key}=null to skip the check"
+                )
 
 
 def check_tensor_parallel(split: SplitLlamaConfig, tp: int) -> None:
@@ -162,7 +206,7 @@ def saved_model_donors(split: SplitLlamaConfig) -> Donors | None:
     return None
 
 
-def donor_references(cfg: DictConfig, donors: Donors, val_blocks: Any) -> Any:
+def donor_references(cfg: DictConfig, donors: Donors, val_blocks: Any) -> DonorReferences | None:
     """Both donors scored on the run's validation blocks (cached), or ``None`` with ``eval.references=false``.
 
     See :mod:`splitllama.references`; scored on the GPU when the run trains on one.
@@ -371,6 +415,7 @@ def run_name(cfg: DictConfig) -> str:
 
 __all__ = [
     "Donors",
+    "check_donor_expectations",
     "config_dict",
     "donor_references",
     "layer_selection",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional  # noqa: UP035 - OmegaConf reads typing generics
+from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf reads typing generics
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -139,6 +139,13 @@ class DonorsConfig:
     default_n8: int = 2
     default_n70: int = 4
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    #: where a preset's checkpoints come from (Hugging Face hub ids; named in the error for a missing path)
+    hub8b: Optional[str] = None
+    hub70b: Optional[str] = None
+    #: config.json values a preset's checkpoints have (the keys LlamaConfig takes: ``rope_theta``,
+    #: ``rope_scaling``, ...); a checkpoint that differs fails before any weights are read. None: no check
+    expect8b: Optional[Dict[str, Any]] = None
+    expect70b: Optional[Dict[str, Any]] = None
 
 
 @dataclass
