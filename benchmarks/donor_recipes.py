@@ -62,6 +62,16 @@ def tiny_recipe() -> dict[str, Any]:
     return yaml.safe_load((REPO / "conf" / "donors" / "tiny.yaml").read_text())["embedded"]
 
 
+def _value(raw: str) -> Any:
+    """An override's value: a number where it reads as one (YAML 1.1 takes ``3e-3`` for a string), else YAML."""
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return yaml.safe_load(raw)
+
+
 def apply_overrides(recipe: dict[str, Any], overrides: list[str], scale_steps: float = 1.0) -> dict[str, Any]:
     """``key=value`` (dotted, YAML values) over ``recipe``; ``@f`` multiplies the current value by f."""
     recipe = json.loads(json.dumps(recipe))
@@ -73,7 +83,7 @@ def apply_overrides(recipe: dict[str, Any], overrides: list[str], scale_steps: f
             node = node[part]
         if leaf not in node:
             raise SystemExit(f"{override}: {key} is not a field of the recipe (fields: {', '.join(node)})")
-        node[leaf] = round(node[leaf] * float(raw[1:])) if raw.startswith("@") else yaml.safe_load(raw)
+        node[leaf] = round(node[leaf] * float(raw[1:])) if raw.startswith("@") else _value(raw)
     for which in ("small", "large"):
         donor = recipe[which]
         donor["pretrain_steps"] = max(1, round(donor["pretrain_steps"] * scale_steps))
