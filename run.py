@@ -55,6 +55,10 @@ def train(cfg: DictConfig, record) -> float:
     with record.timed("data"):
         data = P.make_datamodule(cfg, tokenizer)
         data.setup("fit")
+    with record.timed("references"):  # before the split model is built: one donor in memory at a time
+        references = P.donor_references(cfg, donors, data.val_blocks)
+    if references is not None:
+        record.update("references", references.as_record())
     calibration = data.train_blocks[: cfg.adapter.calibration_blocks]
     module = P.make_module(cfg, P.model_spec(cfg, donors, calibration=calibration), teacher_path=donors.path70b)
     loggers, logger_info = make_loggers(
@@ -92,13 +96,17 @@ def train(cfg: DictConfig, record) -> float:
         if not build_first:
             record_model()
         with record.timed("eval_after"):
-            val_loss = trainer.validate(module, data, verbose=False)[0]["val/loss"]
+            val_loss = P.final_val_loss(trainer, module, data)
         steps = trainer.global_step
         record.update("metrics", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "steps": steps,
                                   "train_tokens_seen": data.batches_consumed * data.batch_size * data.seq_len * module.data_parallel_size()})
+        if references is not None:
+            record.update("metrics", references.metrics(val_loss, record.data["metrics"].get("val_loss_before")))
+        final = {k: v for k, v in record.data["metrics"].items()
+                 if k in ("val_loss", "val_loss_before", "gap_closed", "gap_closed_before") and v is not None}
         for lg in loggers:
-            lg.log_metrics({"final/val_loss": val_loss, **{f"final/{k}": v for k, v in record.data["metrics"].items()
-                                                            if k == "val_loss_before"}}, step=steps)
+            lg.log_metrics({**{f"final/{k}": v for k, v in final.items()},
+                            **(references.log_values() if references is not None else {})}, step=steps)
         record.update("paths", {"checkpoint": str(Path(cfg.paths.checkpoint_dir) / "last.ckpt")})
         record.data["interrupted"] = steps < cfg.trainer.max_steps and not cfg.trainer.fast_dev_run
         # a model-parallel backend gathers its shards: every rank takes part, rank 0 writes
@@ -157,6 +165,9 @@ def evaluate(cfg: DictConfig, record) -> float:
     tokenizer = P.load_tokenizer(model_dir or donors.path8b)
     data = P.make_datamodule(cfg, tokenizer)
     data.setup("validate")
+    # a saved split model is compared with the donors it was assembled from, where they still are
+    reference_donors = donors or P.saved_model_donors(split)
+    references = P.donor_references(cfg, reference_donors, data.val_blocks) if reference_donors else None
     module = P.make_module(cfg, P.model_spec(cfg, donors, calibration=data.train_blocks[: cfg.adapter.calibration_blocks],
                                              model_dir=model_dir), teacher_path=None, objective_kind="lm")
     trainer = P.make_trainer(cfg, [], [])
@@ -166,10 +177,13 @@ def evaluate(cfg: DictConfig, record) -> float:
     record.update("flops", module.flops())
     record.update("metrics", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
                               "val_tokens": data.val_blocks.shape[0] * (data.seq_len - 1)})
+    if references is not None:
+        record.update("references", references.as_record())
+        record.update("metrics", {"gap_closed": references.gap_closed(val_loss)})
     record.update("paths", {"model_dir": model_dir})
     if harness is not None:
-        # megatron's model lives in shards: score the saved model, or the same assembly in one process
-        model = module.backend.hf_model() if module.backend.name == "hf" else (model_dir or build_backend("hf", module.spec, {}).model)
+        # a sharded model (megatron): score the saved model, or the same assembly in one process
+        model = (model_dir or build_backend("hf", module.spec, {}).model) if module.backend.collective_export else module.backend.hf_model()
         P.run_harness(cfg, harness, record, model, tokenizer, donor_paths=P.harness_donor_paths(split, donors), model_dir=model_dir)
     return val_loss
 
@@ -286,7 +300,7 @@ def _last_checkpoint(cfg: DictConfig) -> str | None:
 def main(cfg: DictConfig) -> float | None:
     from splitllama.configuration_split_llama import SplitConfigError
     from splitllama.results import RunDirInUse, RunInterrupted, RunRecord
-    from splitllama.training.pipeline import config_dict, plain
+    from splitllama.training.pipeline import apply_cpu_threads, config_dict, plain
 
     task = plain(cfg.task.name)
     rank_zero = is_first_rank()
@@ -298,6 +312,9 @@ def main(cfg: DictConfig) -> float | None:
             raise SystemExit(f"error: {exc}") from None
         SIGNALS.install()
     try:
+        threads = apply_cpu_threads(cfg)
+        if threads is not None:
+            record.data["cpu_threads"] = threads
         metric = TASKS[task](cfg, record)
         status = "interrupted" if record.data.get("interrupted") else "ok"
         if rank_zero:

@@ -16,6 +16,11 @@ Columns: ``job``, ``status`` (ok | interrupted | failed), ``error``, ``task``, `
 for runs that scored downstream tasks (``eval.harness``), the columns of :func:`harness_columns`:
 ``<task>/<metric>`` and ``<task>/<metric>_stderr``, the donors' ``<task>/<metric>:small`` and
 ``:large``, and ``<task>/<metric>:gap_closed`` (0 at the small donor's score, 1 at the large one's).
+
+The donors are the reference of every run (:mod:`splitllama.references`): ``small_val_loss`` and
+``large_val_loss`` are the two donors scored on the run's own validation blocks, ``gap_closed``
+(and ``gap_closed_before``, before training) is ``(small - split) / (small - large)``: 0 at the
+small donor, 1 at the large. The heatmap and the Pareto figure draw the donors as reference lines.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ import pandas as pd
 
 from .results import RESULTS_FILE
 
-COLUMNS = ["job", "status", "adapter", "n8", "n70", "val_loss", "val_loss_before", "val_ppl", "steps", "params",
-           "trainable", "flops_per_token", "runtime_s", "task", "error", "overrides", "run_dir"]
+#: the donors as references, scored on each run's validation blocks (results.json ``references``, ``metrics.gap_closed``)
+REFERENCE_COLUMNS = ["small_val_loss", "large_val_loss", "gap_closed", "gap_closed_before"]
+COLUMNS = ["job", "status", "adapter", "init", "finetune", "seed", "n8", "n70", "val_loss", "val_loss_before", "val_ppl", *REFERENCE_COLUMNS, "steps",
+           "params", "trainable", "flops_per_token", "runtime_s", "task", "error", "overrides", "run_dir"]
 #: the columns :func:`summary_table` shows
-SUMMARY_COLUMNS = ["job", "status", "adapter", "n8", "n70", "val_loss", "val_loss_before", "params", "trainable",
-                   "flops_per_token", "runtime_s"]
+SUMMARY_COLUMNS = ["job", "status", "adapter", "n8", "n70", "val_loss", "val_loss_before", "gap_closed", "params",
+                   "trainable", "flops_per_token", "runtime_s"]
 
 
 def _hydra_overrides(run_dir: Path) -> list[str]:
@@ -53,6 +60,30 @@ def _requested_layers(config: dict[str, Any]) -> tuple[Any, Any]:
     return n8, n70
 
 
+def _number(value: Any) -> float:
+    """A metric as a float; ``None`` (undefined, e.g. ``gap_closed`` of equal donors) and strings as NaN."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def reference_values(results: dict[str, Any]) -> dict[str, float]:
+    """The :data:`REFERENCE_COLUMNS` of one run's ``results.json`` (NaN where the run has none)."""
+    references, metrics = results.get("references") or {}, results.get("metrics") or {}
+    return {
+        "small_val_loss": _number((references.get("small") or {}).get("val_loss")),
+        "large_val_loss": _number((references.get("large") or {}).get("val_loss")),
+        "gap_closed": _number(metrics.get("gap_closed")),
+        "gap_closed_before": _number(metrics.get("gap_closed_before")),
+    }
+
+
+def _training_setup(config: dict[str, Any]) -> dict[str, Any]:
+    """How a run's adapter started and what trained: ``init`` (random when unset), ``finetune``
+    (the trainable parts joined by ``+``, ``+lora`` with LoRA) and ``seed``."""
+    adapter, finetune = config.get("adapter") or {}, config.get("finetune") or {}
+    parts = list(finetune.get("trainable") or []) + (["lora"] if (finetune.get("lora") or {}).get("enabled") else [])
+    return {"init": adapter.get("init") or "random", "finetune": "+".join(parts) or None, "seed": config.get("seed")}
+
+
 def run_row(results: dict[str, Any], run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """One flat row from a run's ``results.json`` content."""
     config = results.get("config") or {}
@@ -65,11 +96,13 @@ def run_row(results: dict[str, Any], run_dir: str | os.PathLike[str] | None = No
         "job": run_dir.name,
         "status": results.get("status"),
         "adapter": split.get("adapter") or (config.get("adapter") or {}).get("kind"),
+        **_training_setup(config),
         "n8": n8,
         "n70": n70,
         "val_loss": metrics.get("val_loss", math.nan),
         "val_loss_before": metrics.get("val_loss_before", math.nan),
         "val_ppl": metrics.get("val_ppl", math.nan),
+        **reference_values(results),
         "steps": metrics.get("steps"),
         "params": params.get("total"),
         "trainable": params.get("trainable"),
@@ -119,8 +152,11 @@ def load_wandb(project: str, *, entity: str | None = None, group: str | None = N
         state = {"finished": "ok", "crashed": "failed", "failed": "failed"}.get(run.state, run.state)
         rows.append({
             "job": run.name, "status": state, "adapter": split.get("adapter") or (config.get("adapter") or {}).get("kind"),
+            **_training_setup(config),
             "n8": n8, "n70": n70, "val_loss": summary.get("final/val_loss", summary.get("val/loss", math.nan)),
             "val_loss_before": summary.get("final/val_loss_before", math.nan), "val_ppl": summary.get("val/ppl", math.nan),
+            "small_val_loss": summary.get("ref/small_val_loss", math.nan), "large_val_loss": summary.get("ref/large_val_loss", math.nan),
+            "gap_closed": summary.get("final/gap_closed", math.nan), "gap_closed_before": summary.get("final/gap_closed_before", math.nan),
             "steps": summary.get("trainer/global_step"), "params": summary.get("params/total"),
             "trainable": summary.get("params/trainable"), "flops_per_token": summary.get("flops/train_per_token", math.nan),
             "runtime_s": summary.get("_runtime", math.nan), "task": (config.get("task") or {}).get("name"),
@@ -170,38 +206,86 @@ def summary_table(df: pd.DataFrame, columns: Sequence[str] | None = None, *, mar
     return "\n".join(lines)
 
 
+def donor_losses(df: pd.DataFrame) -> dict[str, float]:
+    """The small and large donors' validation losses over a sweep's runs (median; NaN where none scored them).
+
+    The runs of one sweep share their validation blocks, so each donor has one value; runs on
+    different blocks (``data.max_val_blocks`` swept) get the median, and :func:`reference_summary`
+    says how far they spread.
+    """
+    return {which: float(df[f"{which}_val_loss"].median()) if df[f"{which}_val_loss"].notna().any() else math.nan
+            for which in ("small", "large")}
+
+
+def reference_summary(df: pd.DataFrame) -> str:
+    """One line naming the donors' losses, the scale ``gap_closed`` is on (or why there is none)."""
+    refs = donor_losses(df)
+    if any(math.isnan(v) for v in refs.values()):
+        return "donors: not scored (eval.references=false, or runs made before donors were scored)"
+    spread = max(float(df[f"{w}_val_loss"].max() - df[f"{w}_val_loss"].min()) for w in ("small", "large"))
+    line = (f"donors on the runs' validation blocks: small {refs['small']:.4f}, large {refs['large']:.4f} "
+            f"(gap_closed = (small - split) / (small - large): 0 = small donor, 1 = large donor)")
+    if spread > 1e-6:
+        line += f"; the runs' donor scores differ by up to {spread:.3g} (different validation blocks): medians shown"
+    if refs["large"] >= refs["small"]:
+        line += "; the large donor is not better than the small one, so gap_closed has no meaningful direction"
+    return line
+
+
+def _draw_reference_lines(ax: Any, refs: dict[str, float], *, lw: float = 1.2) -> None:
+    """Dashed horizontal lines at the donors' losses on a loss y-axis, labelled."""
+    for which, color in (("small", "tab:red"), ("large", "tab:green")):
+        value = refs.get(which, math.nan)
+        if not math.isnan(value):
+            ax.axhline(value, lw=lw, ls="--", color=color, label=f"{which} donor ({value:.3f})")
+
+
 def plot_heatmaps(df: pd.DataFrame, value: str = "val_loss", *, out: str | os.PathLike[str] | None = None):
-    """One heatmap per adapter of ``value`` over (n8 rows, n70 columns); failed cells marked ``x``."""
+    """One heatmap per adapter of ``value`` over (n8 rows, n70 columns); failed cells marked ``x``.
+
+    For a loss, the donors are the reference: the colour scale spans both donors' losses, which
+    are marked on the colour bar, and each cell also shows its ``gap_closed``.
+    """
     import matplotlib.pyplot as plt  # headless machines get Agg by themselves; notebooks keep inline
     import numpy as np
 
     adapters = sorted(df["adapter"].dropna().unique())
     n8s, n70s = sorted(df["n8"].dropna().unique()), sorted(df["n70"].dropna().unique())
     ok = df[df["status"] == "ok"]
-    vmin, vmax = ok[value].min(), ok[value].max()
+    refs = donor_losses(df) if value in ("val_loss", "val_loss_before") else {}
+    gap_column = {"val_loss": "gap_closed", "val_loss_before": "gap_closed_before"}.get(value)
+    scale = [ok[value].min(), ok[value].max(), *(v for v in refs.values() if not math.isnan(v))]
+    margin = 0.03 * (max(scale) - min(scale))  # so that a donor line at the end of the scale stays visible
+    vmin, vmax = min(scale) - margin, max(scale) + margin
     fig, axes = plt.subplots(1, max(1, len(adapters)), figsize=(3.2 + 2.6 * len(adapters), 0.6 * len(n8s) + 2.4), squeeze=False)
     image = None
     for ax, adapter in zip(axes[0], adapters):
         grid = np.full((len(n8s), len(n70s)), np.nan)
+        gaps = np.full((len(n8s), len(n70s)), np.nan)
         sub = df[df["adapter"] == adapter]
         for _, row in sub.iterrows():
             i, j = n8s.index(row["n8"]), n70s.index(row["n70"])
             if row["status"] == "ok":
                 grid[i, j] = row[value]
+                gaps[i, j] = row[gap_column] if gap_column else np.nan
             else:
                 ax.text(j, i, "x", ha="center", va="center", color="red", fontsize=12)
         image = ax.imshow(grid, cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto", origin="lower")
         for i in range(len(n8s)):
             for j in range(len(n70s)):
                 if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="white", fontsize=8)
+                    text = f"{grid[i, j]:.3f}" + (f"\ngap {gaps[i, j]:+.2f}" if not np.isnan(gaps[i, j]) else "")
+                    ax.text(j, i, text, ha="center", va="center", color="white", fontsize=8)
         ax.set_xticks(range(len(n70s)), [str(int(v)) for v in n70s])
         ax.set_yticks(range(len(n8s)), [str(int(v)) for v in n8s])
         ax.set_xlabel("n70 (last layers of the large donor)")
         ax.set_ylabel("n8 (first layers of the small donor)")
         ax.set_title(f"{value}, {adapter} adapter")
     if image is not None:
-        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85, label=value)
+        colorbar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85, label=value)
+        _draw_reference_lines(colorbar.ax, refs, lw=2.5)
+        if any(not math.isnan(v) for v in refs.values()):
+            colorbar.ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=7, frameon=False)
     if out is not None:
         fig.savefig(out, dpi=110, bbox_inches="tight")
     return fig
@@ -209,7 +293,8 @@ def plot_heatmaps(df: pd.DataFrame, value: str = "val_loss", *, out: str | os.Pa
 
 def plot_pareto(df: pd.DataFrame, x: str = "flops_per_token", y: str = "val_loss", *,
                 out: str | os.PathLike[str] | None = None):
-    """``y`` against ``x`` for every finished run, coloured by adapter, the Pareto front joined."""
+    """``y`` against ``x`` for every finished run, coloured by adapter, the Pareto front joined; for a loss,
+    the donors' losses on the same validation blocks as dashed reference lines."""
     import matplotlib.pyplot as plt  # headless machines get Agg by themselves; notebooks keep inline
 
     ok = df[(df["status"] == "ok") & df[x].notna() & df[y].notna()]
@@ -222,6 +307,8 @@ def plot_pareto(df: pd.DataFrame, x: str = "flops_per_token", y: str = "val_loss
                         textcoords="offset points")
     ax.step(front[x], front[y], where="post", color="black", lw=1, label="Pareto front")
     ax.scatter(front[x], front[y], facecolors="none", edgecolors="black", s=110, lw=1.2)
+    if y in ("val_loss", "val_loss_before"):
+        _draw_reference_lines(ax, donor_losses(df))
     ax.set_xlabel({"flops_per_token": "training FLOPs per token", "params": "parameters"}.get(x, x))
     ax.set_ylabel(y)
     ax.set_title("labels: n8+n70")
@@ -239,7 +326,7 @@ def write_report(df: pd.DataFrame, out_dir: str | os.PathLike[str], *, figures: 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / "summary.csv", "markdown": out_dir / "summary.md"}
     df.to_csv(paths["csv"], index=False)
-    paths["markdown"].write_text(summary_table(df, markdown=True) + "\n")
+    paths["markdown"].write_text(f"{reference_summary(df)}\n\n{summary_table(df, markdown=True)}\n")
     if figures and (df["status"] == "ok").any():
         paths["heatmap"], paths["pareto"] = out_dir / "heatmap.png", out_dir / "pareto.png"
         plt.close(plot_heatmaps(df, out=paths["heatmap"]))
@@ -336,6 +423,70 @@ def plot_harness_heatmaps(df: pd.DataFrame, *, adapter: str | None = None, out: 
         fig.colorbar(image, ax=ax, shrink=0.85)
     if out is not None:
         fig.savefig(out, dpi=110, bbox_inches="tight")
+def stitching_series(df: pd.DataFrame) -> pd.Series:
+    """Each run's series in a stitching study: adapter init, plus what trained beyond the adapter
+    (``lstsq``, ``random``, ``lstsq + last``)."""
+    extra = df["finetune"].fillna("").map(lambda f: " + ".join(p for p in f.split("+") if p and p != "adapter"))
+    return df["init"].fillna("random") + extra.map(lambda e: f" + {e}" if e else "")
+
+
+def stitching_curve(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds of each (series, n8, n70) point of a stitching study.
+
+    Columns: ``series``, ``n8``, ``n70``, ``seeds`` (finished runs), then ``<metric>_mean`` and
+    ``<metric>_std`` for ``val_loss_before``, ``val_loss``, ``gap_closed_before`` and ``gap_closed``
+    (the std of one seed is NaN). Failed runs are left out; ``summary_table`` lists them.
+    """
+    metrics = ["val_loss_before", "val_loss", "gap_closed_before", "gap_closed"]
+    ok = df[df["status"] == "ok"].assign(series=stitching_series)
+    grouped = ok.groupby(["series", "n8", "n70"])[metrics]
+    table = grouped.agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table.insert(0, "seeds", ok.groupby(["series", "n8", "n70"])["seed"].nunique())
+    return table.reset_index().sort_values(["n8", "series", "n70"]).reset_index(drop=True)
+
+
+def stitching_curve_table(curve: pd.DataFrame) -> str:
+    """:func:`stitching_curve` as a Markdown table of ``mean ± std`` cells."""
+    columns = ["series", "n8", "n70", "seeds", "val_loss_before", "val_loss", "gap_closed_before", "gap_closed"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in curve.iterrows():
+        cells = [str(row["series"]), str(row["n8"]), str(row["n70"]), str(row["seeds"])]
+        for metric in columns[4:]:
+            mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
+            cells.append(_fmt(mean) if math.isnan(std) else f"{mean:.3f} ± {std:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_stitching_curve(df: pd.DataFrame, *, out: str | os.PathLike[str] | None = None):
+    """The split's validation loss against n70, one panel per n8, one line per series (mean over
+    seeds, bars: std); dotted, the same series before training; dashed, the two donors."""
+    import matplotlib.pyplot as plt
+
+    curve = stitching_curve(df)
+    refs = donor_losses(df)
+    n8s = sorted(curve["n8"].unique())
+    fig, axes = plt.subplots(1, max(1, len(n8s)), figsize=(5.2 * max(1, len(n8s)), 4.2), squeeze=False, sharey=True)
+    colours = dict(zip(sorted(curve["series"].unique()), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, n8 in zip(axes[0], n8s):
+        for series, sub in curve[curve["n8"] == n8].groupby("series"):
+            colour = colours[series]
+            ax.errorbar(sub["n70"], sub["val_loss_mean"], yerr=sub["val_loss_std"].fillna(0), marker="o", capsize=3,
+                        color=colour, label=f"{series}: trained")
+            if not series.endswith(" + last") or "random" in series:  # before training, the init alone
+                ax.plot(sub["n70"], sub["val_loss_before_mean"], ls=":", marker=".", color=colour, label=f"{series}: before training")
+        _draw_reference_lines(ax, refs)
+        ax.set_xticks(sorted(curve["n70"].unique()))
+        ax.set_xlabel("n70 (large-donor layers used)")
+        ax.set_title(f"n8 = {n8} small-donor layers")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation loss (nats/token)")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle("split validation loss vs large-donor layers (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout()
+    if out is not None:
+        fig.savefig(out, dpi=120)
     return fig
 
 
@@ -344,5 +495,7 @@ def iter_sweep_dirs(root: str | os.PathLike[str]) -> Iterable[Path]:
     return sorted(p for p in Path(root).glob("*/*") if p.is_dir())
 
 
-__all__ = ["COLUMNS", "harness_columns", "harness_summary_columns", "iter_sweep_dirs", "plot_harness_heatmaps", "load_sweep", "load_wandb", "pareto_front", "plot_heatmaps", "plot_pareto",
-           "run_row", "summary_table", "write_report"]
+__all__ = ["COLUMNS", "REFERENCE_COLUMNS", "donor_losses", "harness_columns", "harness_summary_columns", "iter_sweep_dirs",
+           "plot_harness_heatmaps", "load_sweep", "load_wandb", "pareto_front",
+           "plot_stitching_curve", "stitching_curve", "stitching_curve_table", "stitching_series",
+           "plot_heatmaps", "plot_pareto", "reference_summary", "reference_values", "run_row", "summary_table", "write_report"]

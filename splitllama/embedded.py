@@ -144,6 +144,8 @@ class DonorRecipe:
     intermediate_size: int
     pretrain_steps: int
     lr: float = 3e-3
+    #: linear warmup steps before the cosine decay (``None``: a tenth of ``pretrain_steps``)
+    warmup_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -158,8 +160,11 @@ class EmbeddedRecipe:
     seed: int = 0
     #: validation blocks the build scores each donor on (``None``: all of them)
     eval_blocks: int | None = None
-    small: DonorRecipe = field(default_factory=lambda: DonorRecipe(128, 4, 4, 2, 32, 448, pretrain_steps=200))
-    large: DonorRecipe = field(default_factory=lambda: DonorRecipe(256, 8, 8, 2, 32, 896, pretrain_steps=100))
+    #: also score each donor every this many pre-training steps (``None``: only at the end); the
+    #: manifest keeps the curve, which is how a recipe's step counts are chosen
+    eval_every: int | None = 60
+    small: DonorRecipe = field(default_factory=lambda: DonorRecipe(128, 4, 4, 2, 32, 448, pretrain_steps=200, lr=3e-3, warmup_steps=20))
+    large: DonorRecipe = field(default_factory=lambda: DonorRecipe(256, 8, 8, 2, 32, 896, pretrain_steps=600, lr=2e-3, warmup_steps=60))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EmbeddedRecipe:
@@ -227,8 +232,15 @@ def evaluate_lm(model: Any, blocks: Any, batch_size: int = 16) -> float:
     return total / count
 
 
-def pretrain_donor(config: Any, blocks: Any, recipe: DonorRecipe, *, batch_size: int, seed: int, desc: str, progress: bool = True) -> Any:
-    """Train a fresh ``LlamaForCausalLM`` for ``recipe.pretrain_steps`` AdamW steps on ``blocks``."""
+def pretrain_donor(
+    config: Any, blocks: Any, recipe: DonorRecipe, *, batch_size: int, seed: int, desc: str, progress: bool = True,
+    val_blocks: Any | None = None, eval_every: int | None = None, curve: list[tuple[int, float, float]] | None = None,
+) -> Any:
+    """Train a fresh ``LlamaForCausalLM`` for ``recipe.pretrain_steps`` AdamW steps on ``blocks``.
+
+    With ``val_blocks`` and ``eval_every``, appends ``(step, validation loss, seconds of training
+    so far)`` to ``curve`` every ``eval_every`` steps: the loss-vs-steps record of the recipe.
+    """
     import torch
     from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM
@@ -241,8 +253,9 @@ def pretrain_donor(config: Any, blocks: Any, recipe: DonorRecipe, *, batch_size:
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
     steps = recipe.pretrain_steps
-    warmup = max(1, steps // 10)
+    warmup = recipe.warmup_steps if recipe.warmup_steps is not None else max(1, steps // 10)
     bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
+    trained_s, started = 0.0, time.perf_counter()
     for step in bar:
         if len(order) < batch_size:
             order = torch.cat([order, torch.randperm(len(blocks), generator=generator)])
@@ -255,6 +268,10 @@ def pretrain_donor(config: Any, blocks: Any, recipe: DonorRecipe, *, batch_size:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if curve is not None and val_blocks is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            trained_s += time.perf_counter() - started
+            curve.append((step + 1, evaluate_lm(model, val_blocks), round(trained_s, 2)))
+            started = time.perf_counter()
     return model.cpu().eval()
 
 
@@ -327,14 +344,18 @@ def build_embedded_donors(recipe: EmbeddedRecipe, out_dir: Path, cache_dir: Path
     for index, (which, dirname) in enumerate((("small", "small"), ("large", "large"))):
         donor: DonorRecipe = getattr(recipe, which)
         start = time.perf_counter()
+        curve: list[tuple[int, float, float]] = []
         model = pretrain_donor(
             recipe.llama_config(which), train_blocks, donor, batch_size=recipe.batch_size, seed=recipe.seed + index,
             desc=f"pretraining {which} donor (h={donor.hidden_size}, {donor.num_layers} layers)", progress=progress,
+            val_blocks=val_blocks[: recipe.eval_blocks], eval_every=recipe.eval_every, curve=curve,
         )
         elapsed = time.perf_counter() - start
         timings[f"pretrain_{which}_s"] = elapsed
         metrics[f"{which}_tokens_per_s"] = donor.pretrain_steps * recipe.batch_size * recipe.seq_len / elapsed
         metrics[f"{which}_val_loss"] = evaluate_lm(model, val_blocks[: recipe.eval_blocks])
+        if recipe.eval_every:
+            metrics[f"{which}_val_curve"] = [{"step": s, "val_loss": v, "train_s": t} for s, v, t in curve]
         metrics[f"{which}_parameters"] = sum(p.numel() for p in model.parameters())
         model.save_pretrained(out_dir / dirname)
         tokenizer.save_pretrained(out_dir / dirname)

@@ -3,7 +3,8 @@
 Enabled in ``conf/hydra/default.yaml``. After the last job it loads the sweep directory's
 ``results.json`` files (failed jobs included) and prints the table, and writes
 ``summary.csv``, ``summary.md``, ``heatmap.png`` and ``pareto.png`` beside the job folders (and
-``harness_heatmap.png`` when the runs scored downstream tasks: a column per task in the table).
+``harness_heatmap.png`` when the runs scored downstream tasks: a column per task in the table); the
+donors' losses on the same validation blocks head the table and are drawn in both figures.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class SweepSummary(Callback):
         self.figures = figures
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from .analysis import load_sweep, summary_table, write_report
+        from .analysis import load_sweep, reference_summary, summary_table, write_report
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
@@ -34,7 +35,7 @@ class SweepSummary(Callback):
         paths = write_report(df, sweep_dir, figures=self.figures)
         counts = df["status"].value_counts().to_dict()
         print(f"\nsweep {sweep_dir}: {len(df)} runs ({', '.join(f'{n} {s}' for s, n in counts.items())})\n"
-              f"{summary_table(df)}\n\nwrote {', '.join(str(p) for p in paths.values())}", flush=True)
+              f"{reference_summary(df)}\n{summary_table(df)}\n\nwrote {', '.join(str(p) for p in paths.values())}", flush=True)
 
 
 __all__ = ["SweepSummary"]

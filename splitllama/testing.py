@@ -6,6 +6,7 @@ checkpoints: same file layout, same loading code. Nothing is downloaded.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -72,4 +73,61 @@ def make_random_donor(
     return path
 
 
-__all__ = ["llama_config", "make_random_donor"]
+def make_partial_donor(
+    path: str | os.PathLike[str],
+    config: LlamaConfig,
+    layers: list[int],
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """A donor checkpoint with the real ``config.json`` but random weights for only ``layers`` (and the
+    embeddings, final norm and, if untied, ``lm_head``); one safetensors shard per layer, with an index.
+
+    A split model reads only the layers it uses, so this stands in for a real checkpoint of any size
+    (a Llama-3.2-3B or a 70B layout) at the cost of those layers: the config, the layer indices and
+    every tensor the split reads have the real names and shapes. Shapes come from transformers'
+    own ``LlamaForCausalLM`` built on the meta device (one layer, renumbered). Values are drawn from a
+    pool of 2**20 + 7 normal samples (std 0.02) read from a random offset: drawing hundreds of millions
+    of samples would take the test's whole time on a CPU, and a layout test needs distinct tensors, not
+    independent values.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(path)
+    one_layer = LlamaConfig(**{**config.to_dict(), "num_hidden_layers": 1})
+    with torch.device("meta"):
+        template = LlamaForCausalLM(one_layer)
+    shapes = {name: tuple(p.shape) for name, p in template.named_parameters()}
+    generator = torch.Generator().manual_seed(seed)
+    pool = (torch.randn((1 << 20) + 7, generator=generator) * 0.02).to(dtype)
+
+    def tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name.endswith("norm.weight"):  # away from exactly 1, as make_random_donor does
+            return (torch.rand(shape, generator=generator) * 0.4 + 0.8).to(dtype)
+        numel, offset = math.prod(shape), int(torch.randint(len(pool), (1,), generator=generator))
+        return pool.repeat(math.ceil((numel + offset) / len(pool)))[offset : offset + numel].view(shape)
+
+    shards: dict[str, dict[str, torch.Tensor]] = {"model-outer.safetensors": {}}
+    for name, shape in shapes.items():
+        if ".layers.0." not in name:
+            shards["model-outer.safetensors"][name] = tensor(name, shape)
+    for index in layers:
+        shard = shards.setdefault(f"model-layer-{index:03d}.safetensors", {})
+        for name, shape in shapes.items():
+            if ".layers.0." in name:
+                shard[name.replace(".layers.0.", f".layers.{index}.")] = tensor(name, shape)
+    weight_map, total = {}, 0
+    for file, tensors in shards.items():
+        save_file(tensors, path / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name in tensors})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return path
+
+
+__all__ = ["llama_config", "make_partial_donor", "make_random_donor"]

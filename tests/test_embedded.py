@@ -7,6 +7,7 @@ steps) into a temporary cache (conftest's ``embedded_cache``) that the run.py te
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from splitllama.embedded import (
 )
 from splitllama.training.data import in_validation, split_documents
 
-from tests.conftest import quick_recipe
+from tests.conftest import compose_run_config, quick_recipe
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +58,9 @@ def test_donors_share_tokenizer_and_mirror_llama3_shapes(donors) -> None:
 
     recipe = quick_recipe()
     small, large = LlamaConfig.from_pretrained(donors.path8b), LlamaConfig.from_pretrained(donors.path70b)
-    assert (small.hidden_size, small.num_hidden_layers) == (128, 4)
-    assert (large.hidden_size, large.num_hidden_layers) == (256, 8)
+    assert (small.hidden_size, small.num_hidden_layers) == (recipe.small.hidden_size, recipe.small.num_layers)
+    assert (large.hidden_size, large.num_hidden_layers) == (recipe.large.hidden_size, recipe.large.num_layers)
+    assert large.hidden_size > small.hidden_size and large.num_hidden_layers > small.num_hidden_layers
     assert small.head_dim == large.head_dim == 32 and small.num_key_value_heads == large.num_key_value_heads == 2
     assert small.num_attention_heads > small.num_key_value_heads  # GQA
     assert small.vocab_size == large.vocab_size == recipe.vocab_size
@@ -69,11 +71,30 @@ def test_donors_share_tokenizer_and_mirror_llama3_shapes(donors) -> None:
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     assert tok(text)["input_ids"][0] == tok.bos_token_id
     metrics = donors.manifest["metrics"]
-    import math
 
     # even a few steps of pre-training leave the uniform-guess loss ln(vocab) behind
     assert metrics["small_val_loss"] < math.log(recipe.vocab_size) - 0.3
     assert metrics["large_val_loss"] < math.log(recipe.vocab_size) - 0.3
+
+
+def test_build_records_each_donors_loss_curve(donors) -> None:
+    """``eval_every``: the manifest keeps (step, validation loss, training seconds) during pre-training."""
+    recipe = quick_recipe()
+    metrics = donors.manifest["metrics"]
+    for which in ("small", "large"):
+        steps = getattr(recipe, which).pretrain_steps
+        curve = metrics[f"{which}_val_curve"]
+        assert [point["step"] for point in curve] == list(range(recipe.eval_every, steps, recipe.eval_every)) != []
+        assert all(math.isfinite(point["val_loss"]) and point["val_loss"] > 0 for point in curve)
+        assert [point["train_s"] for point in curve] == sorted(point["train_s"] for point in curve)
+        assert curve[-1]["train_s"] <= metrics["timings"][f"pretrain_{which}_s"]
+
+
+def test_tiny_recipe_is_the_schema_and_code_default() -> None:
+    """conf/donors/tiny.yaml, the typed schema and ``EmbeddedRecipe()`` describe one recipe (one cache key)."""
+    from splitllama.training.pipeline import embedded_recipe
+
+    assert embedded_recipe(compose_run_config()) == EmbeddedRecipe()
 
 
 def test_cache_is_reused_and_a_truncated_checkpoint_is_rebuilt(donors, cache_dir: Path, tmp_path: Path) -> None:

@@ -53,6 +53,11 @@ def test_default_run_writes_results(default_run: Path) -> None:
     metrics = results["metrics"]
     assert metrics["steps"] == 8
     assert metrics["val_loss"] < metrics["val_loss_before"], "8 adapter steps should lower the validation loss"
+    # validation passes: before training, and at steps 4 and 8 (val_check_interval=4); the final loss is
+    # the step-8 pass of fit, not a repeat of it
+    val = column(read_csv_metrics(default_run), "val/loss")
+    assert len(val) == 3 and val[0] == pytest.approx(metrics["val_loss_before"], abs=1e-6)
+    assert val[-1] == pytest.approx(metrics["val_loss"], abs=1e-6)
     assert math.isclose(metrics["val_ppl"], math.exp(metrics["val_loss"]), rel_tol=1e-9)
     assert results["config"]["adapter"]["kind"] == "linear"
     # the embedded donors' default split: the first 2 of the small donor's 4 layers, the last 4 of the large's 8
@@ -65,6 +70,19 @@ def test_default_run_writes_results(default_run: Path) -> None:
     assert {"donors_s", "assemble_s", "fit_s", "total_s"} <= set(results["timings"])
     assert (default_run / "checkpoints" / "last.ckpt").is_file()
     assert (default_run / "hf_model" / "config.json").is_file()
+
+
+def test_default_run_has_the_donors_as_reference(default_run: Path) -> None:
+    """Both donors scored on the run's validation blocks; gap_closed = (small - split) / (small - large)."""
+    results = read_results(default_run)
+    refs, metrics = results["references"], results["metrics"]
+    small, large = refs["small"]["val_loss"], refs["large"]["val_loss"]
+    assert refs["small"]["path"] == results["donors"]["path8b"] and refs["large"]["path"] == results["donors"]["path70b"]
+    assert refs["val_blocks"] == 16  # debug=quick: data.max_val_blocks=16, the split model's validation blocks
+    assert math.isfinite(small) and math.isfinite(large) and small != large
+    assert metrics["gap_closed"] == pytest.approx((small - metrics["val_loss"]) / (small - large), rel=1e-9)
+    assert metrics["gap_closed_before"] == pytest.approx((small - metrics["val_loss_before"]) / (small - large), rel=1e-9)
+    assert "references_s" in results["timings"]
 
 
 def test_wandb_offline_run_holds_the_logged_metrics(default_run: Path) -> None:
@@ -81,6 +99,9 @@ def test_wandb_offline_run_holds_the_logged_metrics(default_run: Path) -> None:
     lrs = run.column("train/lr")
     assert lrs[1] > lrs[0] and lrs[-1] < max(lrs)  # warmup, then cosine decay
     assert run.config["adapter"]["kind"] == "linear" and run.config["optim"] == results["config"]["optim"]
+    assert run.column("ref/small_val_loss") == [pytest.approx(results["references"]["small"]["val_loss"])]
+    assert run.column("ref/large_val_loss") == [pytest.approx(results["references"]["large"]["val_loss"])]
+    assert run.column("final/gap_closed") == [pytest.approx(results["metrics"]["gap_closed"])]
     assert {"train", "linear", "lm"} <= set(run.tags)
     # the CSV logger runs beside W&B and records the same validation losses
     assert column(read_csv_metrics(default_run), "val/loss") == pytest.approx(run.column("val/loss"), abs=1e-6)
@@ -99,6 +120,10 @@ def test_exported_model_reproduces_the_validation_loss(default_run: Path, run_py
     evaluated = read_results(tmp_path)
     assert evaluated["status"] == "ok"
     assert evaluated["metrics"]["val_loss"] == pytest.approx(read_results(default_run)["metrics"]["val_loss"], abs=1e-5)
+    # the saved model's config names its donors: they are its reference, scored on the same blocks (cached)
+    trained = read_results(default_run)
+    assert evaluated["references"]["small"] == {**trained["references"]["small"], "cached": True}
+    assert evaluated["metrics"]["gap_closed"] == pytest.approx(trained["metrics"]["gap_closed"], abs=1e-5)
 
 
 def test_resume_reaches_the_uninterrupted_val_loss(default_run: Path, run_py: RunPy, tmp_path: Path) -> None:
@@ -115,6 +140,8 @@ def test_resume_reaches_the_uninterrupted_val_loss(default_run: Path, run_py: Ru
     assert resumed["metrics"]["val_loss_before"] == uninterrupted["metrics"]["val_loss_before"]  # carried over, not re-measured
     assert [a["status"] for a in resumed["attempts"]] == ["interrupted"]
     assert read_results(tmp_path / resumed["attempts"][0]["record"])["metrics"]["steps"] == 3
+    # the donors were scored on these blocks by the default run: read from the cache, the same values
+    assert resumed["references"]["large"] == {**uninterrupted["references"]["large"], "cached": True}
 
 
 # ------------------------------------------------------------------ run directories and records are never lost
@@ -205,9 +232,11 @@ def test_ddp_on_two_cpu_processes(default_run: Path, run_py: RunPy, tmp_path: Pa
 
 # ------------------------------------------------------------------ the design card's overrides and other recipes
 def test_mlp_adapter_with_layer_counts(run_py: RunPy, tmp_path: Path) -> None:
-    run_py(QUICK, "adapter=mlp", "layers.n70=8", "layers.n8=2", "logger=csv", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    run_py(QUICK, "adapter=mlp", "layers.n70=8", "layers.n8=2", "logger=csv", "eval.references=false", f"hydra.run.dir={tmp_path}",
+           cwd=tmp_path)
     results = read_results(tmp_path)
     assert results["status"] == "ok"
+    assert "references" not in results and "gap_closed" not in results["metrics"]  # eval.references=false
     exported = json.loads((tmp_path / "hf_model" / "config.json").read_text())
     assert exported["adapter"] == "mlp" and exported["layers_8"] == [0, 1] and exported["layers_70"] == list(range(8))
     assert exported["num_hidden_layers"] == 10
@@ -281,6 +310,8 @@ BAD_OVERRIDES = [
     (["optim.lr=fast"], "optim.lr"),
     (["trainer.max_step=3"], "trainer.max_step"),
     (["donors=llama3_8b_70b"], "donors.path8b"),
+    (["donors.embedded.large.warmup_steps=999"], "donors.embedded.large.warmup_steps=999: must be in [0, pretrain_steps="),
+    (["parallel.cpu_threads=0"], "parallel.cpu_threads=0"),
     (["donors=llama3_8b_70b", "donors.path8b=/nonexistent/Llama-3-8B", "donors.path70b=/nonexistent/Llama-3-70B"],
      "/nonexistent/Llama-3-8B"),
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from splitllama.analysis import load_sweep, pareto_front, summary_table
+from splitllama.analysis import donor_losses, load_sweep, pareto_front, plot_heatmaps, plot_pareto, stitching_curve, summary_table
 from splitllama.results import read_results
 from splitllama.wandb_offline import find_run_file, read_offline_run
 
@@ -44,6 +44,8 @@ def test_multirun_goes_on_after_failures_and_prints_a_summary(sweep: tuple[Path,
     assert sorted(statuses.values()).count("ok") == 8 and sorted(statuses.values()).count("failed") == 4
     assert f"sweep {sweep_dir}: 12 runs (8 ok, 4 failed)" in stdout
     assert "val_loss" in stdout and "flops_per_token" in stdout
+    assert "donors on the runs' validation blocks: small " in stdout and "gap_closed" in stdout
+    assert "donors on the runs' validation blocks" in (sweep_dir / "summary.md").read_text()
     for name in ("heatmap.png", "pareto.png"):
         assert (sweep_dir / name).read_bytes().startswith(PNG)
     assert len((sweep_dir / "summary.csv").read_text().strip().splitlines()) == 13
@@ -77,6 +79,37 @@ def test_load_sweep_gives_one_row_per_run(sweep: tuple[Path, str]) -> None:
     assert table.splitlines()[2].split()[1] == "ok" and table.splitlines()[-1].split()[1] == "failed"
 
 
+def test_load_sweep_carries_the_donors_and_the_gap_closed(sweep: tuple[Path, str]) -> None:
+    df = load_sweep(sweep[0])
+    ok = df[df["status"] == "ok"]
+    # every job scored the same two donors on the same validation blocks
+    assert ok["small_val_loss"].nunique() == 1 and ok["large_val_loss"].nunique() == 1
+    small, large = ok["small_val_loss"].iloc[0], ok["large_val_loss"].iloc[0]
+    assert small != large
+    assert ok["gap_closed"].to_numpy() == pytest.approx(((small - ok["val_loss"]) / (small - large)).to_numpy())
+    assert ok["gap_closed_before"].to_numpy() == pytest.approx(((small - ok["val_loss_before"]) / (small - large)).to_numpy())
+    assert df.loc[df["status"] == "failed", "gap_closed"].isna().all()
+    assert donor_losses(df) == {"small": pytest.approx(small), "large": pytest.approx(large)}
+
+
+def test_figures_draw_the_donors_as_reference_lines(sweep: tuple[Path, str]) -> None:
+    import matplotlib.pyplot as plt
+
+    df = load_sweep(sweep[0])
+    refs = donor_losses(df)
+    pareto = plot_pareto(df)
+    lines = {line.get_label(): line.get_ydata()[0] for line in pareto.axes[0].get_lines()}
+    assert lines[f"small donor ({refs['small']:.3f})"] == pytest.approx(refs["small"])
+    assert lines[f"large donor ({refs['large']:.3f})"] == pytest.approx(refs["large"])
+    heatmap = plot_heatmaps(df)
+    colorbar = heatmap.axes[-1]  # the colour bar spans both donors and marks them
+    low, high = sorted(colorbar.get_ylim())
+    assert low <= min(refs.values()) and high >= max(refs.values())
+    assert sorted(line.get_ydata()[0] for line in colorbar.get_lines()) == pytest.approx(sorted(refs.values()))
+    assert any("gap" in t.get_text() for t in heatmap.axes[0].texts)
+    plt.close("all")
+
+
 def test_pareto_front_is_the_non_dominated_runs(sweep: tuple[Path, str]) -> None:
     import pandas as pd
 
@@ -104,6 +137,7 @@ def test_notebook_builds_the_table_and_figures(sweep: tuple[Path, str], tmp_path
     text = "\n".join(o.get("text", "") or str(o.get("data", {}).get("text/plain", ""))
                      for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "12 runs" in text and "'failed': 4" in text
+    assert "donors on the runs' validation blocks" in text and "gap_closed" in text
     assert "val_loss" in text and "flops_per_token" in text
     assert "stdlib_docstring_next/acc:gap_closed" in text  # the downstream-task cell
     for name in ("heatmap.png", "pareto.png"):
@@ -163,6 +197,38 @@ def test_stitch_grid_experiment_is_a_twelve_run_grid(run_py: RunPy, tmp_path: Pa
     assert set(params) == {"layers.n8", "layers.n70", "adapter"} and math.prod(len(g) for g in grid) == 12
     assert cfg["logger"]["kind"] == "csv" and cfg["trainer"]["max_steps"] == 60
     assert cfg["hydra"]["sweep"]["dir"].startswith("multirun/stitch_grid/")
+
+
+def test_stitching_curve_study_runs_side_by_side_and_reads_as_a_curve(run_py: RunPy, tmp_path: Path) -> None:
+    """``experiment=stitching_curve``, reduced (n8=1, n70 in {1, 2}, 2 seeds; the three series) through the
+    joblib launcher, 2 jobs at a time with 1 torch thread each; then its table, figure and notebook."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    sweep_dir = tmp_path / "s"
+    run_py("-m", "experiment=stitching_curve", QUICK, "layers.n8=1", "layers.n70=1,2", "seed=0,1", "hydra/launcher=joblib",
+           "hydra.launcher.n_jobs=2", "parallel.cpu_threads=1", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    df = load_sweep(sweep_dir)
+    assert len(df) == 12 and (df["status"] == "ok").all(), summary_table(df)
+    assert {read_results(Path(d))["cpu_threads"] for d in df["run_dir"]} == {1}
+    assert set(zip(df["init"], df["finetune"])) == {("random", "adapter"), ("lstsq", "adapter"), ("lstsq", "adapter+last")}
+    # training the large layers too trains far more than the adapter
+    assert df[df["finetune"] == "adapter+last"]["trainable"].min() > df[df["finetune"] == "adapter"]["trainable"].max()
+    curve = stitching_curve(df)
+    assert sorted(curve["series"].unique()) == ["lstsq", "lstsq + last", "random"]
+    assert len(curve) == 6 and (curve["seeds"] == 2).all() and curve["val_loss_std"].notna().all()
+    assert df["small_val_loss"].notna().all() and df["large_val_loss"].notna().all()  # the reference lines
+
+    nb = nbformat.read(REPO / "notebooks" / "stitching_curve.ipynb", as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1
+    params[0].source = f"sweep_dir = {str(sweep_dir)!r}\nfigures_dir = {str(tmp_path / 'figures')!r}"
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    table = (tmp_path / "figures" / "stitching_curve.md").read_text()
+    assert "| lstsq + last | 1 | 2 | 2 |" in table and " ± " in table
+    assert (tmp_path / "figures" / "stitching_curve.png").read_bytes().startswith(PNG)
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "12 runs" in text and "donors in order" in text
 
 
 def test_load_wandb_offline_names_the_local_alternative(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -139,6 +139,8 @@ class SplitLlamaLitModule(pl.LightningModule):
         self._val_count = 0
         self._val_distill_sum = 0.0
         self._step_started = 0.0
+        #: (global step, validation loss) of the newest validation pass
+        self.last_validation: tuple[int, float] | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         self._parallelized = False
         self.strict_loading = False  # checkpoints hold only trainable tensors; checked in on_load_checkpoint
@@ -302,6 +304,7 @@ class SplitLlamaLitModule(pl.LightningModule):
         if totals[1] == 0:
             return
         loss = (totals[0] / totals[1]).item()
+        self.last_validation = (self.global_step, loss)
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/ppl", math.exp(min(loss, 50.0)), sync_dist=False)
         if self.teacher is not None:

@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from enum import Enum
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..configuration_split_llama import SplitConfigError, SplitLlamaConfig
 from .schema import AdapterInit, AdapterKind, DataSource, RunConfigError, explain_split_error, validate_run_settings
+
+if TYPE_CHECKING:
+    from ..references import DonorReferences
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,23 @@ def seed_everything(seed: int) -> None:
     from lightning.pytorch import seed_everything as seed_all
 
     seed_all(seed, workers=True, verbose=False)
+
+
+def apply_cpu_threads(cfg: DictConfig) -> int | None:
+    """Limit this process's torch CPU threads to ``parallel.cpu_threads``; the count now in force (``None``: not set).
+
+    Jobs that a sweep runs side by side would otherwise each start one thread per core and
+    oversubscribe the machine.
+    """
+    threads = cfg.parallel.get("cpu_threads")
+    if threads is None:
+        return None
+    if threads < 1:
+        raise RunConfigError(f"parallel.cpu_threads={threads}: give a positive number of threads, or null for torch's default")
+    import torch
+
+    torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
 
 
 def uses_embedded_donors(cfg: DictConfig) -> bool:
@@ -72,14 +92,18 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
     """
     for key in ("path8b", "path70b"):
         if OmegaConf.is_missing(cfg.donors, key):
+            hub = cfg.donors.get(key.replace("path", "hub"))
+            source = f"; this preset is for {hub} (hf download {hub} --local-dir <dir>)" if hub else ""
             raise RunConfigError(
                 f"donors.{key}=???: required for donors={cfg.donors.name}; give donors.{key}=/path/to/checkpoint "
-                "(a Hugging Face LLaMA directory with config.json and safetensors)"
+                f"(a Hugging Face LLaMA directory with config.json and safetensors){source}"
             )
     if (cfg.donors.path8b is None) != (cfg.donors.path70b is None):
         missing = "path8b" if cfg.donors.path8b is None else "path70b"
         raise RunConfigError(f"donors.{missing}=null: give both donor paths, or neither for the embedded tiny donors")
     validate_run_settings(cfg)
+    if not uses_embedded_donors(cfg):
+        check_donor_expectations(cfg)
     kind, init = cfg.adapter.kind, cfg.adapter.init
     if kind == AdapterKind.mlp and init in (AdapterInit.identity, AdapterInit.lstsq):
         raise RunConfigError(f"adapter.init={init.name}: applies to the linear and lowrank adapters; the mlp adapter takes random")
@@ -116,6 +140,43 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
     return split
 
 
+#: the donor fields a preset's ``expect8b`` / ``expect70b`` pins, as ``LlamaConfig`` reads them (``rope_parameters``
+#: holds ``rope_theta`` and ``rope_scaling``); ``max_position_embeddings`` is left free (context extensions)
+EXPECTED_DONOR_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                         "intermediate_size", "vocab_size", "rms_norm_eps", "tie_word_embeddings", "rope_parameters")
+
+
+def check_donor_expectations(cfg: DictConfig) -> None:
+    """Each donor checkpoint's config.json against its preset's ``expect8b`` / ``expect70b`` (no weights read).
+
+    Catches the wrong checkpoint for a preset (another model, the donors swapped) before anything heavy.
+    """
+    from transformers import AutoConfig, LlamaConfig
+
+    for key in ("8b", "70b"):
+        expect = cfg.donors.get(f"expect{key}")
+        if expect is None:
+            continue
+        given = cfg.donors[f"path{key}"]
+        values = OmegaConf.to_container(expect, resolve=True)
+        expected = LlamaConfig(**values)
+        try:
+            actual = AutoConfig.from_pretrained(os.path.expanduser(given))
+        except Exception as exc:  # noqa: BLE001
+            raise RunConfigError(f"donors.path{key}={given}: cannot read its config.json ({exc})") from exc
+        # only what the preset pins (a field LlamaConfig would fill with its own default is not checked)
+        pinned = [n for n in EXPECTED_DONOR_FIELDS
+                  if n in values or (n == "rope_parameters" and {"rope_theta", "rope_scaling"} & set(values))]
+        for name in pinned:
+            want, got = getattr(expected, name, None), getattr(actual, name, None)
+            if want != got:
+                model = cfg.donors.get(f"hub{key}") or "its checkpoint"
+                raise RunConfigError(
+                    f"donors.path{key}={given}: its config.json has {name}={got}, but donors={cfg.donors.name} expects "
+                    f"{name}={want} ({model}); give that checkpoint, or donors.expect{key}=null to skip the check"
+                )
+
+
 def check_tensor_parallel(split: SplitLlamaConfig, tp: int) -> None:
     """``parallel.tp`` must divide both donors' query and KV heads (megatron shards whole heads)."""
     for donor, config in (("small", split.config_8b), ("large", split.config_70b)):
@@ -143,6 +204,32 @@ def resolve_donors(cfg: DictConfig) -> Donors:
 
     built = ensure_embedded_donors(embedded_recipe(cfg), cache_dir(cfg), progress=cfg.trainer.enable_progress_bar)
     return Donors(str(built.path8b), str(built.path70b), built.manifest, built.built_now)
+
+
+def saved_model_donors(split: SplitLlamaConfig) -> Donors | None:
+    """The donors a saved split model was assembled from (its config's paths), if both directories still exist."""
+    paths = (split.path8b, split.path70b)
+    if all(p is not None and Path(p).is_dir() for p in paths):
+        return Donors(*paths)  # type: ignore[arg-type]
+    return None
+
+
+def donor_references(cfg: DictConfig, donors: Donors, val_blocks: Any) -> DonorReferences | None:
+    """Both donors scored on the run's validation blocks (cached), or ``None`` with ``eval.references=false``.
+
+    See :mod:`splitllama.references`; scored on the GPU when the run trains on one.
+    """
+    if not cfg.eval.references:
+        return None
+    import torch
+
+    from ..references import score_references
+
+    device = "cuda" if torch.cuda.is_available() and cfg.parallel.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    return score_references(
+        donors.path8b, donors.path70b, val_blocks, cache_dir=cache_dir(cfg), batch_size=cfg.data.val_batch_size or cfg.data.batch_size,
+        dtype=cfg.backend.dtype, attn_implementation=cfg.backend.attn_implementation, device=device,
+    )
 
 
 def load_tokenizer(path: str) -> Any:
@@ -266,6 +353,15 @@ def make_strategy(cfg: DictConfig) -> Any:
 
         return DDPStrategy(find_unused_parameters=False, **timeout)
     return strategy
+
+
+def final_val_loss(trainer: Any, module: Any, data: Any) -> float:
+    """The validation loss after training: the pass fit already made at its last step (a run whose
+    ``trainer.val_check_interval`` divides ``max_steps``), else a fresh validation pass."""
+    last = module.last_validation
+    if last is not None and last[0] == trainer.global_step and trainer.global_step > 0:
+        return last[1]
+    return trainer.validate(module, data, verbose=False)[0]["val/loss"]
 
 
 def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> Any:
@@ -413,7 +509,9 @@ def run_name(cfg: DictConfig) -> str:
 
 __all__ = [
     "Donors",
+    "check_donor_expectations",
     "config_dict",
+    "donor_references",
     "layer_selection",
     "load_documents",
     "load_tokenizer",
@@ -430,6 +528,7 @@ __all__ = [
     "resolve_ckpt_path",
     "resolve_donors",
     "run_name",
+    "saved_model_donors",
     "seed_everything",
     "validate",
 ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional  # noqa: UP035 - OmegaConf reads typing generics
+from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf reads typing generics
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -95,6 +95,8 @@ class TaskConfig:
 
 @dataclass
 class DonorShapeConfig:
+    """One embedded donor (defaults: the small one of conf/donors/tiny.yaml)."""
+
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -103,6 +105,7 @@ class DonorShapeConfig:
     intermediate_size: int = 448
     pretrain_steps: int = 200
     lr: float = 3e-3
+    warmup_steps: Optional[int] = 20
 
 
 @dataclass
@@ -116,10 +119,12 @@ class EmbeddedConfig:
     min_doc_chars: int = 80
     seed: int = 0
     eval_blocks: Optional[int] = None
+    eval_every: Optional[int] = 60
     small: DonorShapeConfig = field(default_factory=DonorShapeConfig)
     large: DonorShapeConfig = field(
         default_factory=lambda: DonorShapeConfig(
-            hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=896, pretrain_steps=100
+            hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=896, pretrain_steps=600,
+            lr=2e-3, warmup_steps=60,
         )
     )
 
@@ -139,6 +144,13 @@ class DonorsConfig:
     default_n8: int = 2
     default_n70: int = 4
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    #: where a preset's checkpoints come from (Hugging Face hub ids; named in the error for a missing path)
+    hub8b: Optional[str] = None
+    hub70b: Optional[str] = None
+    #: config.json values a preset's checkpoints have (the keys LlamaConfig takes: ``rope_theta``,
+    #: ``rope_scaling``, ...); a checkpoint that differs fails before any weights are read. None: no check
+    expect8b: Optional[Dict[str, Any]] = None
+    expect70b: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -200,6 +212,9 @@ class ParallelConfig:
     #: backend=megatron only: each batch (data.batch_size) is split into micro-batches of this
     #: size for megatron's schedule (None: one micro-batch); pipelines want >= pp micro-batches
     micro_batch_size: Optional[int] = None
+    #: torch CPU threads of each run process (None: torch's default, one per core). Jobs that a
+    #: sweep runs side by side (hydra/launcher=joblib) each want cores / n_jobs.
+    cpu_threads: Optional[int] = None
 
 
 @dataclass
@@ -221,7 +236,7 @@ class DataConfig:
 class TrainerConfig:
     """Lightning Trainer arguments (the ones a run needs; see conf/trainer/)."""
 
-    max_steps: int = 120
+    max_steps: int = 80
     val_check_interval: Optional[int] = 40
     precision: str = "32-true"
     gradient_clip_val: Optional[float] = 1.0
@@ -329,6 +344,16 @@ class HarnessConfig:
 
 @dataclass
 class EvalConfig:
+    """What a run measures besides its own validation loss.
+
+    ``references``: score both donors (plain LLaMA models) on the run's validation blocks, so
+    results.json, the loggers and the sweep summary carry ``small_val_loss``, ``large_val_loss``
+    and ``gap_closed`` (0 at the small donor, 1 at the large). Scores are cached per donor and
+    blocks (see :mod:`splitllama.references`); ``false`` skips them.
+    ``harness``: downstream tasks (lm-evaluation-harness), with the donors scored the same way.
+    """
+
+    references: bool = True
     harness: HarnessConfig = field(default_factory=HarnessConfig)
 
 
@@ -409,6 +434,19 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
         raise RunConfigError(f"{key}={value}: {rule}")
 
 
+def _validate_embedded_recipe(embedded: Any) -> None:
+    """The pre-training fields of the embedded-donor recipe (shapes are checked by the split config)."""
+    if embedded.eval_every is not None:
+        _check(embedded.eval_every >= 1, "donors.embedded.eval_every", embedded.eval_every, "must be >= 1, or null")
+    for which in ("small", "large"):
+        donor = embedded[which]
+        _check(donor.pretrain_steps >= 1, f"donors.embedded.{which}.pretrain_steps", donor.pretrain_steps, "must be >= 1")
+        _check(donor.lr > 0, f"donors.embedded.{which}.lr", donor.lr, "must be > 0")
+        if donor.warmup_steps is not None:
+            _check(0 <= donor.warmup_steps <= donor.pretrain_steps, f"donors.embedded.{which}.warmup_steps", donor.warmup_steps,
+                   f"must be in [0, pretrain_steps={donor.pretrain_steps}], or null")
+
+
 def validate_run_settings(cfg: Any) -> None:
     """Range checks of fields that need no donor (cheap; run before anything else)."""
     _check(cfg.data.seq_len >= 2, "data.seq_len", cfg.data.seq_len, "must be >= 2")
@@ -442,6 +480,7 @@ def validate_run_settings(cfg: Any) -> None:
         _check(cfg.sweep.flops_budget is not None and cfg.sweep.flops_budget > 0, "sweep.flops_budget", cfg.sweep.flops_budget,
                "must be > 0 (training FLOPs per token) for sweep.objective=penalised")
     _validate_parallel(cfg)
+    _validate_embedded_recipe(cfg.donors.embedded)
     _check(cfg.sweep.penalty >= 0, "sweep.penalty", cfg.sweep.penalty, "must be >= 0")
     if cfg.task.stop_after_steps is not None:
         _check(cfg.task.stop_after_steps >= 1, "task.stop_after_steps", cfg.task.stop_after_steps, "must be >= 1")
@@ -523,6 +562,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterInit",
     "AdapterKind",
+    "EvalConfig",
     "HarnessEngine",
     "RunConfig",
     "RunConfigError",
