@@ -26,7 +26,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from splitllama.results import RunSignals, is_first_rank, register_run_dir_resolver, split_summary
+from splitllama.results import RunSignals, is_first_rank, register_run_dir_resolver, resumes_run, split_summary
 from splitllama.training.schema import RunConfigError, register_configs
 
 log = logging.getLogger("splitllama.run")
@@ -277,9 +277,7 @@ def _is_multirun() -> bool:
 
 
 def _resumes(cfg: DictConfig) -> bool:
-    """Whether this run may take a used run directory: a deliberate resume (``ckpt_path``), or a
-    SLURM job requeued after preemption, rerunning the same command into the same directory."""
-    return cfg.ckpt_path is not None or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    return resumes_run(cfg.ckpt_path)
 
 
 def _requeued_checkpoint(cfg: DictConfig) -> str | None:

@@ -76,6 +76,44 @@ def _run_id() -> str:
     return time.strftime("%Y-%m-%d/%H-%M-%S-") + secrets.token_hex(3)
 
 
+def in_use_message(run_dir: Path, hint: str = "") -> str:
+    """Why ``run_dir`` is taken: the run its results.json records, or the run its claim file names."""
+    results, claim = run_dir / RESULTS_FILE, run_dir / CLAIM_FILE
+    holder = results.exists() and read_results(results)
+    if holder:
+        who = f"{RESULTS_FILE} records a run with status {holder.get('status')!r} started {holder.get('started')}"
+    else:
+        who = f"{CLAIM_FILE} says a run holds it ({claim.read_text(errors='replace').strip() or 'still starting'})"
+    return f"run directory {run_dir} is in use: {who}. A new run needs its own directory (leave hydra.run.dir to its default){hint}"
+
+
+def resumes_run(ckpt_path: Any) -> bool:
+    """Whether a run may take a used run directory: a deliberate resume (``ckpt_path``), or a SLURM
+    job requeued after preemption, rerunning the same command into the same directory."""
+    return ckpt_path is not None or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def _hydra_callback_base() -> type:
+    from hydra.experimental.callback import Callback
+
+    return Callback
+
+
+class RunDirGuard(_hydra_callback_base()):  # type: ignore[misc]
+    """Hydra callback (``conf/hydra/default.yaml``): refuse a used run directory before Hydra writes
+    its ``.hydra/`` files and ``run.log`` into it, so a refused run leaves the directory as it was.
+    ``run.py`` still claims the directory atomically (two runs racing for a fresh one)."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        run_dir = Path(config.hydra.run.dir)
+        if not is_first_rank() or resumes_run(config.get("ckpt_path")):
+            return
+        if (run_dir / RESULTS_FILE).exists() or (run_dir / CLAIM_FILE).exists():
+            task = str(config.get("task", {}).get("name", ""))
+            hint = ", or resume it with ckpt_path=last" if task.endswith("train") else ""
+            raise SystemExit(f"error: {in_use_message(run_dir, hint)}")
+
+
 def is_first_rank() -> bool:
     """True unless this process is a later rank of a distributed run: Lightning's own processes
     (``LOCAL_RANK`` / ``NODE_RANK``), torchrun's (``RANK``) or a SLURM job's tasks (``SLURM_PROCID``
@@ -207,12 +245,7 @@ class RunRecord:
             os.close(fd)
         holder = results.exists() and read_results(results)
         if not resume:
-            if holder:
-                who = f"{RESULTS_FILE} records a run with status {holder.get('status')!r} started {holder.get('started')}"
-            else:
-                who = f"{CLAIM_FILE} says a run holds it ({claim.read_text(errors='replace').strip() or 'still starting'})"
-            raise RunDirInUse(f"run directory {self.run_dir} is in use: {who}. A new run needs its own directory "
-                              f"(leave hydra.run.dir to its default){hint}")
+            raise RunDirInUse(in_use_message(self.run_dir, hint))
         claim.write_text(stamp)
         if holder:
             self.previous = holder

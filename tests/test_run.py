@@ -164,6 +164,8 @@ def test_a_used_run_directory_is_refused_and_a_failed_resume_keeps_the_record(de
     run_dir = tmp_path / "run"
     shutil.copytree(default_run, run_dir)
     finished = (run_dir / "results.json").read_bytes()
+    hydra_files = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+    log_size = (run_dir / "run.log").stat().st_size
     proc = run_py(QUICK, f"hydra.run.dir={run_dir}", cwd=tmp_path, ok=False, timeout=300)
     message = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Traceback" not in message
@@ -171,6 +173,9 @@ def test_a_used_run_directory_is_refused_and_a_failed_resume_keeps_the_record(de
             f"{read_results(run_dir)['started']}. A new run needs its own directory (leave hydra.run.dir to its default), "
             "or resume it with ckpt_path=last") in message, message[-2000:]
     assert (run_dir / "results.json").read_bytes() == finished
+    # refused before Hydra wrote into it: its composed config and log are the finished run's
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == hydra_files
+    assert (run_dir / "run.log").stat().st_size == log_size
 
     proc = run_py(QUICK, "ckpt_path=last", "optim.lr=-1", f"hydra.run.dir={run_dir}", cwd=tmp_path, ok=False, timeout=300)
     assert proc.returncode != 0 and "error: optim.lr=-1.0: must be > 0" in proc.stdout + proc.stderr
