@@ -90,10 +90,10 @@ def test_fsdp_lora_resumes_exactly_and_exports_merged(run_py: RunPy, tmp_path: P
 
 def test_fsdp_refuses_bad_settings(run_py: RunPy, tmp_path: Path) -> None:
     """Checked when the config is composed, before any process starts, naming the field."""
-    proc = run_py(*QUICK, *FSDP_CPU, "parallel.fsdp_sharding_strategy=HYBRID", f"hydra.run.dir={tmp_path}", cwd=tmp_path, ok=False)
+    proc = run_py(*QUICK, *FSDP_CPU, "parallel.fsdp_sharding_strategy=HYBRID", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path, ok=False)
     assert proc.returncode != 0
     assert "parallel.fsdp_sharding_strategy=HYBRID: must be one of ['FULL_SHARD', 'SHARD_GRAD_OP']" in proc.stderr
-    proc = run_py(*QUICK, *FSDP_CPU, "backend=megatron", f"hydra.run.dir={tmp_path}", cwd=tmp_path, ok=False)
+    proc = run_py(*QUICK, *FSDP_CPU, "backend=megatron", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path, ok=False)
     assert "parallel.strategy=fsdp: shards the HF backend" in proc.stderr
 
 

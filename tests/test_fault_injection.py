@@ -10,6 +10,7 @@ something else (a random adapter, an embedding used as the head, a silently cast
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -155,7 +156,9 @@ def test_gpt2_weights_under_a_llama_config_are_not_a_llama(tmp_path: Path, small
 def test_pickle_payload_in_an_adapter_pt_is_refused(tmp_path: Path, small_donor: Path, large_donor: Path) -> None:
     """``.pt`` adapters are read with ``weights_only=True``: a pickled object is an error, never executed."""
     path = tmp_path / "adapter.pt"
-    torch.save({"adapter_linear_1.weight": torch.zeros(128, 64), "payload": Path("/etc")}, path)
+    # a reference to os.system: unpickling it with full pickle would hand out a callable (what a
+    # payload needs); the weights-only reader refuses the global instead
+    torch.save({"adapter_linear_1.weight": torch.zeros(128, 64), "payload": os.system}, path)
     with pytest.raises(CheckpointError, match=rf"adapter_checkpoint: cannot read {re.escape(str(path))} \(safetensors or a weights-only torch file\)"):
         build_split_model(small_donor, large_donor, 2, 3, adapter_checkpoint=path)
 

@@ -148,7 +148,7 @@ def test_harness_columns_and_gap_closed() -> None:
 @pytest.mark.parametrize(("overrides", "message"), [
     (("task=eval", "eval.harness.engine=vllm"), "eval.harness.engine=vllm: vLLM scores a saved model"),
     (("task.export=false", "eval.harness.engine=vllm"), "eval.harness.engine=vllm: vLLM scores a saved model"),
-    (("backend=megatron", "task.export=false"), "backend=megatron is scored through its exported HF model"),
+    (("backend=megatron", "task.export=false"), r"a sharded model \(backend=megatron, parallel=single\) is scored through its exported HF model"),
 ])
 def test_harness_settings_that_cannot_work_fail_at_once(overrides: tuple[str, ...], message: str) -> None:
     from splitllama.training.pipeline import prepare_harness

@@ -426,8 +426,11 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         raise RunConfigError(f"ckpt_path={value}: no checkpoint at {path}; {hint}")
     import zipfile
 
-    try:  # a torch checkpoint is a zip archive; a truncated one lacks the directory at its end
-        zipfile.ZipFile(path).close()
+    # a torch checkpoint is a zip archive; a truncated one lacks the directory at its end (a sharded
+    # one, parallel=fsdp, is a directory whose meta.pt is such an archive)
+    archive = path / "meta.pt" if is_sharded_checkpoint(path) else path
+    try:
+        zipfile.ZipFile(archive).close()
     except (zipfile.BadZipFile, OSError) as exc:
         raise RunConfigError(
             f"ckpt_path={value}: {path} is not a readable checkpoint (truncated or corrupt: {exc}); "
