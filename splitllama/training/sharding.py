@@ -99,12 +99,6 @@ def _sharded_checkpoint_keys(path: Path) -> set[str]:
     return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
 
-def make_sharded_strategy(**kwargs: Any) -> Any:
-    """Lightning's ``ModelParallelStrategy`` (FSDP2 over all processes, no tensor parallelism) that
-    saves and resumes checkpoints holding only the trainable tensors (see :class:`ShardedStrategy`)."""
-    return ShardedStrategy(**kwargs)
-
-
 def _strategy_base() -> type:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -182,5 +176,4 @@ __all__ = [
     "decoder_layers",
     "full_state_dict",
     "is_sharded",
-    "make_sharded_strategy",
 ]
