@@ -3,10 +3,15 @@
 ``python run.py`` with no arguments needs donors that share a tokenizer and have learned
 something, without downloading anything. The recipe:
 
-1. **Corpus**: the docstrings of the Python standard library (English prose every Python
-   installation carries), collected deterministically: stdlib files in sorted order, parsed with
-   :mod:`ast`, module/class/function docstrings of at least ``min_doc_chars`` characters,
-   de-duplicated. About 1.6 MB of text, 4.4k documents on Python 3.11.
+1. **Corpus** (``corpus``): the Python standard library, which every Python installation carries,
+   read deterministically (stdlib files in sorted order, no tests, no site-packages):
+   ``stdlib_source``, each module's source text (code, comments and docstrings; about 12 MB,
+   700 documents, 3.3M tokens at ``vocab_size`` 4096 on Python 3.11), or ``stdlib_docstrings``,
+   the module/class/function docstrings of at least ``min_doc_chars`` characters parsed with
+   :mod:`ast`, de-duplicated (about 1.6 MB, 4.4k documents). The default is the source: on the
+   docstrings every model size levels off near 4.0 nats of validation loss within two epochs and
+   then overfits (a 1-11M-parameter model has more capacity than 0.45M tokens need), so a larger
+   donor cannot be better there; on the source it can (``benchmarks/README.md``, donor recipes).
 2. **Tokenizer**: byte-level BPE (the ``tokenizers`` library), ``vocab_size`` tokens with
    ``<pad>`` = 0, ``<s>`` = 1, ``</s>`` = 2, trained on the training documents only and saved as
    a transformers ``PreTrainedTokenizerFast``.
@@ -59,6 +64,21 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if not set(p.relative_to(root).parts[:-1]) & STDLIB_SKIP_DIRS)
 
 
+def collect_stdlib_source(min_chars: int = 80, *, progress: bool = True) -> list[str]:
+    """Each standard-library module's source text (UTF-8; at least ``min_chars`` characters), in a deterministic order."""
+    from tqdm.auto import tqdm
+
+    documents: list[str] = []
+    for path in tqdm(stdlib_files(), desc="corpus: stdlib source", unit="file", disable=not progress):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if len(text) >= min_chars:
+            documents.append(text)
+    return documents
+
+
 def collect_stdlib_docstrings(min_chars: int = 80, *, progress: bool = True) -> list[str]:
     """Module, class and function docstrings of the standard library, in a deterministic order."""
     from tqdm.auto import tqdm
@@ -87,19 +107,29 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _corpus_key(min_chars: int) -> str:
+#: corpus name -> the function that collects it (``EmbeddedRecipe.corpus``, ``data.source``)
+CORPORA = {"stdlib_source": collect_stdlib_source, "stdlib_docstrings": collect_stdlib_docstrings}
+
+
+def _corpus_key(min_chars: int, corpus: str = "stdlib_docstrings") -> str:
     ident = {"version": CORPUS_VERSION, "python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"], "min_chars": min_chars}
+    if corpus != "stdlib_docstrings":  # the docstrings' key predates the choice; keep their cached files valid
+        ident["corpus"] = corpus
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_stdlib_corpus(cache_dir: str | os.PathLike[str] | None = None, min_chars: int = 80, *, progress: bool = True) -> list[str]:
-    """The stdlib docstring corpus, cached as JSON under ``<cache_dir>/corpus/`` (verified by hash)."""
+def load_stdlib_corpus(
+    cache_dir: str | os.PathLike[str] | None = None, min_chars: int = 80, *, corpus: str = "stdlib_docstrings", progress: bool = True
+) -> list[str]:
+    """A standard-library corpus (:data:`CORPORA`), cached as JSON under ``<cache_dir>/corpus/`` (verified by hash)."""
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus={corpus!r}: unknown; one of {', '.join(CORPORA)}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = root / "corpus" / f"stdlib-docstrings-{_corpus_key(min_chars)}.json"
+    path = root / "corpus" / f"{corpus.replace('_', '-')}-{_corpus_key(min_chars, corpus)}.json"
     sidecar = path.with_suffix(".sha256")
     if path.is_file() and sidecar.is_file() and sidecar.read_text().strip() == _sha256_file(path):
         return json.loads(path.read_text(encoding="utf-8"))
-    documents = collect_stdlib_docstrings(min_chars, progress=progress)
+    documents = CORPORA[corpus](min_chars, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(documents), encoding="utf-8")
@@ -152,19 +182,21 @@ class DonorRecipe:
 class EmbeddedRecipe:
     """Everything that determines the embedded donors; its hash keys the cache."""
 
-    vocab_size: int = 8192
-    seq_len: int = 256
+    vocab_size: int = 4096
+    seq_len: int = 128
     batch_size: int = 16
     val_fraction: float = 0.05
     min_doc_chars: int = 80
+    #: which standard-library text the tokenizer and both donors learn (:data:`CORPORA`)
+    corpus: str = "stdlib_source"
     seed: int = 0
     #: validation blocks the build scores each donor on (``None``: all of them)
     eval_blocks: int | None = None
     #: also score each donor every this many pre-training steps (``None``: only at the end); the
     #: manifest keeps the curve, which is how a recipe's step counts are chosen
-    eval_every: int | None = 60
-    small: DonorRecipe = field(default_factory=lambda: DonorRecipe(128, 4, 4, 2, 32, 448, pretrain_steps=200, lr=3e-3, warmup_steps=20))
-    large: DonorRecipe = field(default_factory=lambda: DonorRecipe(256, 8, 8, 2, 32, 896, pretrain_steps=600, lr=2e-3, warmup_steps=60))
+    eval_every: int | None = 400
+    small: DonorRecipe = field(default_factory=lambda: DonorRecipe(32, 2, 1, 1, 32, 112, pretrain_steps=1600, lr=1e-2, warmup_steps=160))
+    large: DonorRecipe = field(default_factory=lambda: DonorRecipe(256, 4, 8, 2, 32, 896, pretrain_steps=1600, lr=2e-3, warmup_steps=160))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EmbeddedRecipe:
@@ -174,7 +206,7 @@ class EmbeddedRecipe:
         return cls(**values, small=small, large=large)
 
     def key(self) -> str:
-        ident = {"version": RECIPE_VERSION, "corpus": _corpus_key(self.min_doc_chars), "recipe": asdict(self)}
+        ident = {"version": RECIPE_VERSION, "corpus": _corpus_key(self.min_doc_chars, self.corpus), "recipe": asdict(self)}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def llama_config(self, which: str) -> Any:
@@ -326,7 +358,7 @@ def build_embedded_donors(recipe: EmbeddedRecipe, out_dir: Path, cache_dir: Path
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    documents = load_stdlib_corpus(cache_dir, recipe.min_doc_chars, progress=progress)
+    documents = load_stdlib_corpus(cache_dir, recipe.min_doc_chars, corpus=recipe.corpus, progress=progress)
     train_docs, val_docs = split_documents(documents, recipe.val_fraction)
     timings["corpus_s"] = time.perf_counter() - start
 
@@ -406,7 +438,9 @@ __all__ = [
     "DonorRecipe",
     "EmbeddedDonors",
     "EmbeddedRecipe",
+    "CORPORA",
     "collect_stdlib_docstrings",
+    "collect_stdlib_source",
     "default_cache_dir",
     "ensure_embedded_donors",
     "evaluate_lm",

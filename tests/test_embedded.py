@@ -42,6 +42,34 @@ def test_corpus_is_stdlib_docstrings(cache_dir: Path) -> None:
     assert any(d.startswith("JSON (JavaScript Object Notation)") for d in documents)
 
 
+def test_corpus_of_the_default_recipe_is_stdlib_source(cache_dir: Path) -> None:
+    """The default donors learn the stdlib's source (12 MB): on the docstrings (1.6 MB) every donor size
+    levels off near 4.0 nats and overfits, so a large donor cannot be clearly better there."""
+    from splitllama.embedded import CORPORA, _corpus_key
+
+    assert EmbeddedRecipe().corpus == "stdlib_source" and set(CORPORA) == {"stdlib_source", "stdlib_docstrings"}
+    documents = load_stdlib_corpus(cache_dir, 80, corpus="stdlib_source", progress=False)
+    assert len(documents) > 500 and sum(map(len, documents)) > 8_000_000 and all(len(d) >= 80 for d in documents)
+    # whole modules: code and the docstrings in it (json/__init__.py opens with its docstring)
+    assert any(d.startswith('r"""JSON (JavaScript Object Notation)') and "def dumps(" in d for d in documents)
+    assert load_stdlib_corpus(cache_dir, 80, corpus="stdlib_source", progress=False) == documents  # cached
+    assert _corpus_key(80, "stdlib_source") != _corpus_key(80, "stdlib_docstrings")
+    with pytest.raises(ValueError, match="corpus='wiki': unknown; one of stdlib_source, stdlib_docstrings"):
+        load_stdlib_corpus(cache_dir, 80, corpus="wiki", progress=False)
+
+
+def test_run_data_must_be_the_embedded_donors_corpus() -> None:
+    """Validation text from the other stdlib corpus overlaps what the embedded donors trained on: refused."""
+    from splitllama.training.schema import RunConfigError, validate_run_settings
+
+    validate_run_settings(compose_run_config())  # the default: stdlib_source data, stdlib_source donors
+    validate_run_settings(compose_run_config("debug=quick"))  # docstrings for both (fast tokenizer)
+    with pytest.raises(RunConfigError, match=r"data.source=stdlib_docs: the embedded donors learned donors.embedded.corpus=stdlib_source.*use data=stdlib_source"):
+        validate_run_settings(compose_run_config("data=stdlib_docs"))
+    with pytest.raises(RunConfigError, match=r"donors.embedded.corpus=wiki: must be one of stdlib_docstrings, stdlib_source"):
+        validate_run_settings(compose_run_config("donors.embedded.corpus=wiki"))
+
+
 def test_split_by_document_is_disjoint_stable_and_nested(cache_dir: Path) -> None:
     documents = load_stdlib_corpus(cache_dir, 80, progress=False)
     train, val = split_documents(documents, 0.05)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..configuration_split_llama import SplitConfigError, SplitLlamaConfig
-from .schema import AdapterInit, AdapterKind, DataSource, RunConfigError, explain_split_error, validate_run_settings
+from .schema import DATA_CORPUS, AdapterInit, AdapterKind, RunConfigError, explain_split_error, validate_run_settings
 
 if TYPE_CHECKING:
     from ..references import DonorReferences
@@ -245,10 +245,11 @@ def load_tokenizer(path: str) -> Any:
 def load_documents(cfg: DictConfig) -> list[str]:
     from .data import read_text_files
 
-    if cfg.data.source == DataSource.stdlib_docs:
+    if cfg.data.source in DATA_CORPUS:
         from ..embedded import load_stdlib_corpus
 
-        return load_stdlib_corpus(cache_dir(cfg), cfg.data.min_doc_chars, progress=cfg.trainer.enable_progress_bar)
+        return load_stdlib_corpus(cache_dir(cfg), cfg.data.min_doc_chars, corpus=DATA_CORPUS[cfg.data.source],
+                                  progress=cfg.trainer.enable_progress_bar)
     return read_text_files(list(cfg.data.files), cfg.data.text_field)
 
 
@@ -458,7 +459,9 @@ def prepare_harness(cfg: DictConfig) -> Any:
         raise RunConfigError(f"eval.harness.tasks: a sharded model (backend={cfg.backend.name}, parallel={cfg.parallel.name}) is "
                              "scored through its exported HF model (see splitllama.harness); keep task.export=true, or set "
                              "eval.harness.tasks=[]")
-    return prepare_tasks(settings, cache_dir(cfg))
+    # our tasks' test items: held out of what the models learned (the run's stdlib data, else the embedded donors' corpus)
+    corpus = DATA_CORPUS.get(cfg.data.source, cfg.donors.embedded.corpus)
+    return prepare_tasks(settings, cache_dir(cfg), corpus)
 
 
 def run_harness(cfg: DictConfig, prepared: Any, record: Any, model: Any, tokenizer: Any, *, donor_paths: dict[str, str] | None,

@@ -66,8 +66,15 @@ class HarnessEngine(Enum):
 
 
 class DataSource(Enum):
+    """Where a run's text comes from: a standard-library corpus (:data:`splitllama.embedded.CORPORA`) or files."""
+
+    stdlib_source = "stdlib_source"
     stdlib_docs = "stdlib_docs"
     files = "files"
+
+
+#: the embedded corpus each stdlib data source reads (``EmbeddedRecipe.corpus``)
+DATA_CORPUS = {DataSource.stdlib_source: "stdlib_source", DataSource.stdlib_docs: "stdlib_docstrings"}
 
 
 #: What ``finetune.trainable`` may list.
@@ -97,34 +104,35 @@ class TaskConfig:
 class DonorShapeConfig:
     """One embedded donor (defaults: the small one of conf/donors/tiny.yaml)."""
 
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 1
+    num_kv_heads: int = 1
     head_dim: int = 32
-    intermediate_size: int = 448
-    pretrain_steps: int = 200
-    lr: float = 3e-3
-    warmup_steps: Optional[int] = 20
+    intermediate_size: int = 112
+    pretrain_steps: int = 1600
+    lr: float = 1e-2
+    warmup_steps: Optional[int] = 160
 
 
 @dataclass
 class EmbeddedConfig:
     """Recipe of the embedded donors (see :mod:`splitllama.embedded`); its hash keys the cache."""
 
-    vocab_size: int = 8192
-    seq_len: int = 256
+    vocab_size: int = 4096
+    seq_len: int = 128
     batch_size: int = 16
     val_fraction: float = 0.05
     min_doc_chars: int = 80
+    corpus: str = "stdlib_source"
     seed: int = 0
     eval_blocks: Optional[int] = None
-    eval_every: Optional[int] = 60
+    eval_every: Optional[int] = 400
     small: DonorShapeConfig = field(default_factory=DonorShapeConfig)
     large: DonorShapeConfig = field(
         default_factory=lambda: DonorShapeConfig(
-            hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=896, pretrain_steps=600,
-            lr=2e-3, warmup_steps=60,
+            hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=896, pretrain_steps=1600,
+            lr=2e-3, warmup_steps=160,
         )
     )
 
@@ -436,6 +444,8 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
 
 def _validate_embedded_recipe(embedded: Any) -> None:
     """The pre-training fields of the embedded-donor recipe (shapes are checked by the split config)."""
+    corpora = sorted(DATA_CORPUS.values())
+    _check(embedded.corpus in corpora, "donors.embedded.corpus", embedded.corpus, f"must be one of {', '.join(corpora)}")
     if embedded.eval_every is not None:
         _check(embedded.eval_every >= 1, "donors.embedded.eval_every", embedded.eval_every, "must be >= 1, or null")
     for which in ("small", "large"):
@@ -481,6 +491,16 @@ def validate_run_settings(cfg: Any) -> None:
                "must be > 0 (training FLOPs per token) for sweep.objective=penalised")
     _validate_parallel(cfg)
     _validate_embedded_recipe(cfg.donors.embedded)
+    embedded_donors = cfg.donors.get("path8b") is None and cfg.donors.get("path70b") is None
+    if embedded_donors and cfg.data.source in DATA_CORPUS and DATA_CORPUS[cfg.data.source] != cfg.donors.embedded.corpus:
+        # the held-out documents are held out of one corpus; the other one's overlap the donors' training text
+        source = cfg.data.source.value
+        raise RunConfigError(
+            f"data.source={source}: the embedded donors learned donors.embedded.corpus={cfg.donors.embedded.corpus}, so "
+            f"validation on {DATA_CORPUS[cfg.data.source]} would score text they trained on; use "
+            f"data={next(k.value for k, v in DATA_CORPUS.items() if v == cfg.donors.embedded.corpus)}, or set "
+            f"donors.embedded.corpus={DATA_CORPUS[cfg.data.source]}"
+        )
     _check(cfg.sweep.penalty >= 0, "sweep.penalty", cfg.sweep.penalty, "must be >= 0")
     if cfg.task.stop_after_steps is not None:
         _check(cfg.task.stop_after_steps >= 1, "task.stop_after_steps", cfg.task.stop_after_steps, "must be >= 1")
