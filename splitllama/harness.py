@@ -119,8 +119,11 @@ class PreparedTasks:
     fingerprint: str
 
 
-def prepare_tasks(settings: HarnessSettings, cache_dir: str | os.PathLike[str]) -> PreparedTasks:
+def prepare_tasks(settings: HarnessSettings, cache_dir: str | os.PathLike[str], corpus: str = "stdlib_source") -> PreparedTasks:
     """Resolve ``settings.tasks`` and load their datasets, before any model work.
+
+    ``corpus``: the stdlib corpus the scored models learned; our tasks' test items come from its
+    held-out split.
 
     Our tasks' data is made into the cache on first use. lm-eval's own task index (thousands of
     YAML files, tens of seconds to scan on a slow machine) is read only when a task is neither
@@ -130,7 +133,7 @@ def prepare_tasks(settings: HarnessSettings, cache_dir: str | os.PathLike[str]) 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from lm_eval.tasks import TaskManager
 
-    include_paths = [str(build_task_data(cache_dir))]
+    include_paths = [str(build_task_data(cache_dir, corpus))]
     if settings.include_path:
         include_paths.append(settings.include_path)
     manager = TaskManager(include_path=include_paths, include_defaults=False)

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -112,12 +113,16 @@ def test_missing_dataset_fails_naming_the_task(embedded_cache: Path, tmp_path: P
         prepare_tasks(HarnessSettings(tasks=(TASK,), limit=0), embedded_cache)
 
 
-def test_own_task_items_are_held_out_and_well_formed(embedded_cache: Path) -> None:
-    from splitllama.eval_tasks import NUM_CHOICES, OWN_TASKS, build_task_data
+@pytest.mark.parametrize("corpus", ["stdlib_source", "stdlib_docstrings"])
+def test_own_task_items_are_held_out_and_well_formed(embedded_cache: Path, corpus: str) -> None:
+    """Test items come from text the models never train on: held-out source files (the default
+    donors' corpus) or held-out docstrings (the docstring corpus)."""
+    from splitllama.eval_tasks import NUM_CHOICES, OWN_TASKS, build_task_data, documented_functions, source_files_of_docstrings
     from splitllama.training.data import in_validation
 
-    folder = build_task_data(embedded_cache)
-    assert build_task_data(embedded_cache) == folder  # made once
+    folder = build_task_data(embedded_cache, corpus)
+    assert build_task_data(embedded_cache, corpus) == folder  # made once
+    assert folder != build_task_data(embedded_cache, "stdlib_docstrings" if corpus == "stdlib_source" else "stdlib_source")
     for task in OWN_TASKS:
         test = [json.loads(line) for line in (folder / f"{task}.test.jsonl").read_text().splitlines()]
         assert 100 <= len(test) <= 400
@@ -127,9 +132,17 @@ def test_own_task_items_are_held_out_and_well_formed(embedded_cache: Path) -> No
         assert max(labels.count(k) for k in range(NUM_CHOICES)) < 0.4 * len(test)  # answer positions spread
     names = [json.loads(line) for line in (folder / "stdlib_docstring_name.test.jsonl").read_text().splitlines()]
     assert all(item["function"].rsplit(".", 1)[1] not in item["docstring"].split() for item in names)  # name masked
-    from splitllama.eval_tasks import documented_functions
+    functions = documented_functions()
+    if corpus == "stdlib_docstrings":
+        held_out = {fn.qualname for fn in functions if in_validation(fn.docstring, 0.05)}
+    else:  # every file holding the docstring is a held-out document of the source corpus
+        from splitllama.embedded import load_stdlib_corpus
 
-    held_out = {fn.qualname for fn in documented_functions() if in_validation(fn.docstring, 0.05)}
+        held_out_files = {doc for doc in load_stdlib_corpus(embedded_cache, 80, corpus="stdlib_source", progress=False) if in_validation(doc, 0.05)}
+        files_of, _ = source_files_of_docstrings()
+        root = Path(sysconfig.get_paths()["stdlib"])
+        held_out = {fn.qualname for fn in functions
+                    if all((root / f).read_text(encoding="utf-8") in held_out_files for f in files_of[fn.docstring])}
     assert {item["function"] for item in names} <= held_out
 
 

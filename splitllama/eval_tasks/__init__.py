@@ -10,10 +10,11 @@ trains its donors on):
 - ``stdlib_docstring_next``: the opening of a docstring and four sentences; which one comes next?
   (the three others are next sentences of other docstrings, HellaSwag-style).
 
-The test items come from docstrings in the corpus's validation split (the hash of
+The test items come from the validation split of the corpus the models learn (the hash of
 :func:`splitllama.training.data.in_validation` at the default ``val_fraction``), which neither
-the embedded donors nor a split model train on; the few-shot pool (``train``) comes from the
-training split. Generation is deterministic: same Python, same items. :func:`build_task_data`
+the embedded donors nor a split model train on: for ``stdlib_source`` (the default), docstrings
+found only in held-out source files; for ``stdlib_docstrings``, held-out docstrings. The few-shot
+pool (``train``) comes from the rest. Generation is deterministic: same Python, same items. :func:`build_task_data`
 writes the JSONL files and a copy of each YAML that points at them into
 ``<cache_dir>/eval_tasks/<key>/``, the folder lm-eval gets as ``include_path``.
 """
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 #: Bump when the item-making code below changes what it writes.
-TASK_DATA_VERSION = 1
+TASK_DATA_VERSION = 2
 #: The tasks this package ships (YAML files in this folder).
 OWN_TASKS = ("stdlib_docstring_name", "stdlib_docstring_next")
 #: Which corpus documents are held out (DataConfig's and the embedded recipe's default).
@@ -57,6 +58,8 @@ class DocumentedFunction:
     qualname: str
     name: str
     docstring: str
+    #: the stdlib file it is defined in (relative to the stdlib root)
+    source: str = ""
 
 
 def documented_functions(min_chars: int = MIN_DOC_CHARS) -> list[DocumentedFunction]:
@@ -77,7 +80,7 @@ def documented_functions(min_chars: int = MIN_DOC_CHARS) -> list[DocumentedFunct
         for node, owner in _public_defs(tree):
             doc = ast.get_docstring(node, clean=True)
             if doc and len(doc) >= min_chars:
-                found.append(DocumentedFunction(f"{module}.{owner}{node.name}", node.name, doc))
+                found.append(DocumentedFunction(f"{module}.{owner}{node.name}", node.name, doc, str(path.relative_to(root))))
     counts: dict[str, int] = {}
     for fn in found:
         counts[fn.docstring] = counts.get(fn.docstring, 0) + 1
@@ -155,12 +158,49 @@ def next_items(documents: list[str], seed: int) -> tuple[list[dict[str, Any]], l
     return items, [doc for doc, _ in pairs]
 
 
-def _key() -> str:
+def source_files_of_docstrings() -> tuple[dict[str, set[str]], dict[str, bool]]:
+    """Which stdlib files each (cleaned) docstring occurs in, and which files the ``stdlib_source``
+    corpus holds out (its documents are whole files, read as :func:`~splitllama.embedded.collect_stdlib_source` does)."""
+    from ..embedded import stdlib_files
+    from ..training.data import in_validation
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files_of: dict[str, set[str]] = {}
+    held_out: dict[str, bool] = {}
+    for path in stdlib_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+            tree = ast.parse(text)
+        except (UnicodeDecodeError, OSError, SyntaxError, ValueError):
+            continue
+        name = str(path.relative_to(root))
+        held_out[name] = len(text) >= MIN_DOC_CHARS and in_validation(text, HELD_OUT_FRACTION)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node, clean=True)
+                if doc:
+                    files_of.setdefault(doc, set()).add(name)
+    return files_of, held_out
+
+
+def held_out_items(docstrings: list[str], corpus: str) -> list[bool]:
+    """Per docstring: unseen by a model trained on ``corpus``'s training split."""
+    from ..training.data import in_validation
+
+    if corpus == "stdlib_docstrings":
+        return [in_validation(doc, HELD_OUT_FRACTION) for doc in docstrings]
+    files_of, file_held_out = source_files_of_docstrings()
+    return [bool(files_of.get(doc)) and all(file_held_out.get(f, False) for f in files_of[doc]) for doc in docstrings]
+
+
+def _key(corpus: str) -> str:
     from ..embedded import _corpus_key
 
     ident = {"version": TASK_DATA_VERSION, "corpus": _corpus_key(MIN_DOC_CHARS), "held_out": HELD_OUT_FRACTION,
              "fewshot": FEWSHOT_ITEMS, "max_test": MAX_TEST_ITEMS, "chars": [MAX_CONTEXT_CHARS, MAX_CHOICE_CHARS],
              "yaml": {t: (TASKS_DIR / f"{t}.yaml").read_text() for t in OWN_TASKS}}
+    if corpus != "stdlib_docstrings":
+        ident["held_out_of"] = _corpus_key(MIN_DOC_CHARS, corpus)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -173,15 +213,17 @@ def _splits(items: list[dict[str, Any]], held_out: list[bool], seed: int) -> dic
             "train": rng.sample(train, min(len(train), FEWSHOT_ITEMS))}
 
 
-def build_task_data(cache_dir: str | os.PathLike[str]) -> Path:
+def build_task_data(cache_dir: str | os.PathLike[str], corpus: str = "stdlib_source") -> Path:
     """Write our tasks' items and YAML files into ``<cache_dir>/eval_tasks/<key>/`` (once; later
-    calls return the folder); the folder is what lm-eval's ``include_path`` takes."""
+    calls return the folder); the folder is what lm-eval's ``include_path`` takes. ``corpus``: the
+    stdlib corpus the scored models learn, whose held-out split the test items come from."""
     import yaml
 
-    from ..embedded import load_stdlib_corpus
-    from ..training.data import in_validation
+    from ..embedded import CORPORA, load_stdlib_corpus
 
-    out = Path(cache_dir).expanduser() / "eval_tasks" / _key()
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus={corpus!r}: unknown; one of {', '.join(CORPORA)}")
+    out = Path(cache_dir).expanduser() / "eval_tasks" / _key(corpus)
     if all((out / f"{task}.yaml").is_file() for task in OWN_TASKS):
         return out
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
@@ -194,7 +236,7 @@ def build_task_data(cache_dir: str | os.PathLike[str]) -> Path:
         "stdlib_docstring_next": (next_task, next_sources),
     }
     for task, (items, sources) in made.items():
-        held_out = [in_validation(doc, HELD_OUT_FRACTION) for doc in sources]
+        held_out = held_out_items(sources, corpus)
         files = {}
         for split, rows in _splits(items, held_out, seed=3).items():
             files[split] = str(out / f"{task}.{split}.jsonl")
@@ -211,4 +253,4 @@ def build_task_data(cache_dir: str | os.PathLike[str]) -> Path:
     return out
 
 
-__all__ = ["OWN_TASKS", "DocumentedFunction", "build_task_data", "documented_functions", "name_items", "next_items"]
+__all__ = ["OWN_TASKS", "DocumentedFunction", "build_task_data", "documented_functions", "held_out_items", "name_items", "next_items"]
