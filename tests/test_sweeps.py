@@ -189,14 +189,30 @@ def test_wandb_sweep_files_pass_valid_overrides(name: str) -> None:
     assert cfg.logger.mode.name == "online"
 
 
-def test_stitch_grid_experiment_is_a_twelve_run_grid(run_py: RunPy, tmp_path: Path) -> None:
+def test_stitch_grid_experiment_is_an_eight_run_grid(run_py: RunPy, tmp_path: Path) -> None:
     proc = run_py("experiment=stitch_grid", "--cfg", "all", cwd=tmp_path)
     cfg = yaml.safe_load(proc.stdout)
     params = cfg["hydra"]["sweeper"]["params"]
     grid = [str(v).split(",") for v in params.values()]
-    assert set(params) == {"layers.n8", "layers.n70", "adapter"} and math.prod(len(g) for g in grid) == 12
+    assert set(params) == {"layers.n8", "layers.n70", "adapter"} and math.prod(len(g) for g in grid) == 8
     assert cfg["logger"]["kind"] == "csv" and cfg["trainer"]["max_steps"] == 60
     assert cfg["hydra"]["sweep"]["dir"].startswith("multirun/stitch_grid/")
+
+
+def test_stitching_curve_study_spans_the_embedded_donors() -> None:
+    """The study's grid: n70 from 1 to all of the default large donor's layers, both n8 values of the small
+    donor, three series, three seeds (72 runs)."""
+    from hydra import compose, initialize_config_dir
+
+    from splitllama.training.pipeline import embedded_recipe
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=stitching_curve", "hydra/sweeper=basic"], return_hydra_config=True)
+    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    recipe = embedded_recipe(cfg)
+    assert params["layers.n70"] == [str(n) for n in range(1, recipe.large.num_layers + 1)]
+    assert params["layers.n8"] == [str(n) for n in range(1, recipe.small.num_layers + 1)]
+    assert len(params["seed"]) >= 3 and math.prod(len(v) for v in params.values()) == 72
 
 
 def test_stitching_curve_study_runs_side_by_side_and_reads_as_a_curve(run_py: RunPy, tmp_path: Path) -> None:
