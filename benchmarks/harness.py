@@ -63,7 +63,8 @@ def random_donors(out: Path, cache: Path) -> list[str]:
     recipe = EmbeddedRecipe()
     paths = {"small": out / "small", "large": out / "large"}
     if not all((p / "config.json").is_file() for p in paths.values()):
-        train_docs, _ = split_documents(load_stdlib_corpus(cache, recipe.min_doc_chars, progress=False), recipe.val_fraction)
+        train_docs, _ = split_documents(load_stdlib_corpus(cache, recipe.min_doc_chars, corpus=recipe.corpus, progress=False),
+                                        recipe.val_fraction)
         tokenizer = train_tokenizer(train_docs, recipe.vocab_size, progress=False)
         for seed, (which, path) in enumerate(paths.items()):
             make_random_donor(path, recipe.llama_config(which), seed=seed)
