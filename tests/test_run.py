@@ -315,7 +315,7 @@ BAD_OVERRIDES = [
     (["optim.lr=fast"], "optim.lr"),
     (["trainer.max_step=3"], "trainer.max_step"),
     (["donors=llama3_8b_70b"], "donors.path8b"),
-    (["donors.embedded.large.warmup_steps=999"], "donors.embedded.large.warmup_steps=999: must be in [0, pretrain_steps="),
+    (["donors.embedded.large.warmup_steps=99999"], "donors.embedded.large.warmup_steps=99999: must be in [0, pretrain_steps="),
     (["parallel.cpu_threads=0"], "parallel.cpu_threads=0"),
     (["donors=llama3_8b_70b", "donors.path8b=/nonexistent/Llama-3-8B", "donors.path70b=/nonexistent/Llama-3-70B"],
      "/nonexistent/Llama-3-8B"),
