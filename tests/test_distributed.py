@@ -104,7 +104,7 @@ def test_megatron_multinode_config_composes(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
     from splitllama import SplitLlamaConfig
-    from splitllama.testing import llama_config
+    from tests.donors import llama_config
     from splitllama.training.pipeline import check_tensor_parallel
     from splitllama.training.schema import register_configs, validate_run_settings
     from tests.conftest import REPO

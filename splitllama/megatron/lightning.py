@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..configuration_split_llama import SplitLlamaConfig
+from ..dtypes import resolve_dtype
 from ._compat import require_megatron
 
 require_megatron()
@@ -59,9 +60,6 @@ from .parallel import communication_device, initialize_megatron_parallel, make_m
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
 #: megatron parameter-name prefixes of the parts ``finetune.trainable`` names (as the HF backend's)
 MEGATRON_PART_PREFIXES: dict[str, tuple[str, ...]] = {
     "adapter": ("module.model.adapter.",),
@@ -72,15 +70,6 @@ MEGATRON_PART_PREFIXES: dict[str, tuple[str, ...]] = {
     "head": ("module.lm_head.", "module.value_head."),
     "all": ("",),
 }
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"params_dtype: unknown dtype {dtype!r} (float32, bfloat16 or float16)")
-    return DTYPES[name]
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -239,7 +228,7 @@ def build_megatron_split_model(
     of one process when not launched by torchrun or Lightning). ``recompute`` turns on full
     activation recomputation of every layer (GPU).
     """
-    dtype = resolve_dtype(params_dtype)
+    dtype = resolve_dtype(params_dtype, "params_dtype", (torch.float32, torch.bfloat16, torch.float16))
     if split_config is None:
         if hf_split_dir is None:
             raise ValueError("split_config: give a SplitLlamaConfig, or hf_split_dir to read it from")
