@@ -127,7 +127,7 @@ def train(cfg: DictConfig, record) -> float:
 def assemble(cfg: DictConfig, record) -> float | None:
     """Build the split model from the donors and save it (with the tokenizer), without training."""
     from splitllama.training import pipeline as P
-    from splitllama.training.backends import build_backend
+    from splitllama.training.backend_spec import backend_spec
     from splitllama.training.module import count_flops_per_token
 
     record.update("split", split_summary(P.validate(cfg)))
@@ -140,7 +140,7 @@ def assemble(cfg: DictConfig, record) -> float | None:
         data.setup("fit")
         calibration = data.train_blocks[: cfg.adapter.calibration_blocks]
     with record.timed("assemble"):
-        backend = build_backend(cfg.backend.name, P.model_spec(cfg, donors, calibration=calibration), dict(cfg.backend.options))
+        backend = backend_spec(cfg).build(P.model_spec(cfg, donors, calibration=calibration), dict(cfg.backend.options))
     with record.timed("export"):
         out = backend.export_hf(cfg.paths.export_dir, tokenizer)
     params = sum(p.numel() for p in backend.model.parameters())
@@ -155,7 +155,7 @@ def evaluate(cfg: DictConfig, record) -> float:
     """Validation loss and perplexity of a saved split model (task.model_dir) or of a fresh assembly,
     and its ``eval.harness`` task scores."""
     from splitllama.training import pipeline as P
-    from splitllama.training.backends import build_backend
+    from splitllama.training.backend_spec import BackendSpec
 
     split = P.validate(cfg)
     record.update("split", split_summary(split))
@@ -183,7 +183,7 @@ def evaluate(cfg: DictConfig, record) -> float:
     record.update("paths", {"model_dir": model_dir})
     if harness is not None:
         # a sharded model (megatron): score the saved model, or the same assembly in one process
-        model = (model_dir or build_backend("hf", module.spec, {}).model) if module.backend.collective_export else module.backend.hf_model()
+        model = (model_dir or BackendSpec().build(module.spec, {}).model) if module.backend.collective_export else module.backend.hf_model()
         P.run_harness(cfg, harness, record, model, tokenizer, donor_paths=P.harness_donor_paths(split, donors), model_dir=model_dir)
     return val_loss
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..configuration_split_llama import SplitConfigError, SplitLlamaConfig
+from .backend_spec import backend_spec
 from .schema import AdapterInit, AdapterKind, DataSource, RunConfigError, explain_split_error, validate_run_settings
 
 if TYPE_CHECKING:
@@ -135,8 +136,7 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
         split = SplitLlamaConfig(**fields)
     except SplitConfigError as exc:
         raise RunConfigError(explain_split_error(str(exc), cfg)) from None
-    if cfg.backend.name == "megatron":
-        check_tensor_parallel(split, cfg.parallel.tp)
+    backend_spec(cfg).check_split(split, cfg)
     return split
 
 
@@ -175,16 +175,6 @@ def check_donor_expectations(cfg: DictConfig) -> None:
                     f"donors.path{key}={given}: its config.json has {name}={got}, but donors={cfg.donors.name} expects "
                     f"{name}={want} ({model}); give that checkpoint, or donors.expect{key}=null to skip the check"
                 )
-
-
-def check_tensor_parallel(split: SplitLlamaConfig, tp: int) -> None:
-    """``parallel.tp`` must divide both donors' query and KV heads (megatron shards whole heads)."""
-    for donor, config in (("small", split.config_8b), ("large", split.config_70b)):
-        heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-        if heads % tp or kv % tp:
-            raise RunConfigError(
-                f"parallel.tp={tp}: must divide the {donor} donor's {heads} attention heads and {kv} KV heads"
-            )
 
 
 @dataclass
@@ -289,7 +279,7 @@ def make_module(cfg: DictConfig, spec: Any, teacher_path: str | None, objective_
     lora = OmegaConf.to_container(cfg.finetune.lora, resolve=True) if cfg.finetune.lora.enabled else None
     return SplitLlamaLitModule(
         spec,
-        backend_name=cfg.backend.name,
+        backend=backend_spec(cfg),
         backend_options=options,
         trainable=list(cfg.finetune.trainable),
         lora=lora,
@@ -310,49 +300,29 @@ def make_module(cfg: DictConfig, spec: Any, teacher_path: str | None, objective_
 
 
 def builds_per_rank(cfg: DictConfig) -> bool:
-    """``backend=megatron``: each process builds its own TP/PP shard, so the model is built once the
-    Trainer has started the processes and megatron's groups (``configure_model`` inside validate/fit)."""
-    return cfg.backend.name == "megatron"
+    """Each process builds its own shard once the Trainer has started the processes (``configure_model``
+    inside validate/fit); see :attr:`~splitllama.training.backend_spec.BackendSpec.builds_per_rank`."""
+    return backend_spec(cfg).builds_per_rank
 
 
 def runs_own_schedule(cfg: DictConfig) -> bool:
-    """``backend=megatron`` trains through megatron's forward-backward schedule (manual optimisation).
+    """The backend trains through its own forward-backward schedule (manual optimisation).
 
     It then clips gradients itself (over all model-parallel shards), so the Trainer gets no
     ``gradient_clip_val``.
     """
-    return cfg.backend.name == "megatron"
+    return backend_spec(cfg).runs_own_schedule
 
 
 def make_strategy(cfg: DictConfig) -> Any:
-    """Lightning strategy for ``parallel``: auto (one device), ddp, or FSDP2 sharding (``fsdp``).
+    """The backend's Lightning strategy for ``parallel`` (:meth:`~splitllama.training.backend_spec.BackendSpec.strategy`).
 
-    ``backend=megatron`` always gets :class:`~splitllama.megatron.lightning.MegatronStrategy`
-    (megatron's TP/PP/DP groups from the trainer's processes, DDP over the DP group only).
-    ``parallel=fsdp`` gets :class:`~splitllama.training.sharding.ShardedStrategy` (Lightning's
-    ModelParallelStrategy; the module shards itself in ``configure_model``).
     ``parallel.timeout_s`` bounds every collective of the process group.
     """
     from datetime import timedelta
 
-    strategy = cfg.parallel.strategy
     timeout = {"timeout": timedelta(seconds=float(cfg.parallel.timeout_s))} if cfg.parallel.timeout_s else {}
-    if cfg.backend.name == "megatron":
-        from ..megatron.lightning import MegatronStrategy
-
-        return MegatronStrategy(
-            tensor_model_parallel_size=cfg.parallel.tp, pipeline_model_parallel_size=cfg.parallel.pp,
-            sequence_parallel=cfg.parallel.sp, **timeout,
-        )
-    if strategy == "fsdp":
-        from .sharding import ShardedStrategy
-
-        return ShardedStrategy(timeout_s=cfg.parallel.timeout_s)
-    if strategy == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
-
-        return DDPStrategy(find_unused_parameters=False, **timeout)
-    return strategy
+    return backend_spec(cfg).strategy(cfg, timeout)
 
 
 def final_val_loss(trainer: Any, module: Any, data: Any) -> float:

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf reads ty
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from .errors import RunConfigError, _check
+
 
 class TaskName(Enum):
     train = "train"
@@ -178,8 +180,10 @@ class AdapterConfig:
 
 @dataclass
 class BackendConfig:
-    """Which implementation runs the split model; ``options`` go to the backend's factory."""
+    """Which implementation runs the split model: ``_target_`` names its class (see
+    :mod:`splitllama.training.backend_spec`), which gets the other fields; ``options`` go to its model."""
 
+    _target_: str = "splitllama.training.backend_spec.BackendSpec"
     name: str = "hf"
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
@@ -405,10 +409,6 @@ def register_configs() -> None:
 
 
 # ------------------------------------------------------------------------------------------ validation
-class RunConfigError(ValueError):
-    """A run configuration value is invalid; the message starts with the override that fixes it."""
-
-
 #: SplitLlamaConfig field -> the run-config key a user overrides.
 SPLIT_FIELD_TO_KEY = {
     "num_layers_8": "layers.n8",
@@ -427,11 +427,6 @@ SPLIT_FIELD_TO_KEY = {
 }
 #: which donor a split field concerns, for the message
 SPLIT_FIELD_DONOR = {"num_layers_8": "small", "layers_8": "small", "num_layers_70": "large", "layers_70": "large"}
-
-
-def _check(ok: bool, key: str, value: Any, rule: str) -> None:
-    if not ok:
-        raise RunConfigError(f"{key}={value}: {rule}")
 
 
 def _validate_embedded_recipe(embedded: Any) -> None:
@@ -498,14 +493,16 @@ def validate_run_settings(cfg: Any) -> None:
 
 def _validate_parallel(cfg: Any) -> None:
     """Parallel sizes against the backend and strategy (head divisibility is checked with the donors)."""
-    par = cfg.parallel
+    from .backend_spec import backend_spec
+
+    par, backend = cfg.parallel, backend_spec(cfg)
     _check(par.tp >= 1, "parallel.tp", par.tp, "must be >= 1")
     _check(par.pp >= 1, "parallel.pp", par.pp, "must be >= 1")
     _check(par.timeout_s is None or par.timeout_s > 0, "parallel.timeout_s", par.timeout_s, "must be > 0 seconds (or null)")
     if par.strategy == "fsdp":
         from .sharding import RESHARD_AFTER_FORWARD
 
-        _check(cfg.backend.name == "hf", "parallel.strategy", "fsdp",
+        _check(backend.shards_with_fsdp, "parallel.strategy", "fsdp",
                f"shards the HF backend (backend={cfg.backend.name} shards with its own tp/pp/dp: parallel=tp2, pp2, ...)")
         _check(par.fsdp_sharding_strategy in RESHARD_AFTER_FORWARD, "parallel.fsdp_sharding_strategy",
                par.fsdp_sharding_strategy, f"must be one of {sorted(RESHARD_AFTER_FORWARD)}")
@@ -514,30 +511,7 @@ def _validate_parallel(cfg: Any) -> None:
         _check(not str(cfg.trainer.precision).startswith(("bf16", "16")) or par.fsdp_param_dtype is None,
                "trainer.precision", cfg.trainer.precision,
                "with parallel.fsdp_param_dtype set, FSDP2 does the casting: keep trainer.precision=32-true")
-    if cfg.backend.name != "megatron":
-        for key in ("tp", "pp"):
-            _check(par[key] == 1, f"parallel.{key}", par[key], f"needs backend=megatron (backend={cfg.backend.name} runs tp = pp = 1)")
-        _check(not par.sp, "parallel.sp", par.sp, f"needs backend=megatron (backend={cfg.backend.name})")
-        _check(par.micro_batch_size is None, "parallel.micro_batch_size", par.micro_batch_size,
-               f"needs backend=megatron (backend={cfg.backend.name} uses trainer.accumulate_grad_batches)")
-        return
-    _check(par.strategy in ("auto", "ddp", "megatron"), "parallel.strategy", par.strategy,
-           "backend=megatron runs its own strategy (data parallel over megatron's DP group); use parallel=single, ddp or a "
-           "megatron file (tp2, tp2_sp, pp2, tp2_pp2)")
-    _check(not par.sp or par.tp >= 2, "parallel.sp", par.sp, "sequence parallelism needs parallel.tp >= 2")
-    if par.micro_batch_size is not None:
-        _check(par.micro_batch_size >= 1 and cfg.data.batch_size % par.micro_batch_size == 0, "parallel.micro_batch_size",
-               par.micro_batch_size, f"must be >= 1 and divide data.batch_size={cfg.data.batch_size}")
-    _check(cfg.trainer.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches,
-           "must be 1 with backend=megatron: megatron's schedule accumulates micro-batches within a batch "
-           "(raise data.batch_size and set parallel.micro_batch_size)")
-    _check(cfg.task.name != TaskName.assemble or par.tp * par.pp == 1, "task.name", "assemble",
-           f"runs in one process; with backend=megatron use parallel.tp=1 parallel.pp=1 (got tp={par.tp}, pp={par.pp}): "
-           "the saved HF checkpoint is the same")
-    if isinstance(par.devices, int):
-        mp, world = par.tp * par.pp, par.devices * par.num_nodes
-        _check(world % mp == 0, "parallel.devices", par.devices,
-               f"x parallel.num_nodes={par.num_nodes} (= {world} processes) must be a multiple of parallel.tp x parallel.pp = {mp}")
+    backend.validate(cfg)
 
 
 def explain_split_error(message: str, cfg: Any) -> str:
