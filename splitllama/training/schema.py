@@ -95,40 +95,53 @@ class TaskConfig:
     stop_after_steps: Optional[int] = None
 
 
+def _recipe_defaults(which: str | None = None) -> dict[str, Any]:
+    """The embedded-donor recipe's defaults, from its one definition (:class:`splitllama.embedded.EmbeddedRecipe`)."""
+    from dataclasses import asdict
+
+    from ..embedded import EmbeddedRecipe
+
+    values = asdict(EmbeddedRecipe())
+    return values[which] if which else {k: v for k, v in values.items() if k not in ("small", "large")}
+
+
 @dataclass
 class DonorShapeConfig:
-    """One embedded donor (defaults: the small one of conf/donors/tiny.yaml)."""
+    """One embedded donor: the fields of :class:`splitllama.embedded.DonorRecipe` (its defaults there)."""
 
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 32
-    intermediate_size: int = 448
-    pretrain_steps: int = 200
-    lr: float = 3e-3
-    warmup_steps: Optional[int] = 20
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
+    num_kv_heads: int = MISSING
+    head_dim: int = MISSING
+    intermediate_size: int = MISSING
+    pretrain_steps: int = MISSING
+    lr: float = MISSING
+    warmup_steps: Optional[int] = MISSING
 
 
 @dataclass
 class EmbeddedConfig:
-    """Recipe of the embedded donors (see :mod:`splitllama.embedded`); its hash keys the cache."""
+    """Recipe of the embedded donors (see :mod:`splitllama.embedded`); its hash keys the cache.
 
-    vocab_size: int = 8192
-    seq_len: int = 256
-    batch_size: int = 16
-    val_fraction: float = 0.05
-    min_doc_chars: int = 80
-    seed: int = 0
-    eval_blocks: Optional[int] = None
-    eval_every: Optional[int] = 60
-    small: DonorShapeConfig = field(default_factory=DonorShapeConfig)
-    large: DonorShapeConfig = field(
-        default_factory=lambda: DonorShapeConfig(
-            hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=896, pretrain_steps=600,
-            lr=2e-3, warmup_steps=60,
-        )
-    )
+    The fields of :class:`splitllama.embedded.EmbeddedRecipe`, typed for Hydra; their defaults are
+    the recipe's (:func:`_recipe_defaults`), written once there.
+    """
+
+    vocab_size: int = MISSING
+    seq_len: int = MISSING
+    batch_size: int = MISSING
+    val_fraction: float = MISSING
+    min_doc_chars: int = MISSING
+    seed: int = MISSING
+    eval_blocks: Optional[int] = MISSING
+    eval_every: Optional[int] = MISSING
+    small: DonorShapeConfig = field(default_factory=lambda: DonorShapeConfig(**_recipe_defaults("small")))
+    large: DonorShapeConfig = field(default_factory=lambda: DonorShapeConfig(**_recipe_defaults("large")))
+
+
+def _embedded_defaults() -> EmbeddedConfig:
+    return EmbeddedConfig(**_recipe_defaults())
 
 
 @dataclass
@@ -145,7 +158,7 @@ class DonorsConfig:
     #: layer counts used when ``layers.n8`` / ``layers.n70`` are not given
     default_n8: int = 2
     default_n70: int = 4
-    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    embedded: EmbeddedConfig = field(default_factory=_embedded_defaults)
     #: where a preset's checkpoints come from (Hugging Face hub ids; named in the error for a missing path)
     hub8b: Optional[str] = None
     hub70b: Optional[str] = None
