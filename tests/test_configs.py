@@ -11,12 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
+from splitllama.results import register_run_dir_resolver
 from splitllama.training.backend_spec import BackendSpec, backend_spec
-from splitllama.training.schema import validate_run_settings
+from splitllama.training.schema import register_configs, validate_run_settings
 from tests.conftest import REPO, compose_run_config
 
+#: the groups conf/config.yaml's defaults list names
+DEFAULTS = {next(iter(entry)) for entry in OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "config.yaml").defaults)
+            if isinstance(entry, dict)}
 GROUPS = sorted(p.name for p in (REPO / "conf").iterdir() if p.is_dir() and p.name != "hydra")
 #: what an option needs beside itself to be valid
 NEEDS = {
@@ -27,13 +31,30 @@ NEEDS = {
 REAL_DONORS = ("llama3_8b_70b", "llama31_8b_70b", "llama32_1b_3b", "smollm2_135m_360m")
 
 
+def compose_as_run(run_dir: Path, *overrides: str):
+    """The config as run.py sees it: Hydra's own config set, so ``${hydra:...}`` paths resolve."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    register_configs()
+    register_run_dir_resolver()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):  # what Hydra's launcher fills in for a job
+        cfg.hydra.job.num, cfg.hydra.job.id = 0, "test"
+        cfg.hydra.runtime.output_dir, cfg.hydra.runtime.cwd = str(run_dir), str(REPO)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
 def _options() -> list[tuple[str, str]]:
     return [(group, p.stem) for group in GROUPS for p in sorted((REPO / "conf" / group).glob("*.yaml"))]
 
 
 @pytest.mark.parametrize(("group", "option"), _options(), ids=lambda v: v)
 def test_config_option_composes_and_instantiates(group: str, option: str, tmp_path: Path) -> None:
-    overrides = [f"{group}={option}", *NEEDS.get(group, {}).get(option, ())]
+    plus = "" if group in DEFAULTS else "+"  # a group outside config.yaml's defaults list is appended
+    overrides = [f"{plus}{group}={option}", *NEEDS.get(group, {}).get(option, ())]
     if group == "donors" and option in REAL_DONORS:
         for key in ("path8b", "path70b"):
             (tmp_path / key).mkdir()
@@ -42,8 +63,8 @@ def test_config_option_composes_and_instantiates(group: str, option: str, tmp_pa
         overrides.append(f"task.model_dir={tmp_path}")
     if group == "data" and option == "files":
         overrides.append(f"data.files=[{tmp_path / 'a.txt'}]")
-    cfg = compose_run_config(*overrides)
-    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    cfg = compose_as_run(tmp_path / "run", *overrides)
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves (Hydra's own included)
     validate_run_settings(cfg)
     backend = backend_spec(cfg)
     assert isinstance(backend, BackendSpec) and backend.name == cfg.backend.name
