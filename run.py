@@ -26,7 +26,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from splitllama.results import RunSignals, is_first_rank, register_run_dir_resolver, resumes_run, split_summary
+from splitllama.results import RunSignals, is_first_rank, register_run_dir_resolver, resumes_run
 from splitllama.training.schema import RunConfigError, register_configs
 
 log = logging.getLogger("splitllama.run")
@@ -43,24 +43,14 @@ def train(cfg: DictConfig, record) -> float:
     from splitllama.training import pipeline as P
     from splitllama.training.callbacks import GracefulStop, csv_metrics_file, make_loggers, wandb_run_file
 
-    record.update("split", split_summary(P.validate(cfg)))
-    harness = P.prepare_harness(cfg)
+    run = P.check(cfg, record)
     ckpt_path = P.resolve_ckpt_path(cfg) or _requeued_checkpoint(cfg)
     P.seed_everything(cfg.seed)
-    with record.timed("donors"):
-        donors = P.resolve_donors(cfg)
+    run = P.load(cfg, record, run, stage="fit")
+    donors, data, references, tokenizer = run.donors, run.data, run.references, run.tokenizer
     record.update("donors", {"path8b": donors.path8b, "path70b": donors.path70b, "built_now": donors.built_now,
                              "embedded_metrics": (donors.manifest or {}).get("metrics")})
-    tokenizer = P.load_tokenizer(donors.path8b)
-    with record.timed("data"):
-        data = P.make_datamodule(cfg, tokenizer)
-        data.setup("fit")
-    with record.timed("references"):  # before the split model is built: one donor in memory at a time
-        references = P.donor_references(cfg, donors, data.val_blocks)
-    if references is not None:
-        record.update("references", references.as_record())
-    calibration = data.train_blocks[: cfg.adapter.calibration_blocks]
-    module = P.make_module(cfg, P.model_spec(cfg, donors, calibration=calibration), teacher_path=donors.path70b)
+    module = P.make_module(cfg, run.spec(cfg), teacher_path=donors.path70b)
     loggers, logger_info = make_loggers(
         P.plain(cfg.logger.kind), save_dir=cfg.paths.output_dir, config={**P.config_dict(cfg), "split": record.data["split"]},
         mode=P.plain(cfg.logger.mode),
@@ -113,11 +103,11 @@ def train(cfg: DictConfig, record) -> float:
         if cfg.task.export and not record.data["interrupted"] and (trainer.is_global_zero or module.backend.collective_export):
             with record.timed("export"):
                 record.update("paths", {"export_dir": str(module.backend.export_hf(cfg.paths.export_dir, tokenizer))})
-        if harness is not None and not record.data["interrupted"] and trainer.is_global_zero:
+        if run.harness is not None and not record.data["interrupted"] and trainer.is_global_zero:
             # a sharded model (megatron, FSDP2) is scored through its gathered export (see splitllama.harness)
             export_dir = record.data["paths"].get("export_dir")
             model = export_dir if module.backend.collective_export else module.backend.hf_model()
-            P.run_harness(cfg, harness, record, model, tokenizer, loggers=loggers, step=steps, model_dir=export_dir,
+            P.run_harness(cfg, run.harness, record, model, tokenizer, loggers=loggers, step=steps, model_dir=export_dir,
                           donor_paths=P.harness_donor_paths(module.backend.config, donors))
     finally:
         _finish_wandb(loggers)
@@ -130,19 +120,11 @@ def assemble(cfg: DictConfig, record) -> float | None:
     from splitllama.training.backend_spec import backend_spec
     from splitllama.training.module import count_flops_per_token
 
-    record.update("split", split_summary(P.validate(cfg)))
-    with record.timed("donors"):
-        donors = P.resolve_donors(cfg)
-    tokenizer = P.load_tokenizer(donors.path8b)
-    calibration = None
-    if P.plain(cfg.adapter.init) == "lstsq":
-        data = P.make_datamodule(cfg, tokenizer)
-        data.setup("fit")
-        calibration = data.train_blocks[: cfg.adapter.calibration_blocks]
+    run = P.load(cfg, record, P.check(cfg, record, harness=False), stage=None, references=False)
     with record.timed("assemble"):
-        backend = backend_spec(cfg).build(P.model_spec(cfg, donors, calibration=calibration), dict(cfg.backend.options))
+        backend = backend_spec(cfg).build(run.spec(cfg), dict(cfg.backend.options))
     with record.timed("export"):
-        out = backend.export_hf(cfg.paths.export_dir, tokenizer)
+        out = backend.export_hf(cfg.paths.export_dir, run.tokenizer)
     params = sum(p.numel() for p in backend.model.parameters())
     record.update("params", {"total": params, "trainable": 0})
     record.update("flops", count_flops_per_token(backend.config, cfg.data.seq_len))
@@ -157,19 +139,11 @@ def evaluate(cfg: DictConfig, record) -> float:
     from splitllama.training import pipeline as P
     from splitllama.training.backend_spec import BackendSpec
 
-    split = P.validate(cfg)
-    record.update("split", split_summary(split))
-    harness = P.prepare_harness(cfg)
+    run = P.check(cfg, record)
     model_dir = os.path.expanduser(cfg.task.model_dir) if cfg.task.model_dir else None
-    donors = None if model_dir else P.resolve_donors(cfg)
-    tokenizer = P.load_tokenizer(model_dir or donors.path8b)
-    data = P.make_datamodule(cfg, tokenizer)
-    data.setup("validate")
-    # a saved split model is compared with the donors it was assembled from, where they still are
-    reference_donors = donors or P.saved_model_donors(split)
-    references = P.donor_references(cfg, reference_donors, data.val_blocks) if reference_donors else None
-    module = P.make_module(cfg, P.model_spec(cfg, donors, calibration=data.train_blocks[: cfg.adapter.calibration_blocks],
-                                             model_dir=model_dir), teacher_path=None, objective_kind="lm")
+    run = P.load(cfg, record, run, stage="validate", model_dir=model_dir)
+    data, references = run.data, run.references
+    module = P.make_module(cfg, run.spec(cfg), teacher_path=None, objective_kind="lm")
     trainer = P.make_trainer(cfg, [], [])
     with record.timed("eval"):
         val_loss = trainer.validate(module, data, verbose=False)[0]["val/loss"]
@@ -178,13 +152,13 @@ def evaluate(cfg: DictConfig, record) -> float:
     record.update("metrics", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
                               "val_tokens": data.val_blocks.shape[0] * (data.seq_len - 1)})
     if references is not None:
-        record.update("references", references.as_record())
         record.update("metrics", {"gap_closed": references.gap_closed(val_loss)})
     record.update("paths", {"model_dir": model_dir})
-    if harness is not None:
+    if run.harness is not None:
         # a sharded model (megatron): score the saved model, or the same assembly in one process
         model = (model_dir or BackendSpec().build(module.spec, {}).model) if module.backend.collective_export else module.backend.hf_model()
-        P.run_harness(cfg, harness, record, model, tokenizer, donor_paths=P.harness_donor_paths(split, donors), model_dir=model_dir)
+        P.run_harness(cfg, run.harness, record, model, run.tokenizer, donor_paths=P.harness_donor_paths(run.split, run.donors),
+                      model_dir=model_dir)
     return val_loss
 
 

@@ -52,16 +52,22 @@ class SplitModelSpec:
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     seed: int = 0
+    #: the validated split config, when the run already holds it (see :meth:`split_config`)
+    config: SplitLlamaConfig | None = field(default=None, repr=False)
 
     def split_config(self) -> SplitLlamaConfig:
-        """Validate the split-model fields (reads only the donors' config.json, no weights)."""
-        if self.model_dir is not None:
-            return SplitLlamaConfig.from_pretrained(self.model_dir)
-        return SplitLlamaConfig(
-            path8b=self.path8b, path70b=self.path70b, num_layers_8=self.num_layers_8, num_layers_70=self.num_layers_70,
-            layers_8=self.layers_8, layers_70=self.layers_70, adapter=self.adapter,
-            adapter_hidden_size=self.adapter_hidden_size, adapter_rank=self.adapter_rank, adapter_bias=self.adapter_bias,
-        )
+        """The validated split config: built from the fields once (reads only the donors' config.json,
+        no weights), then carried; every backend builds its model from this one object."""
+        if self.config is None:
+            if self.model_dir is not None:
+                self.config = SplitLlamaConfig.from_pretrained(self.model_dir)
+            else:
+                self.config = SplitLlamaConfig(
+                    path8b=self.path8b, path70b=self.path70b, num_layers_8=self.num_layers_8, num_layers_70=self.num_layers_70,
+                    layers_8=self.layers_8, layers_70=self.layers_70, adapter=self.adapter,
+                    adapter_hidden_size=self.adapter_hidden_size, adapter_rank=self.adapter_rank, adapter_bias=self.adapter_bias,
+                )
+        return self.config
 
 
 @runtime_checkable
@@ -111,19 +117,16 @@ class HFBackend:
     def __init__(self, spec: SplitModelSpec, options: dict[str, Any]) -> None:
         from transformers import AutoModelForCausalLM
 
-        from ..assembly import build_split_model
+        from ..assembly import assemble
 
         self.spec = spec
         if spec.model_dir is not None:
             self.model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=getattr(torch, spec.dtype))
             self.model.config._attn_implementation = spec.attn_implementation
         else:
-            self.model = build_split_model(
-                spec.path8b, spec.path70b, spec.num_layers_8, spec.num_layers_70, adapter=spec.adapter,
-                adapter_checkpoint=spec.adapter_checkpoint, layers_8=spec.layers_8, layers_70=spec.layers_70,
-                adapter_init=spec.adapter_init, adapter_hidden_size=spec.adapter_hidden_size, adapter_rank=spec.adapter_rank,
-                adapter_bias=spec.adapter_bias, calibration=spec.calibration, dtype=spec.dtype,
-                attn_implementation=spec.attn_implementation, seed=spec.seed,
+            self.model = assemble(
+                spec.split_config(), adapter_checkpoint=spec.adapter_checkpoint, adapter_init=spec.adapter_init,
+                calibration=spec.calibration, dtype=spec.dtype, attn_implementation=spec.attn_implementation, seed=spec.seed,
             )
         self.config: SplitLlamaConfig = self.model.config
         self.config.use_cache = False

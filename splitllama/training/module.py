@@ -54,6 +54,9 @@ class OptimSettings:
     #: all model-parallel shards); others clip through the Trainer's ``gradient_clip_val``
     max_grad_norm: float | None = None
 
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]  (a list when instantiated from the config)
+
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """LR multiplier: linear warmup to 1 over ``warmup_steps``, then cosine down to ``min_ratio``."""

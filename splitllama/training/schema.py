@@ -272,8 +272,9 @@ class TrainerConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr`` (instantiates ``_target_``)."""
 
+    _target_: str = "splitllama.training.module.OptimSettings"
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -285,8 +286,9 @@ class OptimConfig:
 @dataclass
 class ObjectiveConfig:
     """``lm``: next-token loss. ``distill``: KL to the full large donor's logits. ``mixed``:
-    ``lm_weight * lm + distill_weight * distill``."""
+    ``lm_weight * lm + distill_weight * distill`` (instantiates ``_target_``)."""
 
+    _target_: str = "splitllama.training.objectives.Objective"
     kind: ObjectiveKind = ObjectiveKind.lm
     lm_weight: float = 1.0
     distill_weight: float = 1.0
