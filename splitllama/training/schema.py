@@ -95,53 +95,44 @@ class TaskConfig:
     stop_after_steps: Optional[int] = None
 
 
-def _recipe_defaults(which: str | None = None) -> dict[str, Any]:
-    """The embedded-donor recipe's defaults, from its one definition (:class:`splitllama.embedded.EmbeddedRecipe`)."""
+def _typed_view(recipe_cls: type, name: str, doc: str, defaults: dict[str, Any], nested: dict[str, Any]) -> type:
+    """A Hydra structured config with ``recipe_cls``'s fields (``X | None`` as ``Optional[X]``) and ``defaults``."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(recipe_cls)
+    fields: list[tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(recipe_cls):
+        if f.name in nested:
+            view, factory = nested[f.name]
+            fields.append((f.name, view, field(default_factory=factory)))
+            continue
+        kind, args = hints[f.name], typing.get_args(hints[f.name])
+        if type(None) in args:
+            kind = Optional[next(a for a in args if a is not type(None))]
+        fields.append((f.name, kind, field(default=defaults.get(f.name, MISSING))))
+    view = dataclasses.make_dataclass(name, fields)
+    view.__doc__, view.__module__ = doc, __name__
+    return view
+
+
+def _embedded_views() -> tuple[type, type]:
+    """The embedded-donor recipe's schema, read off its one definition (:class:`splitllama.embedded.EmbeddedRecipe`):
+    the same fields, typed for Hydra, with the recipe's defaults (written once, there)."""
     from dataclasses import asdict
 
-    from ..embedded import EmbeddedRecipe
+    from ..embedded import DonorRecipe, EmbeddedRecipe
 
-    values = asdict(EmbeddedRecipe())
-    return values[which] if which else {k: v for k, v in values.items() if k not in ("small", "large")}
-
-
-@dataclass
-class DonorShapeConfig:
-    """One embedded donor: the fields of :class:`splitllama.embedded.DonorRecipe` (its defaults there)."""
-
-    hidden_size: int = MISSING
-    num_layers: int = MISSING
-    num_heads: int = MISSING
-    num_kv_heads: int = MISSING
-    head_dim: int = MISSING
-    intermediate_size: int = MISSING
-    pretrain_steps: int = MISSING
-    lr: float = MISSING
-    warmup_steps: Optional[int] = MISSING
+    recipe = asdict(EmbeddedRecipe())
+    donor = _typed_view(DonorRecipe, "DonorShapeConfig", "One embedded donor (splitllama.embedded.DonorRecipe).", {}, {})
+    embedded = _typed_view(
+        EmbeddedRecipe, "EmbeddedConfig", "Recipe of the embedded donors (splitllama.embedded.EmbeddedRecipe); its hash keys the cache.",
+        recipe, {which: (donor, lambda which=which: donor(**recipe[which])) for which in ("small", "large")},
+    )
+    return donor, embedded
 
 
-@dataclass
-class EmbeddedConfig:
-    """Recipe of the embedded donors (see :mod:`splitllama.embedded`); its hash keys the cache.
-
-    The fields of :class:`splitllama.embedded.EmbeddedRecipe`, typed for Hydra; their defaults are
-    the recipe's (:func:`_recipe_defaults`), written once there.
-    """
-
-    vocab_size: int = MISSING
-    seq_len: int = MISSING
-    batch_size: int = MISSING
-    val_fraction: float = MISSING
-    min_doc_chars: int = MISSING
-    seed: int = MISSING
-    eval_blocks: Optional[int] = MISSING
-    eval_every: Optional[int] = MISSING
-    small: DonorShapeConfig = field(default_factory=lambda: DonorShapeConfig(**_recipe_defaults("small")))
-    large: DonorShapeConfig = field(default_factory=lambda: DonorShapeConfig(**_recipe_defaults("large")))
-
-
-def _embedded_defaults() -> EmbeddedConfig:
-    return EmbeddedConfig(**_recipe_defaults())
+DonorShapeConfig, EmbeddedConfig = _embedded_views()
 
 
 @dataclass
@@ -158,7 +149,7 @@ class DonorsConfig:
     #: layer counts used when ``layers.n8`` / ``layers.n70`` are not given
     default_n8: int = 2
     default_n70: int = 4
-    embedded: EmbeddedConfig = field(default_factory=_embedded_defaults)
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)  # type: ignore[valid-type]
     #: where a preset's checkpoints come from (Hugging Face hub ids; named in the error for a missing path)
     hub8b: Optional[str] = None
     hub70b: Optional[str] = None
