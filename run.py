@@ -38,10 +38,7 @@ SIGNALS = RunSignals()
 
 def train(cfg: DictConfig, record) -> float:
     """Build (or reuse) donors, assemble, train what the config says, evaluate, export."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from splitllama.training import pipeline as P
-    from splitllama.training.callbacks import GracefulStop, csv_metrics_file, make_loggers, wandb_run_file
 
     run = P.check(cfg, record)
     ckpt_path = P.resolve_ckpt_path(cfg) or _requeued_checkpoint(cfg)
@@ -51,27 +48,16 @@ def train(cfg: DictConfig, record) -> float:
     record.update("donors", {"path8b": donors.path8b, "path70b": donors.path70b, "built_now": donors.built_now,
                              "embedded_metrics": (donors.manifest or {}).get("metrics")})
     module = P.make_module(cfg, run.spec(cfg), teacher_path=donors.path70b)
-    loggers, logger_info = make_loggers(
-        P.plain(cfg.logger.kind), save_dir=cfg.paths.output_dir, config={**P.config_dict(cfg), "split": record.data["split"]},
-        mode=P.plain(cfg.logger.mode),
-        project=cfg.logger.project, entity=cfg.logger.entity, name=P.run_name(cfg), group=_sweep_group(cfg),
-        tags=[*cfg.logger.tags, P.plain(cfg.task.name), P.plain(cfg.adapter.kind), P.plain(cfg.objective.kind), cfg.donors.name],
-        csv=cfg.logger.csv, init_timeout=cfg.logger.init_timeout,
-    )
-    record.update("paths", {"wandb_run_file": wandb_run_file(loggers), "metrics_csv": csv_metrics_file(loggers),
-                            "checkpoint_dir": cfg.paths.checkpoint_dir})
-    record.update("logger", logger_info)
-    callbacks = [ModelCheckpoint(dirpath=cfg.paths.checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
-                                 save_last=True, save_top_k=1)]
-    callbacks.append(GracefulStop(Path(cfg.paths.checkpoint_dir) / "last.ckpt", cfg.task.stop_after_steps, SIGNALS))
-    trainer = P.make_trainer(cfg, loggers, callbacks)
+    loggers = P.make_loggers(cfg, record, group=_sweep_group(cfg))
+    trainer = P.make_trainer(cfg, loggers, P.make_callbacks(cfg, SIGNALS))
+
     def record_model() -> None:
         record.update("params", module.parameter_counts())
         record.update("flops", module.flops())
         record.update("trainable", {"parts": list(cfg.finetune.trainable), "tensors": len(module.trainable_names)})
 
-    # megatron builds each rank's TP/PP shard after the trainer has started its processes (inside
-    # validate/fit); the others are built here, so bad donors fail before any process starts
+    # a model-parallel backend builds each rank's shard after the trainer has started its processes
+    # (inside validate/fit); the others are built here, so bad donors fail before any process starts
     build_first = not P.builds_per_rank(cfg)
     try:
         if build_first:
@@ -104,7 +90,7 @@ def train(cfg: DictConfig, record) -> float:
             with record.timed("export"):
                 record.update("paths", {"export_dir": str(module.backend.export_hf(cfg.paths.export_dir, tokenizer))})
         if run.harness is not None and not record.data["interrupted"] and trainer.is_global_zero:
-            # a sharded model (megatron, FSDP2) is scored through its gathered export (see splitllama.harness)
+            # a sharded model (model parallel, FSDP2) is scored through its gathered export (see splitllama.harness)
             export_dir = record.data["paths"].get("export_dir")
             model = export_dir if module.backend.collective_export else module.backend.hf_model()
             P.run_harness(cfg, run.harness, record, model, tokenizer, loggers=loggers, step=steps, model_dir=export_dir,
@@ -155,7 +141,7 @@ def evaluate(cfg: DictConfig, record) -> float:
         record.update("metrics", {"gap_closed": references.gap_closed(val_loss)})
     record.update("paths", {"model_dir": model_dir})
     if run.harness is not None:
-        # a sharded model (megatron): score the saved model, or the same assembly in one process
+        # a model-parallel model: score the saved model, or the same assembly in one process
         model = (model_dir or BackendSpec().build(module.spec, {}).model) if module.backend.collective_export else module.backend.hf_model()
         P.run_harness(cfg, run.harness, record, model, run.tokenizer, donor_paths=P.harness_donor_paths(run.split, run.donors),
                       model_dir=model_dir)

@@ -1,8 +1,9 @@
 """Every option of every config group composes and instantiates in-process (no subprocess, no weights).
 
 As lightning-hydra-template's ``tests/test_configs.py``: each ``conf/<group>/<option>.yaml`` is
-composed over the defaults, its range checks run (:func:`validate_run_settings`), and its backend
-object is instantiated from ``_target_``. Options that only make sense with others (a megatron
+composed over the defaults, its range checks run (:func:`validate_run_settings`), and what builds
+itself from ``_target_`` is instantiated: the backend object, the objective, the optimizer settings and
+the logger factory. Options that only make sense with others (a megatron
 parallel layout, real-donor presets) get those others; a settings error is a failure.
 """
 
@@ -11,10 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from splitllama.results import register_run_dir_resolver
 from splitllama.training.backend_spec import BackendSpec, backend_spec
+from splitllama.training.callbacks import make_loggers
+from splitllama.training.module import OptimSettings
+from splitllama.training.objectives import Objective
 from splitllama.training.schema import register_configs, validate_run_settings
 from tests.conftest import REPO, compose_run_config
 
@@ -68,6 +73,11 @@ def test_config_option_composes_and_instantiates(group: str, option: str, tmp_pa
     validate_run_settings(cfg)
     backend = backend_spec(cfg)
     assert isinstance(backend, BackendSpec) and backend.name == cfg.backend.name
+    objective = instantiate(cfg.objective)
+    assert isinstance(objective, Objective) and objective.kind == cfg.objective.kind.name
+    optim = instantiate(cfg.optim, _convert_="all", total_steps=cfg.trainer.max_steps)
+    assert isinstance(optim, OptimSettings) and optim.lr == cfg.optim.lr and len(optim.betas) == 2
+    assert instantiate(cfg.logger, _partial_=True).func is make_loggers
 
 
 @pytest.mark.parametrize("backend", ["hf", "megatron"])

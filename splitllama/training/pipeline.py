@@ -381,6 +381,36 @@ def make_strategy(cfg: DictConfig) -> Any:
     return backend_spec(cfg).strategy(cfg, timeout)
 
 
+def make_loggers(cfg: DictConfig, record: Any, *, group: str | None) -> list[Any]:
+    """The loggers ``logger``'s ``_target_`` makes (W&B offline by default, CSV), with the run's name, tags and
+    resolved config; where they write and how W&B started go into the run record."""
+    from hydra.utils import instantiate
+
+    from .callbacks import csv_metrics_file, wandb_run_file
+
+    loggers, info = instantiate(cfg.logger, _partial_=True, _convert_="all")(
+        save_dir=cfg.paths.output_dir, config={**config_dict(cfg), "split": record.data["split"]},
+        name=run_name(cfg), group=group,
+        tags=[*cfg.logger.tags, plain(cfg.task.name), plain(cfg.adapter.kind), plain(cfg.objective.kind), cfg.donors.name],
+    )
+    record.update("paths", {"wandb_run_file": wandb_run_file(loggers), "metrics_csv": csv_metrics_file(loggers),
+                            "checkpoint_dir": cfg.paths.checkpoint_dir})
+    record.update("logger", info)
+    return loggers
+
+
+def make_callbacks(cfg: DictConfig, signals: Any) -> list[Any]:
+    """Checkpoints every ``trainer.checkpoint_every_n_steps`` (and ``last.ckpt``), and a clean stop on a
+    signal or at ``task.stop_after_steps`` (:class:`~splitllama.training.callbacks.GracefulStop`)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from .callbacks import GracefulStop
+
+    return [ModelCheckpoint(dirpath=cfg.paths.checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
+                            save_last=True, save_top_k=1),
+            GracefulStop(Path(cfg.paths.checkpoint_dir) / "last.ckpt", cfg.task.stop_after_steps, signals)]
+
+
 def final_val_loss(trainer: Any, module: Any, data: Any) -> float:
     """The validation loss after training: the pass fit already made at its last step (a run whose
     ``trainer.val_check_interval`` divides ``max_steps``), else a fresh validation pass."""
@@ -547,7 +577,9 @@ __all__ = [
     "layer_selection",
     "load_documents",
     "load_tokenizer",
+    "make_callbacks",
     "make_datamodule",
+    "make_loggers",
     "make_module",
     "make_strategy",
     "builds_per_rank",

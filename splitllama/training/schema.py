@@ -309,6 +309,9 @@ class FinetuneConfig:
 
 @dataclass
 class LoggerConfig:
+    """What :func:`splitllama.training.callbacks.make_loggers` (``_target_``) gets from the config."""
+
+    _target_: str = "splitllama.training.callbacks.make_loggers"
     kind: LoggerKind = LoggerKind.wandb
     mode: WandbMode = WandbMode.offline
     project: str = "splitllama"
