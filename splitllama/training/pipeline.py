@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..configuration_split_llama import SplitConfigError, SplitLlamaConfig
-from .backend_spec import backend_spec
 from .schema import AdapterInit, AdapterKind, DataSource, RunConfigError, explain_split_error, validate_run_settings
 
 if TYPE_CHECKING:
@@ -136,6 +135,8 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
         split = SplitLlamaConfig(**fields)
     except SplitConfigError as exc:
         raise RunConfigError(explain_split_error(str(exc), cfg)) from None
+    from .backend_spec import backend_spec
+
     backend_spec(cfg).check_split(split, cfg)
     return split
 
@@ -332,6 +333,7 @@ def make_module(cfg: DictConfig, spec: Any, teacher_path: str | None, objective_
     """The LightningModule; ``objective_kind`` overrides ``objective.kind`` (evaluation scores ``lm``)."""
     from hydra.utils import instantiate
 
+    from .backend_spec import backend_spec
     from .module import SplitLlamaLitModule
 
     options = {"gradient_checkpointing": cfg.backend.gradient_checkpointing, **OmegaConf.to_container(cfg.backend.options, resolve=True)}
@@ -358,6 +360,8 @@ def make_module(cfg: DictConfig, spec: Any, teacher_path: str | None, objective_
 def builds_per_rank(cfg: DictConfig) -> bool:
     """Each process builds its own shard once the Trainer has started the processes (``configure_model``
     inside validate/fit); see :attr:`~splitllama.training.backend_spec.BackendSpec.builds_per_rank`."""
+    from .backend_spec import backend_spec
+
     return backend_spec(cfg).builds_per_rank
 
 
@@ -367,6 +371,8 @@ def runs_own_schedule(cfg: DictConfig) -> bool:
     It then clips gradients itself (over all model-parallel shards), so the Trainer gets no
     ``gradient_clip_val``.
     """
+    from .backend_spec import backend_spec
+
     return backend_spec(cfg).runs_own_schedule
 
 
@@ -376,6 +382,8 @@ def make_strategy(cfg: DictConfig) -> Any:
     ``parallel.timeout_s`` bounds every collective of the process group.
     """
     from datetime import timedelta
+
+    from .backend_spec import backend_spec
 
     timeout = {"timeout": timedelta(seconds=float(cfg.parallel.timeout_s))} if cfg.parallel.timeout_s else {}
     return backend_spec(cfg).strategy(cfg, timeout)
