@@ -26,7 +26,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from splitllama.results import RunSignals, is_first_rank, register_run_dir_resolver, resumes_run, split_summary
+from splitllama.results import RunSignals, is_first_rank, register_run_dir_resolver, resumes_run
 from splitllama.training.schema import RunConfigError, register_configs
 
 log = logging.getLogger("splitllama.run")
@@ -38,50 +38,26 @@ SIGNALS = RunSignals()
 
 def train(cfg: DictConfig, record) -> float:
     """Build (or reuse) donors, assemble, train what the config says, evaluate, export."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from splitllama.training import pipeline as P
-    from splitllama.training.callbacks import GracefulStop, csv_metrics_file, make_loggers, wandb_run_file
 
-    record.update("split", split_summary(P.validate(cfg)))
-    harness = P.prepare_harness(cfg)
+    run = P.check(cfg, record)
     ckpt_path = P.resolve_ckpt_path(cfg) or _requeued_checkpoint(cfg)
     P.seed_everything(cfg.seed)
-    with record.timed("donors"):
-        donors = P.resolve_donors(cfg)
+    run = P.load(cfg, record, run, stage="fit")
+    donors, data, references, tokenizer = run.donors, run.data, run.references, run.tokenizer
     record.update("donors", {"path8b": donors.path8b, "path70b": donors.path70b, "built_now": donors.built_now,
                              "embedded_metrics": (donors.manifest or {}).get("metrics")})
-    tokenizer = P.load_tokenizer(donors.path8b)
-    with record.timed("data"):
-        data = P.make_datamodule(cfg, tokenizer)
-        data.setup("fit")
-    with record.timed("references"):  # before the split model is built: one donor in memory at a time
-        references = P.donor_references(cfg, donors, data.val_blocks)
-    if references is not None:
-        record.update("references", references.as_record())
-    calibration = data.train_blocks[: cfg.adapter.calibration_blocks]
-    module = P.make_module(cfg, P.model_spec(cfg, donors, calibration=calibration), teacher_path=donors.path70b)
-    loggers, logger_info = make_loggers(
-        P.plain(cfg.logger.kind), save_dir=cfg.paths.output_dir, config={**P.config_dict(cfg), "split": record.data["split"]},
-        mode=P.plain(cfg.logger.mode),
-        project=cfg.logger.project, entity=cfg.logger.entity, name=P.run_name(cfg), group=_sweep_group(cfg),
-        tags=[*cfg.logger.tags, P.plain(cfg.task.name), P.plain(cfg.adapter.kind), P.plain(cfg.objective.kind), cfg.donors.name],
-        csv=cfg.logger.csv, init_timeout=cfg.logger.init_timeout,
-    )
-    record.update("paths", {"wandb_run_file": wandb_run_file(loggers), "metrics_csv": csv_metrics_file(loggers),
-                            "checkpoint_dir": cfg.paths.checkpoint_dir})
-    record.update("logger", logger_info)
-    callbacks = [ModelCheckpoint(dirpath=cfg.paths.checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
-                                 save_last=True, save_top_k=1)]
-    callbacks.append(GracefulStop(Path(cfg.paths.checkpoint_dir) / "last.ckpt", cfg.task.stop_after_steps, SIGNALS))
-    trainer = P.make_trainer(cfg, loggers, callbacks)
+    module = P.make_module(cfg, run.spec(cfg), teacher_path=donors.path70b)
+    loggers = P.make_loggers(cfg, record, group=_sweep_group(cfg))
+    trainer = P.make_trainer(cfg, loggers, P.make_callbacks(cfg, SIGNALS))
+
     def record_model() -> None:
         record.update("params", module.parameter_counts())
         record.update("flops", module.flops())
         record.update("trainable", {"parts": list(cfg.finetune.trainable), "tensors": len(module.trainable_names)})
 
-    # megatron builds each rank's TP/PP shard after the trainer has started its processes (inside
-    # validate/fit); the others are built here, so bad donors fail before any process starts
+    # a model-parallel backend builds each rank's shard after the trainer has started its processes
+    # (inside validate/fit); the others are built here, so bad donors fail before any process starts
     build_first = not P.builds_per_rank(cfg)
     try:
         if build_first:
@@ -113,11 +89,11 @@ def train(cfg: DictConfig, record) -> float:
         if cfg.task.export and not record.data["interrupted"] and (trainer.is_global_zero or module.backend.collective_export):
             with record.timed("export"):
                 record.update("paths", {"export_dir": str(module.backend.export_hf(cfg.paths.export_dir, tokenizer))})
-        if harness is not None and not record.data["interrupted"] and trainer.is_global_zero:
-            # a sharded model (megatron, FSDP2) is scored through its gathered export (see splitllama.harness)
+        if run.harness is not None and not record.data["interrupted"] and trainer.is_global_zero:
+            # a sharded model (model parallel, FSDP2) is scored through its gathered export (see splitllama.harness)
             export_dir = record.data["paths"].get("export_dir")
             model = export_dir if module.backend.collective_export else module.backend.hf_model()
-            P.run_harness(cfg, harness, record, model, tokenizer, loggers=loggers, step=steps, model_dir=export_dir,
+            P.run_harness(cfg, run.harness, record, model, tokenizer, loggers=loggers, step=steps, model_dir=export_dir,
                           donor_paths=P.harness_donor_paths(module.backend.config, donors))
     finally:
         _finish_wandb(loggers)
@@ -127,22 +103,14 @@ def train(cfg: DictConfig, record) -> float:
 def assemble(cfg: DictConfig, record) -> float | None:
     """Build the split model from the donors and save it (with the tokenizer), without training."""
     from splitllama.training import pipeline as P
-    from splitllama.training.backends import build_backend
+    from splitllama.training.backend_spec import backend_spec
     from splitllama.training.module import count_flops_per_token
 
-    record.update("split", split_summary(P.validate(cfg)))
-    with record.timed("donors"):
-        donors = P.resolve_donors(cfg)
-    tokenizer = P.load_tokenizer(donors.path8b)
-    calibration = None
-    if P.plain(cfg.adapter.init) == "lstsq":
-        data = P.make_datamodule(cfg, tokenizer)
-        data.setup("fit")
-        calibration = data.train_blocks[: cfg.adapter.calibration_blocks]
+    run = P.load(cfg, record, P.check(cfg, record, harness=False), stage=None, references=False)
     with record.timed("assemble"):
-        backend = build_backend(cfg.backend.name, P.model_spec(cfg, donors, calibration=calibration), dict(cfg.backend.options))
+        backend = backend_spec(cfg).build(run.spec(cfg), dict(cfg.backend.options))
     with record.timed("export"):
-        out = backend.export_hf(cfg.paths.export_dir, tokenizer)
+        out = backend.export_hf(cfg.paths.export_dir, run.tokenizer)
     params = sum(p.numel() for p in backend.model.parameters())
     record.update("params", {"total": params, "trainable": 0})
     record.update("flops", count_flops_per_token(backend.config, cfg.data.seq_len))
@@ -155,21 +123,13 @@ def evaluate(cfg: DictConfig, record) -> float:
     """Validation loss and perplexity of a saved split model (task.model_dir) or of a fresh assembly,
     and its ``eval.harness`` task scores."""
     from splitllama.training import pipeline as P
-    from splitllama.training.backends import build_backend
+    from splitllama.training.backend_spec import BackendSpec
 
-    split = P.validate(cfg)
-    record.update("split", split_summary(split))
-    harness = P.prepare_harness(cfg)
+    run = P.check(cfg, record)
     model_dir = os.path.expanduser(cfg.task.model_dir) if cfg.task.model_dir else None
-    donors = None if model_dir else P.resolve_donors(cfg)
-    tokenizer = P.load_tokenizer(model_dir or donors.path8b)
-    data = P.make_datamodule(cfg, tokenizer)
-    data.setup("validate")
-    # a saved split model is compared with the donors it was assembled from, where they still are
-    reference_donors = donors or P.saved_model_donors(split)
-    references = P.donor_references(cfg, reference_donors, data.val_blocks) if reference_donors else None
-    module = P.make_module(cfg, P.model_spec(cfg, donors, calibration=data.train_blocks[: cfg.adapter.calibration_blocks],
-                                             model_dir=model_dir), teacher_path=None, objective_kind="lm")
+    run = P.load(cfg, record, run, stage="validate", model_dir=model_dir)
+    data, references = run.data, run.references
+    module = P.make_module(cfg, run.spec(cfg), teacher_path=None, objective_kind="lm")
     trainer = P.make_trainer(cfg, [], [])
     with record.timed("eval"):
         val_loss = trainer.validate(module, data, verbose=False)[0]["val/loss"]
@@ -178,13 +138,13 @@ def evaluate(cfg: DictConfig, record) -> float:
     record.update("metrics", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
                               "val_tokens": data.val_blocks.shape[0] * (data.seq_len - 1)})
     if references is not None:
-        record.update("references", references.as_record())
         record.update("metrics", {"gap_closed": references.gap_closed(val_loss)})
     record.update("paths", {"model_dir": model_dir})
-    if harness is not None:
-        # a sharded model (megatron): score the saved model, or the same assembly in one process
-        model = (model_dir or build_backend("hf", module.spec, {}).model) if module.backend.collective_export else module.backend.hf_model()
-        P.run_harness(cfg, harness, record, model, tokenizer, donor_paths=P.harness_donor_paths(split, donors), model_dir=model_dir)
+    if run.harness is not None:
+        # a model-parallel model: score the saved model, or the same assembly in one process
+        model = (model_dir or BackendSpec().build(module.spec, {}).model) if module.backend.collective_export else module.backend.hf_model()
+        P.run_harness(cfg, run.harness, record, model, run.tokenizer, donor_paths=P.harness_donor_paths(run.split, run.donors),
+                      model_dir=model_dir)
     return val_loss
 
 

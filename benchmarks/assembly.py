@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from splitllama.testing import llama_config  # noqa: E402
+from tests.donors import llama_config  # noqa: E402
 
 
 def write_synthetic_donor(path: Path, cfg, shard_bytes: int, seed: int) -> Path:

@@ -33,7 +33,7 @@ BLOCKS: dict[str, Any] = {}
 
 
 def shape_config(shape: str, vocab: int) -> tuple[Any, dict[str, int]]:
-    from splitllama.testing import llama_config
+    from splitllama.configuration_split_llama import llama_config
 
     hidden, layers = (int(v) for v in shape[1:].split("x"))
     heads = hidden // 32

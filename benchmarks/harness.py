@@ -57,7 +57,7 @@ def random_donors(out: Path, cache: Path) -> list[str]:
     """Donors of the embedded recipe's shapes with random weights and the recipe's tokenizer."""
     sys.path.insert(0, str(REPO))
     from splitllama.embedded import EmbeddedRecipe, load_stdlib_corpus, train_tokenizer
-    from splitllama.testing import make_random_donor
+    from tests.donors import make_random_donor
     from splitllama.training.data import split_documents
 
     recipe = EmbeddedRecipe()

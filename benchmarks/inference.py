@@ -1,6 +1,6 @@
 """Benchmark: generation throughput of split models in vLLM, against HF ``generate`` and vLLM's Llama.
 
-Models (random weights from :func:`splitllama.testing.make_random_donor`, float32, cached in
+Models (random weights from :func:`tests.donors.make_random_donor`, float32, cached in
 ``--workdir``):
 
 - ``stitched``: a ~108M-parameter LLaMA donor (hidden 576, 9 heads of 64, 3 KV heads, FFN 1536,
@@ -50,7 +50,7 @@ def build_models(workdir: Path) -> dict[str, Path]:
     import torch
 
     from splitllama import build_split_model
-    from splitllama.testing import llama_config, make_random_donor
+    from tests.donors import llama_config, make_random_donor
 
     paths = {"donor": workdir / "donor", "small_donor": workdir / "small_donor",
              "stitched": workdir / "stitched", "split": workdir / "split"}

@@ -29,6 +29,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from .checkpoint import CheckpointError, LazyCheckpoint, load_adapter_state
 from .configuration_split_llama import SplitLlamaConfig, _field_error
+from .dtypes import resolve_dtype
 from .modeling_split_llama import CustomSplitLLamaForCausalLM, CustomSplitLLamaModel, CustomSplitLLamaPreTrainedModel
 from .weight_map import ADAPTER_PREFIX, TensorSource, adapter_tensor_names, plan_weights
 
@@ -106,16 +107,6 @@ def build_split_model(
         seed=seed,
         model_class=model_class,
     )
-
-
-def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(str(dtype), str(dtype))
-    value = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype: unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
-    return value
 
 
 def _resolve_adapter_init(config: SplitLlamaConfig, adapter_init: str | None, has_checkpoint: bool) -> str | None:
@@ -218,7 +209,7 @@ def assemble(
     """Assemble ``config``'s split model from the donors at ``config.path8b`` / ``config.path70b``."""
     if config.path8b is None or config.path70b is None:
         raise _field_error("path8b" if config.path8b is None else "path70b", "a donor directory is needed to assemble weights")
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     init = _resolve_adapter_init(config, adapter_init, adapter_checkpoint is not None)
     if init == "lstsq" and calibration is None:
         raise ValueError("adapter_init: 'lstsq' needs calibration texts or token ids (calibration=...)")
@@ -471,7 +462,7 @@ def build_from_seed_dir(
         config,
         adapter_checkpoint=adapter_checkpoint,
         adapter_init=adapter_init,
-        dtype=_resolve_dtype(dtype) if dtype not in (None, "auto") else torch.float32,
+        dtype=resolve_dtype(dtype) if dtype not in (None, "auto") else torch.float32,
         device=device if isinstance(device, (str, torch.device)) else "cpu",
         attn_implementation=attn_implementation or "sdpa",
         model_class=model_class,

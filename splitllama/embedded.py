@@ -211,7 +211,7 @@ class EmbeddedRecipe:
 
     def llama_config(self, which: str) -> Any:
         """The ``LlamaConfig`` of the ``small`` or ``large`` donor (no weights needed)."""
-        from .testing import llama_config
+        from .configuration_split_llama import llama_config
 
         donor: DonorRecipe = getattr(self, which)
         return llama_config(

@@ -107,6 +107,24 @@ class SplitLlamaAdapter(nn.Module):
         return hidden_states
 
 
+def _seed_dir_assembler(path: str) -> Any:
+    """``splitllama.assembly.build_from_seed_dir``, looked up by name when a seed-style directory is loaded.
+
+    By name, not by import: this file also ships alone next to saved weights (``trust_remote_code``),
+    where a relative import cannot reach the package, and the model layer does not import the
+    assembly layer above it (no import cycle in ``splitllama``).
+    """
+    import importlib
+
+    try:
+        return importlib.import_module("splitllama.assembly").build_from_seed_dir
+    except ImportError as exc:  # pragma: no cover - only without the package
+        raise ImportError(
+            f"{path} declares assemble_from_donors; assembling it from its donors "
+            "needs the splitllama package (pip install splitllama)"
+        ) from exc
+
+
 class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
     config_class = SplitLlamaConfig
     config: SplitLlamaConfig
@@ -140,14 +158,7 @@ class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
             if problem:
                 raise FileNotFoundError(problem)
             if declares_assembly(path):
-                try:
-                    from splitllama.assembly import build_from_seed_dir
-                except ImportError as exc:  # pragma: no cover - only without the package
-                    raise ImportError(
-                        f"{path} declares assemble_from_donors; assembling it from its donors "
-                        "needs the splitllama package (pip install splitllama)"
-                    ) from exc
-                return build_from_seed_dir(path, model_class=cls, **kwargs)
+                return _seed_dir_assembler(path)(path, model_class=cls, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
         missing = [k for k in info.get("missing_keys", []) if not k.startswith(cls._initialised_if_missing or ("\0",))]

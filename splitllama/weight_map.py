@@ -82,6 +82,25 @@ SPLIT_WEIGHT_RULES: tuple[WeightRule, ...] = (
 
 ADAPTER_PREFIX = "model.adapter."
 
+#: The parts ``finetune.trainable`` names -> the split-model name prefixes of their tensors (the
+#: targets of :data:`SPLIT_WEIGHT_RULES`, and the adapter); every backend derives its own from this.
+PART_PREFIXES: dict[str, tuple[str, ...]] = {
+    "adapter": (ADAPTER_PREFIX,),
+    "first": ("model.layers_first.",),
+    "last": ("model.layers_last.",),
+    "embeddings": ("model.embed_tokens.",),
+    "norm": ("model.norm.",),
+    "head": ("lm_head.",),
+    "all": ("",),
+}
+
+
+def part_prefixes(root: str = "", heads: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+    """:data:`PART_PREFIXES` under a backend's module ``root`` (``module.`` for megatron's wrapper);
+    ``heads`` adds the names of other output heads (a critic's ``value_head.``) to the ``head`` part."""
+    return {part: tuple(root + p if p else "" for p in prefixes) + (tuple(root + h for h in heads) if part == "head" else ())
+            for part, prefixes in PART_PREFIXES.items()}
+
 
 @dataclass(frozen=True)
 class TensorSource:
@@ -173,6 +192,7 @@ def parse_split_name(name: str) -> tuple[LayerPart | None, int | None, str]:
 
 __all__ = [
     "ADAPTER_PREFIX",
+    "PART_PREFIXES",
     "LLAMA_LAYER_TENSORS",
     "SPLIT_WEIGHT_RULES",
     "LayerTensor",
@@ -181,5 +201,6 @@ __all__ = [
     "adapter_tensor_names",
     "global_layer_index",
     "parse_split_name",
+    "part_prefixes",
     "plan_weights",
 ]

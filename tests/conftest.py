@@ -16,7 +16,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from splitllama.testing import llama_config, make_random_donor  # noqa: E402
+from tests.donors import llama_config, make_random_donor  # noqa: E402
 
 VOCAB = 256
 SMALL = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=VOCAB)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 
 from splitllama import CheckpointError, SplitConfigError, build_split_model
 from splitllama.checkpoint import LazyCheckpoint
-from splitllama.testing import llama_config, make_random_donor
+from tests.donors import llama_config, make_random_donor
 
 from .conftest import LARGE, SMALL, VOCAB
 

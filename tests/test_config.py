@@ -7,7 +7,7 @@ from transformers import AutoConfig
 
 import splitllama  # noqa: F401  (registers the config)
 from splitllama import SplitConfigError, SplitLlamaConfig
-from splitllama.testing import llama_config
+from tests.donors import llama_config
 from splitllama.weight_map import global_layer_index, parse_split_name, plan_weights
 
 from .conftest import LARGE, SMALL

@@ -20,7 +20,7 @@ pytest.importorskip("megatron.core", reason="the megatron backend needs megatron
 
 from splitllama import CustomSplitLLamaForValue, SplitLlamaConfig, build_split_model  # noqa: E402
 from splitllama.checkpoint import CheckpointError  # noqa: E402
-from splitllama.testing import llama_config, make_random_donor  # noqa: E402
+from tests.donors import llama_config, make_random_donor  # noqa: E402
 
 from .conftest import LARGE  # noqa: E402
 from .megatron_helpers.worker import run_workers  # noqa: E402

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitllama.testing import make_partial_donor
+from tests.donors import make_partial_donor
 
 from tests.conftest import compose_run_config
 

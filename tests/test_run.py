@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from splitllama.results import read_results
-from splitllama.wandb_offline import find_run_file, read_offline_run
+from tests.wandb_offline import find_run_file, read_offline_run
 
 from tests.conftest import RunPy
 

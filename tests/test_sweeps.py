@@ -14,7 +14,7 @@ import yaml
 
 from splitllama.analysis import donor_losses, load_sweep, pareto_front, plot_heatmaps, plot_pareto, stitching_curve, summary_table
 from splitllama.results import read_results
-from splitllama.wandb_offline import find_run_file, read_offline_run
+from tests.wandb_offline import find_run_file, read_offline_run
 
 from tests.conftest import REPO, RunPy, compose_run_config
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from splitllama import CustomSplitLLamaForCausalLM, SplitLlamaConfig
-from splitllama.testing import llama_config
+from tests.donors import llama_config
 from splitllama.training.data import ResumableBlockSampler, pack_documents
 from splitllama.training.module import count_flops_per_token, warmup_cosine
 from splitllama.training.objectives import Objective, distillation_loss, next_token_loss

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 import splitllama  # noqa: F401  (registers the split model with transformers' Auto classes)
 import splitllama.vllm
 from splitllama import CheckpointError, SplitConfigError, SplitLlamaConfig, build_split_model
-from splitllama.testing import llama_config, make_random_donor
+from tests.donors import llama_config, make_random_donor
 from splitllama.vllm.loading import (
     VLLM_LAYER_NAMES,
     check_split_checkpoint,

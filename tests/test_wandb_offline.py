@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from splitllama.wandb_offline import WandbFileError, find_run_file, iter_record_bytes, read_offline_run
+from tests.wandb_offline import WandbFileError, find_run_file, iter_record_bytes, read_offline_run
 
 BIG = 40_000  # one value larger than a 32 KiB block: the record spans FIRST/MIDDLE/LAST fragments
 

@@ -35,10 +35,11 @@ _LAZY: dict[str, str] = {
     "initialize_megatron_parallel": "parallel",
     "destroy_megatron_parallel": "parallel",
     "make_model_parallel_config": "parallel",
-    "build_megatron_split_model": "lightning",
-    "export_hf": "lightning",
-    "MegatronStrategy": "lightning",
-    "build_megatron_backend": "lightning",
+    "build_megatron_split_model": "model",
+    "export_hf": "model",
+    "MegatronStrategy": "strategy",
+    "build_megatron_backend": "backend",
+    "MegatronBackendSpec": "backend",
 }
 
 
@@ -55,7 +56,9 @@ if TYPE_CHECKING:
         load_hf_weights_to_custom_split_llama,
     )
     from .checkpoint_utils.custom_split_llama_saver import export_hf_split_checkpoint
-    from .lightning import MegatronStrategy, build_megatron_backend, build_megatron_split_model, export_hf
+    from .backend import MegatronBackendSpec, build_megatron_backend
+    from .model import build_megatron_split_model, export_hf
+    from .strategy import MegatronStrategy
     from .modeling_split_llama_megatron import (
         ParallelCustomSplitLLamaForCausalLM,
         ParallelCustomSplitLLamaForCausalLMRmPad,

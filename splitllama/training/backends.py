@@ -1,12 +1,11 @@
-"""Backend factory: the one place the LightningModule gets its split model from.
+"""The split model a backend builds: what the LightningModule gets, and the transformers implementation.
 
-A backend builds the split model (assembled from donors, or loaded from a saved split model),
-selects what trains, and exports a Hugging Face split checkpoint. The LightningModule only calls
-:func:`build_backend` and the :class:`SplitBackend` methods, so another implementation (the
-megatron-core backend in ``splitllama.megatron.lightning``) plugs in with
-:func:`register_backend` and a ``conf/backend/<name>.yaml`` whose ``name`` selects it::
-
-    register_backend("megatron", build_megatron_backend)   # factory(spec, options) -> SplitBackend
+A backend object (:class:`splitllama.training.backend_spec.BackendSpec`, chosen by
+``conf/backend/<name>.yaml``'s ``_target_``) builds a :class:`SplitBackend` for a
+:class:`SplitModelSpec`: the split model (assembled from donors, or loaded from a saved split
+model), which selects what trains and exports a Hugging Face split checkpoint. The LightningModule
+only calls the :class:`SplitBackend` methods, so another implementation (the megatron-core one in
+``splitllama.megatron``) plugs in with its own ``BackendSpec`` subclass and YAML file.
 
 Which donor tensor lands where is decided by :mod:`splitllama.weight_map` in every backend;
 a backend adds only its own layout.
@@ -17,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from ..configuration_split_llama import SplitLlamaConfig
+from ..weight_map import PART_PREFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +52,22 @@ class SplitModelSpec:
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     seed: int = 0
+    #: the validated split config, when the run already holds it (see :meth:`split_config`)
+    config: SplitLlamaConfig | None = field(default=None, repr=False)
 
     def split_config(self) -> SplitLlamaConfig:
-        """Validate the split-model fields (reads only the donors' config.json, no weights)."""
-        if self.model_dir is not None:
-            return SplitLlamaConfig.from_pretrained(self.model_dir)
-        return SplitLlamaConfig(
-            path8b=self.path8b, path70b=self.path70b, num_layers_8=self.num_layers_8, num_layers_70=self.num_layers_70,
-            layers_8=self.layers_8, layers_70=self.layers_70, adapter=self.adapter,
-            adapter_hidden_size=self.adapter_hidden_size, adapter_rank=self.adapter_rank, adapter_bias=self.adapter_bias,
-        )
+        """The validated split config: built from the fields once (reads only the donors' config.json,
+        no weights), then carried; every backend builds its model from this one object."""
+        if self.config is None:
+            if self.model_dir is not None:
+                self.config = SplitLlamaConfig.from_pretrained(self.model_dir)
+            else:
+                self.config = SplitLlamaConfig(
+                    path8b=self.path8b, path70b=self.path70b, num_layers_8=self.num_layers_8, num_layers_70=self.num_layers_70,
+                    layers_8=self.layers_8, layers_70=self.layers_70, adapter=self.adapter,
+                    adapter_hidden_size=self.adapter_hidden_size, adapter_rank=self.adapter_rank, adapter_bias=self.adapter_bias,
+                )
+        return self.config
 
 
 @runtime_checkable
@@ -73,7 +79,7 @@ class SplitBackend(Protocol):
     model: nn.Module
     config: SplitLlamaConfig
     #: True: the backend runs forward and backward itself over micro-batches (``run_schedule`` and
-    #: ``clip_grad_norm``, see ``splitllama.megatron.lightning``); the module uses manual optimisation
+    #: ``clip_grad_norm``, see ``splitllama.megatron.model``); the module uses manual optimisation
     manual_schedule: bool
     #: True: ``export_hf`` is collective (every rank calls it; model-parallel shards are gathered)
     collective_export: bool
@@ -89,50 +95,9 @@ class SplitBackend(Protocol):
     def export_hf(self, out_dir: str | os.PathLike[str], tokenizer: Any | None = None) -> Path: ...
 
 
-BackendFactory = Callable[[SplitModelSpec, dict[str, Any]], SplitBackend]
-_BACKENDS: dict[str, BackendFactory] = {}
-
-
-def register_backend(name: str, factory: BackendFactory) -> None:
-    """Make ``backend.name=<name>`` build its model with ``factory(spec, options)``."""
-    _BACKENDS[name] = factory
-
-
-def available_backends() -> list[str]:
-    return sorted({*_BACKENDS, "megatron"})
-
-
-def build_backend(name: str, spec: SplitModelSpec, options: dict[str, Any] | None = None) -> SplitBackend:
-    """Build the split model with the backend called ``name`` (``backend.name`` in the config)."""
-    if name == "megatron" and name not in _BACKENDS:
-        _register_megatron()
-    if name not in _BACKENDS:
-        raise ValueError(f"backend.name={name}: unknown backend; available: {', '.join(available_backends())}")
-    return _BACKENDS[name](spec, dict(options or {}))
-
-
-def _register_megatron() -> None:
-    """Import the megatron backend only when ``backend=megatron`` is chosen (megatron-core is an extra)."""
-    try:
-        from ..megatron.lightning import register
-    except ImportError as exc:
-        raise ImportError(
-            f"backend=megatron needs megatron-core: pip install -e .[megatron] (0.16 on Python 3.11, 0.19 on 3.12); {exc}"
-        ) from exc
-    register()
-
-
 # ------------------------------------------------------------------------------------------ HF backend
 #: HF split-model parameter name prefixes of each part ``finetune.trainable`` can name.
-HF_PART_PREFIXES: dict[str, tuple[str, ...]] = {
-    "adapter": ("model.adapter.",),
-    "first": ("model.layers_first.",),
-    "last": ("model.layers_last.",),
-    "embeddings": ("model.embed_tokens.",),
-    "norm": ("model.norm.",),
-    "head": ("lm_head.",),
-    "all": ("",),
-}
+HF_PART_PREFIXES: dict[str, tuple[str, ...]] = PART_PREFIXES
 HF_LORA_PARTS = {"first": "layers_first", "last": "layers_last"}
 
 
@@ -152,19 +117,16 @@ class HFBackend:
     def __init__(self, spec: SplitModelSpec, options: dict[str, Any]) -> None:
         from transformers import AutoModelForCausalLM
 
-        from ..assembly import build_split_model
+        from ..assembly import assemble
 
         self.spec = spec
         if spec.model_dir is not None:
             self.model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=getattr(torch, spec.dtype))
             self.model.config._attn_implementation = spec.attn_implementation
         else:
-            self.model = build_split_model(
-                spec.path8b, spec.path70b, spec.num_layers_8, spec.num_layers_70, adapter=spec.adapter,
-                adapter_checkpoint=spec.adapter_checkpoint, layers_8=spec.layers_8, layers_70=spec.layers_70,
-                adapter_init=spec.adapter_init, adapter_hidden_size=spec.adapter_hidden_size, adapter_rank=spec.adapter_rank,
-                adapter_bias=spec.adapter_bias, calibration=spec.calibration, dtype=spec.dtype,
-                attn_implementation=spec.attn_implementation, seed=spec.seed,
+            self.model = assemble(
+                spec.split_config(), adapter_checkpoint=spec.adapter_checkpoint, adapter_init=spec.adapter_init,
+                calibration=spec.calibration, dtype=spec.dtype, attn_implementation=spec.attn_implementation, seed=spec.seed,
             )
         self.config: SplitLlamaConfig = self.model.config
         self.config.use_cache = False
@@ -279,15 +241,10 @@ class HFBackend:
         return out
 
 
-register_backend("hf", HFBackend)
-
 
 __all__ = [
     "HFBackend",
     "SplitBackend",
     "SplitModelSpec",
-    "available_backends",
-    "build_backend",
     "lora_target_regex",
-    "register_backend",
 ]

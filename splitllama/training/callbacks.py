@@ -115,6 +115,7 @@ def make_loggers(
     W&B is offline unless ``mode='online'``. If W&B cannot start (no account, no network, not
     installed), the run goes on with the CSV logger and a warning: logging never fails a run.
     """
+    kind, mode = getattr(kind, "name", kind), getattr(mode, "name", mode)  # the schema's enums when instantiated
     save_dir = Path(save_dir)
     loggers: list[Logger] = []
     info: dict[str, Any] = {"kind": kind}

@@ -1,6 +1,6 @@
 """The LightningModule that trains a split model, whatever backend runs it.
 
-The module asks :func:`splitllama.training.backends.build_backend` for the model (in
+The module asks its backend object (:class:`splitllama.training.backend_spec.BackendSpec`) for the model (in
 ``configure_model``, so strategies such as FSDP can wrap it), freezes all but what the config
 says trains, and optimises the chosen objective with AdamW, linear warmup and cosine decay.
 
@@ -26,7 +26,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from .backends import SplitBackend, SplitModelSpec, build_backend
+from .backend_spec import BackendSpec
+from .backends import SplitBackend, SplitModelSpec
 from .objectives import Objective, next_token_loss
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class OptimSettings:
     #: gradient clipping for backends that train with manual optimisation (megatron: the norm over
     #: all model-parallel shards); others clip through the Trainer's ``gradient_clip_val``
     max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]  (a list when instantiated from the config)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -88,11 +92,12 @@ def count_flops_per_token(config: Any, seq_len: int) -> dict[str, float]:
 
 
 class SplitLlamaLitModule(pl.LightningModule):
-    """Trains the split model that ``build_backend(backend_name, spec, backend_options)`` returns.
+    """Trains the split model that ``backend.build(spec, backend_options)`` returns.
 
     Args:
         spec: what to build (donor paths and layers, adapter, or a saved model directory).
-        backend_name, backend_options: which backend (``hf``; others via ``register_backend``).
+        backend, backend_options: which backend (a :class:`~splitllama.training.backend_spec.BackendSpec`,
+            default ``hf``) and the options its model takes.
         trainable: parts that train (adapter, first, last, embeddings, norm, head, all).
         lora: ``finetune.lora`` settings (peft LoRA on donor layers) or ``None``.
         objective: the loss; a distillation objective loads the teacher from ``teacher_path``.
@@ -109,7 +114,7 @@ class SplitLlamaLitModule(pl.LightningModule):
         self,
         spec: SplitModelSpec,
         *,
-        backend_name: str = "hf",
+        backend: BackendSpec | None = None,
         backend_options: dict[str, Any] | None = None,
         trainable: list[str] | None = None,
         lora: dict[str, Any] | None = None,
@@ -124,7 +129,7 @@ class SplitLlamaLitModule(pl.LightningModule):
         self.automatic_optimization = not manual_schedule
         self.micro_batch_size = micro_batch_size
         self.spec = spec
-        self.backend_name = backend_name
+        self.backend_spec = backend or BackendSpec()
         self.backend_options = dict(backend_options or {})
         self.trainable_parts = list(trainable if trainable is not None else ["adapter"])
         self.lora = lora
@@ -153,7 +158,7 @@ class SplitLlamaLitModule(pl.LightningModule):
         again inside ``fit``/``validate``, where a model-parallel strategy has set ``device_mesh``.
         """
         if self.backend is None:
-            self.backend = build_backend(self.backend_name, self.spec, self.backend_options)
+            self.backend = self.backend_spec.build(self.spec, self.backend_options)
             self.trainable_names = self.backend.select_trainable(self.trainable_parts, self.lora)
             self.model = self.backend.model  # registered as a submodule: Lightning moves, wraps and saves it
             self.model.train()  # assembly returns eval mode; Lightning keeps a module's mode when fitting

@@ -43,6 +43,10 @@ class Objective:
     distill_weight: float = 1.0
     temperature: float = 1.0
 
+    def __post_init__(self) -> None:
+        # instantiated from the run config, ``kind`` arrives as the schema's enum member
+        object.__setattr__(self, "kind", getattr(self.kind, "name", self.kind))
+
     @property
     def needs_teacher(self) -> bool:
         return self.kind in ("distill", "mixed")

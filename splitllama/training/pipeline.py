@@ -135,8 +135,9 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
         split = SplitLlamaConfig(**fields)
     except SplitConfigError as exc:
         raise RunConfigError(explain_split_error(str(exc), cfg)) from None
-    if cfg.backend.name == "megatron":
-        check_tensor_parallel(split, cfg.parallel.tp)
+    from .backend_spec import backend_spec
+
+    backend_spec(cfg).check_split(split, cfg)
     return split
 
 
@@ -175,16 +176,6 @@ def check_donor_expectations(cfg: DictConfig) -> None:
                     f"donors.path{key}={given}: its config.json has {name}={got}, but donors={cfg.donors.name} expects "
                     f"{name}={want} ({model}); give that checkpoint, or donors.expect{key}=null to skip the check"
                 )
-
-
-def check_tensor_parallel(split: SplitLlamaConfig, tp: int) -> None:
-    """``parallel.tp`` must divide both donors' query and KV heads (megatron shards whole heads)."""
-    for donor, config in (("small", split.config_8b), ("large", split.config_70b)):
-        heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-        if heads % tp or kv % tp:
-            raise RunConfigError(
-                f"parallel.tp={tp}: must divide the {donor} donor's {heads} attention heads and {kv} KV heads"
-            )
 
 
 @dataclass
@@ -264,96 +255,169 @@ def make_datamodule(cfg: DictConfig, tokenizer: Any) -> Any:
     )
 
 
-def model_spec(cfg: DictConfig, donors: Donors | None, *, calibration: Any = None, model_dir: str | None = None) -> Any:
+def model_spec(cfg: DictConfig, donors: Donors | None, *, calibration: Any = None, model_dir: str | None = None,
+               split: SplitLlamaConfig | None = None) -> Any:
+    """What the backend builds; ``split`` (the config :func:`validate` returned) is carried when it
+    describes these donors or this saved model, so the run builds its split config once."""
     from .backends import SplitModelSpec
 
     init = plain(cfg.adapter.init)
     if cfg.adapter.kind == AdapterKind.identity or cfg.adapter.checkpoint is not None:
         init = None
-    return SplitModelSpec(
+    spec = SplitModelSpec(
         path8b=donors.path8b if donors else None, path70b=donors.path70b if donors else None,
         **layer_selection(cfg), adapter=plain(cfg.adapter.kind), adapter_init=init,
         adapter_hidden_size=cfg.adapter.hidden_size, adapter_rank=cfg.adapter.rank, adapter_bias=cfg.adapter.bias,
         adapter_checkpoint=cfg.adapter.checkpoint, calibration=calibration if init == "lstsq" else None,
         model_dir=model_dir, dtype=cfg.backend.dtype, attn_implementation=cfg.backend.attn_implementation, seed=cfg.seed,
     )
+    # the embedded donors' config was validated from their recipe (no paths yet): built once more from the paths
+    if split is not None and (model_dir is not None or (split.path8b, split.path70b) == (spec.path8b, spec.path70b)):
+        spec.config = split
+    return spec
+
+
+@dataclass
+class RunSetup:
+    """What a task works on, prepared once: the validated split config, harness tasks, donors, tokenizer, data."""
+
+    split: SplitLlamaConfig
+    harness: Any = None
+    donors: Donors | None = None
+    model_dir: str | None = None
+    tokenizer: Any = None
+    data: Any = None
+    references: DonorReferences | None = None
+    calibration: Any = None
+
+    def spec(self, cfg: DictConfig) -> Any:
+        """The model spec of this run (:func:`model_spec`), carrying the validated split config."""
+        return model_spec(cfg, self.donors, calibration=self.calibration, model_dir=self.model_dir, split=self.split)
+
+
+def check(cfg: DictConfig, record: Any, *, harness: bool = True) -> RunSetup:
+    """Everything that needs no donor weights, before anything heavy: :func:`validate` (recorded as
+    ``split``) and ``eval.harness``'s tasks (:func:`prepare_harness`)."""
+    from ..results import split_summary
+
+    split = validate(cfg)
+    record.update("split", split_summary(split))
+    return RunSetup(split, harness=prepare_harness(cfg) if harness else None)
+
+
+def load(cfg: DictConfig, record: Any, setup: RunSetup, *, stage: str | None, references: bool = True,
+         model_dir: str | None = None) -> RunSetup:
+    """Donors (built or cached; none for a saved ``model_dir``), tokenizer, data for ``stage``
+    (``None``: only when ``adapter.init=lstsq`` needs calibration) and the donors' reference scores."""
+    setup.model_dir = model_dir
+    if model_dir is None:
+        with record.timed("donors"):
+            setup.donors = resolve_donors(cfg)
+    setup.tokenizer = load_tokenizer(model_dir or setup.donors.path8b)
+    if stage is not None or plain(cfg.adapter.init) == "lstsq":
+        with record.timed("data"):
+            setup.data = make_datamodule(cfg, setup.tokenizer)
+            setup.data.setup(stage or "fit")
+        setup.calibration = setup.data.train_blocks[: cfg.adapter.calibration_blocks]
+    if references:
+        # a saved split model is compared with the donors it was assembled from, where they still are
+        reference_donors = setup.donors or saved_model_donors(setup.split)
+        if reference_donors is not None:
+            with record.timed("references"):  # before the split model is built: one donor in memory at a time
+                setup.references = donor_references(cfg, reference_donors, setup.data.val_blocks)
+            if setup.references is not None:
+                record.update("references", setup.references.as_record())
+    return setup
 
 
 def make_module(cfg: DictConfig, spec: Any, teacher_path: str | None, objective_kind: str | None = None) -> Any:
     """The LightningModule; ``objective_kind`` overrides ``objective.kind`` (evaluation scores ``lm``)."""
-    from .module import OptimSettings, SplitLlamaLitModule
-    from .objectives import Objective
+    from hydra.utils import instantiate
+
+    from .backend_spec import backend_spec
+    from .module import SplitLlamaLitModule
 
     options = {"gradient_checkpointing": cfg.backend.gradient_checkpointing, **OmegaConf.to_container(cfg.backend.options, resolve=True)}
     if cfg.parallel.strategy == "fsdp":  # how the HF backend shards itself (splitllama.training.sharding)
         options.update({key: cfg.parallel[key] for key in ("fsdp_param_dtype", "fsdp_sharding_strategy", "fsdp_wrap_decoder_layers")})
     lora = OmegaConf.to_container(cfg.finetune.lora, resolve=True) if cfg.finetune.lora.enabled else None
+    backend = backend_spec(cfg)
     return SplitLlamaLitModule(
         spec,
-        backend_name=cfg.backend.name,
+        backend=backend,
         backend_options=options,
         trainable=list(cfg.finetune.trainable),
         lora=lora,
-        objective=Objective(
-            kind=objective_kind or plain(cfg.objective.kind), lm_weight=cfg.objective.lm_weight,
-            distill_weight=cfg.objective.distill_weight, temperature=cfg.objective.temperature,
-        ),
-        optim=OptimSettings(
-            lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-            warmup_steps=cfg.optim.warmup_steps, min_lr_ratio=cfg.optim.min_lr_ratio, total_steps=cfg.trainer.max_steps,
-            max_grad_norm=cfg.trainer.gradient_clip_val if runs_own_schedule(cfg) else None,
-        ),
+        objective=instantiate(cfg.objective, **({"kind": objective_kind} if objective_kind else {})),
+        optim=instantiate(cfg.optim, _convert_="all", total_steps=cfg.trainer.max_steps,
+                          max_grad_norm=cfg.trainer.gradient_clip_val if backend.runs_own_schedule else None),
         teacher_path=teacher_path,
         seq_len=cfg.data.seq_len,
-        manual_schedule=runs_own_schedule(cfg),
+        manual_schedule=backend.runs_own_schedule,
         micro_batch_size=cfg.parallel.micro_batch_size,
     )
 
 
 def builds_per_rank(cfg: DictConfig) -> bool:
-    """``backend=megatron``: each process builds its own TP/PP shard, so the model is built once the
-    Trainer has started the processes and megatron's groups (``configure_model`` inside validate/fit)."""
-    return cfg.backend.name == "megatron"
+    """Each process builds its own shard once the Trainer has started the processes (``configure_model``
+    inside validate/fit); see :attr:`~splitllama.training.backend_spec.BackendSpec.builds_per_rank`."""
+    from .backend_spec import backend_spec
+
+    return backend_spec(cfg).builds_per_rank
 
 
 def runs_own_schedule(cfg: DictConfig) -> bool:
-    """``backend=megatron`` trains through megatron's forward-backward schedule (manual optimisation).
+    """The backend trains through its own forward-backward schedule (manual optimisation).
 
     It then clips gradients itself (over all model-parallel shards), so the Trainer gets no
     ``gradient_clip_val``.
     """
-    return cfg.backend.name == "megatron"
+    from .backend_spec import backend_spec
+
+    return backend_spec(cfg).runs_own_schedule
 
 
 def make_strategy(cfg: DictConfig) -> Any:
-    """Lightning strategy for ``parallel``: auto (one device), ddp, or FSDP2 sharding (``fsdp``).
+    """The backend's Lightning strategy for ``parallel`` (:meth:`~splitllama.training.backend_spec.BackendSpec.strategy`).
 
-    ``backend=megatron`` always gets :class:`~splitllama.megatron.lightning.MegatronStrategy`
-    (megatron's TP/PP/DP groups from the trainer's processes, DDP over the DP group only).
-    ``parallel=fsdp`` gets :class:`~splitllama.training.sharding.ShardedStrategy` (Lightning's
-    ModelParallelStrategy; the module shards itself in ``configure_model``).
     ``parallel.timeout_s`` bounds every collective of the process group.
     """
     from datetime import timedelta
 
-    strategy = cfg.parallel.strategy
+    from .backend_spec import backend_spec
+
     timeout = {"timeout": timedelta(seconds=float(cfg.parallel.timeout_s))} if cfg.parallel.timeout_s else {}
-    if cfg.backend.name == "megatron":
-        from ..megatron.lightning import MegatronStrategy
+    return backend_spec(cfg).strategy(cfg, timeout)
 
-        return MegatronStrategy(
-            tensor_model_parallel_size=cfg.parallel.tp, pipeline_model_parallel_size=cfg.parallel.pp,
-            sequence_parallel=cfg.parallel.sp, **timeout,
-        )
-    if strategy == "fsdp":
-        from .sharding import ShardedStrategy
 
-        return ShardedStrategy(timeout_s=cfg.parallel.timeout_s)
-    if strategy == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
+def make_loggers(cfg: DictConfig, record: Any, *, group: str | None) -> list[Any]:
+    """The loggers ``logger``'s ``_target_`` makes (W&B offline by default, CSV), with the run's name, tags and
+    resolved config; where they write and how W&B started go into the run record."""
+    from hydra.utils import instantiate
 
-        return DDPStrategy(find_unused_parameters=False, **timeout)
-    return strategy
+    from .callbacks import csv_metrics_file, wandb_run_file
+
+    loggers, info = instantiate(cfg.logger, _partial_=True, _convert_="all")(
+        save_dir=cfg.paths.output_dir, config={**config_dict(cfg), "split": record.data["split"]},
+        name=run_name(cfg), group=group,
+        tags=[*cfg.logger.tags, plain(cfg.task.name), plain(cfg.adapter.kind), plain(cfg.objective.kind), cfg.donors.name],
+    )
+    record.update("paths", {"wandb_run_file": wandb_run_file(loggers), "metrics_csv": csv_metrics_file(loggers),
+                            "checkpoint_dir": cfg.paths.checkpoint_dir})
+    record.update("logger", info)
+    return loggers
+
+
+def make_callbacks(cfg: DictConfig, signals: Any) -> list[Any]:
+    """Checkpoints every ``trainer.checkpoint_every_n_steps`` (and ``last.ckpt``), and a clean stop on a
+    signal or at ``task.stop_after_steps`` (:class:`~splitllama.training.callbacks.GracefulStop`)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from .callbacks import GracefulStop
+
+    return [ModelCheckpoint(dirpath=cfg.paths.checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
+                            save_last=True, save_top_k=1),
+            GracefulStop(Path(cfg.paths.checkpoint_dir) / "last.ckpt", cfg.task.stop_after_steps, signals)]
 
 
 def final_val_loss(trainer: Any, module: Any, data: Any) -> float:
@@ -515,13 +579,18 @@ def run_name(cfg: DictConfig) -> str:
 
 __all__ = [
     "Donors",
+    "RunSetup",
+    "check",
+    "load",
     "check_donor_expectations",
     "config_dict",
     "donor_references",
     "layer_selection",
     "load_documents",
     "load_tokenizer",
+    "make_callbacks",
     "make_datamodule",
+    "make_loggers",
     "make_module",
     "make_strategy",
     "builds_per_rank",

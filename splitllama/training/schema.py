@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf reads ty
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from .errors import RunConfigError, _check
+
 
 class TaskName(Enum):
     train = "train"
@@ -100,41 +102,44 @@ class TaskConfig:
     stop_after_steps: Optional[int] = None
 
 
-@dataclass
-class DonorShapeConfig:
-    """One embedded donor (defaults: the small one of conf/donors/tiny.yaml)."""
+def _typed_view(recipe_cls: type, name: str, doc: str, defaults: dict[str, Any], nested: dict[str, Any]) -> type:
+    """A Hydra structured config with ``recipe_cls``'s fields (``X | None`` as ``Optional[X]``) and ``defaults``."""
+    import dataclasses
+    import typing
 
-    hidden_size: int = 32
-    num_layers: int = 2
-    num_heads: int = 1
-    num_kv_heads: int = 1
-    head_dim: int = 32
-    intermediate_size: int = 112
-    pretrain_steps: int = 1600
-    lr: float = 1e-2
-    warmup_steps: Optional[int] = 160
+    hints = typing.get_type_hints(recipe_cls)
+    fields: list[tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(recipe_cls):
+        if f.name in nested:
+            view, factory = nested[f.name]
+            fields.append((f.name, view, field(default_factory=factory)))
+            continue
+        kind, args = hints[f.name], typing.get_args(hints[f.name])
+        if type(None) in args:
+            kind = Optional[next(a for a in args if a is not type(None))]
+        fields.append((f.name, kind, field(default=defaults.get(f.name, MISSING))))
+    view = dataclasses.make_dataclass(name, fields)
+    view.__doc__, view.__module__ = doc, __name__
+    return view
 
 
-@dataclass
-class EmbeddedConfig:
-    """Recipe of the embedded donors (see :mod:`splitllama.embedded`); its hash keys the cache."""
+def _embedded_views() -> tuple[type, type]:
+    """The embedded-donor recipe's schema, read off its one definition (:class:`splitllama.embedded.EmbeddedRecipe`):
+    the same fields, typed for Hydra, with the recipe's defaults (written once, there)."""
+    from dataclasses import asdict
 
-    vocab_size: int = 4096
-    seq_len: int = 128
-    batch_size: int = 16
-    val_fraction: float = 0.05
-    min_doc_chars: int = 80
-    corpus: str = "stdlib_source"
-    seed: int = 0
-    eval_blocks: Optional[int] = None
-    eval_every: Optional[int] = 400
-    small: DonorShapeConfig = field(default_factory=DonorShapeConfig)
-    large: DonorShapeConfig = field(
-        default_factory=lambda: DonorShapeConfig(
-            hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=896, pretrain_steps=1600,
-            lr=2e-3, warmup_steps=160,
-        )
+    from ..embedded import DonorRecipe, EmbeddedRecipe
+
+    recipe = asdict(EmbeddedRecipe())
+    donor = _typed_view(DonorRecipe, "DonorShapeConfig", "One embedded donor (splitllama.embedded.DonorRecipe).", {}, {})
+    embedded = _typed_view(
+        EmbeddedRecipe, "EmbeddedConfig", "Recipe of the embedded donors (splitllama.embedded.EmbeddedRecipe); its hash keys the cache.",
+        recipe, {which: (donor, lambda which=which: donor(**recipe[which])) for which in ("small", "large")},
     )
+    return donor, embedded
+
+
+DonorShapeConfig, EmbeddedConfig = _embedded_views()
 
 
 @dataclass
@@ -151,7 +156,7 @@ class DonorsConfig:
     #: layer counts used when ``layers.n8`` / ``layers.n70`` are not given
     default_n8: int = 2
     default_n70: int = 4
-    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)  # type: ignore[valid-type]
     #: where a preset's checkpoints come from (Hugging Face hub ids; named in the error for a missing path)
     hub8b: Optional[str] = None
     hub70b: Optional[str] = None
@@ -186,8 +191,10 @@ class AdapterConfig:
 
 @dataclass
 class BackendConfig:
-    """Which implementation runs the split model; ``options`` go to the backend's factory."""
+    """Which implementation runs the split model: ``_target_`` names its class (see
+    :mod:`splitllama.training.backend_spec`), which gets the other fields; ``options`` go to its model."""
 
+    _target_: str = "splitllama.training.backend_spec.BackendSpec"
     name: str = "hf"
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
@@ -263,8 +270,9 @@ class TrainerConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr`` (instantiates ``_target_``)."""
 
+    _target_: str = "splitllama.training.module.OptimSettings"
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -276,8 +284,9 @@ class OptimConfig:
 @dataclass
 class ObjectiveConfig:
     """``lm``: next-token loss. ``distill``: KL to the full large donor's logits. ``mixed``:
-    ``lm_weight * lm + distill_weight * distill``."""
+    ``lm_weight * lm + distill_weight * distill`` (instantiates ``_target_``)."""
 
+    _target_: str = "splitllama.training.objectives.Objective"
     kind: ObjectiveKind = ObjectiveKind.lm
     lm_weight: float = 1.0
     distill_weight: float = 1.0
@@ -307,6 +316,9 @@ class FinetuneConfig:
 
 @dataclass
 class LoggerConfig:
+    """What :func:`splitllama.training.callbacks.make_loggers` (``_target_``) gets from the config."""
+
+    _target_: str = "splitllama.training.callbacks.make_loggers"
     kind: LoggerKind = LoggerKind.wandb
     mode: WandbMode = WandbMode.offline
     project: str = "splitllama"
@@ -413,10 +425,6 @@ def register_configs() -> None:
 
 
 # ------------------------------------------------------------------------------------------ validation
-class RunConfigError(ValueError):
-    """A run configuration value is invalid; the message starts with the override that fixes it."""
-
-
 #: SplitLlamaConfig field -> the run-config key a user overrides.
 SPLIT_FIELD_TO_KEY = {
     "num_layers_8": "layers.n8",
@@ -435,11 +443,6 @@ SPLIT_FIELD_TO_KEY = {
 }
 #: which donor a split field concerns, for the message
 SPLIT_FIELD_DONOR = {"num_layers_8": "small", "layers_8": "small", "num_layers_70": "large", "layers_70": "large"}
-
-
-def _check(ok: bool, key: str, value: Any, rule: str) -> None:
-    if not ok:
-        raise RunConfigError(f"{key}={value}: {rule}")
 
 
 def _validate_embedded_recipe(embedded: Any) -> None:
@@ -518,14 +521,16 @@ def validate_run_settings(cfg: Any) -> None:
 
 def _validate_parallel(cfg: Any) -> None:
     """Parallel sizes against the backend and strategy (head divisibility is checked with the donors)."""
-    par = cfg.parallel
+    from .backend_spec import backend_spec
+
+    par, backend = cfg.parallel, backend_spec(cfg)
     _check(par.tp >= 1, "parallel.tp", par.tp, "must be >= 1")
     _check(par.pp >= 1, "parallel.pp", par.pp, "must be >= 1")
     _check(par.timeout_s is None or par.timeout_s > 0, "parallel.timeout_s", par.timeout_s, "must be > 0 seconds (or null)")
     if par.strategy == "fsdp":
         from .sharding import RESHARD_AFTER_FORWARD
 
-        _check(cfg.backend.name == "hf", "parallel.strategy", "fsdp",
+        _check(backend.shards_with_fsdp, "parallel.strategy", "fsdp",
                f"shards the HF backend (backend={cfg.backend.name} shards with its own tp/pp/dp: parallel=tp2, pp2, ...)")
         _check(par.fsdp_sharding_strategy in RESHARD_AFTER_FORWARD, "parallel.fsdp_sharding_strategy",
                par.fsdp_sharding_strategy, f"must be one of {sorted(RESHARD_AFTER_FORWARD)}")
@@ -534,30 +539,7 @@ def _validate_parallel(cfg: Any) -> None:
         _check(not str(cfg.trainer.precision).startswith(("bf16", "16")) or par.fsdp_param_dtype is None,
                "trainer.precision", cfg.trainer.precision,
                "with parallel.fsdp_param_dtype set, FSDP2 does the casting: keep trainer.precision=32-true")
-    if cfg.backend.name != "megatron":
-        for key in ("tp", "pp"):
-            _check(par[key] == 1, f"parallel.{key}", par[key], f"needs backend=megatron (backend={cfg.backend.name} runs tp = pp = 1)")
-        _check(not par.sp, "parallel.sp", par.sp, f"needs backend=megatron (backend={cfg.backend.name})")
-        _check(par.micro_batch_size is None, "parallel.micro_batch_size", par.micro_batch_size,
-               f"needs backend=megatron (backend={cfg.backend.name} uses trainer.accumulate_grad_batches)")
-        return
-    _check(par.strategy in ("auto", "ddp", "megatron"), "parallel.strategy", par.strategy,
-           "backend=megatron runs its own strategy (data parallel over megatron's DP group); use parallel=single, ddp or a "
-           "megatron file (tp2, tp2_sp, pp2, tp2_pp2)")
-    _check(not par.sp or par.tp >= 2, "parallel.sp", par.sp, "sequence parallelism needs parallel.tp >= 2")
-    if par.micro_batch_size is not None:
-        _check(par.micro_batch_size >= 1 and cfg.data.batch_size % par.micro_batch_size == 0, "parallel.micro_batch_size",
-               par.micro_batch_size, f"must be >= 1 and divide data.batch_size={cfg.data.batch_size}")
-    _check(cfg.trainer.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches,
-           "must be 1 with backend=megatron: megatron's schedule accumulates micro-batches within a batch "
-           "(raise data.batch_size and set parallel.micro_batch_size)")
-    _check(cfg.task.name != TaskName.assemble or par.tp * par.pp == 1, "task.name", "assemble",
-           f"runs in one process; with backend=megatron use parallel.tp=1 parallel.pp=1 (got tp={par.tp}, pp={par.pp}): "
-           "the saved HF checkpoint is the same")
-    if isinstance(par.devices, int):
-        mp, world = par.tp * par.pp, par.devices * par.num_nodes
-        _check(world % mp == 0, "parallel.devices", par.devices,
-               f"x parallel.num_nodes={par.num_nodes} (= {world} processes) must be a multiple of parallel.tp x parallel.pp = {mp}")
+    backend.validate(cfg)
 
 
 def explain_split_error(message: str, cfg: Any) -> str:

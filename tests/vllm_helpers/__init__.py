@@ -96,7 +96,7 @@ class EngineHost:
 def make_word_tokenizer(path: Path, vocab_size: int) -> None:
     """A word-level tokenizer (``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3, words ``w4``...) saved locally.
 
-    Its ids match :func:`splitllama.testing.llama_config` (pad 0, bos 1, eos 2); it prepends
+    Its ids match :func:`splitllama.configuration_split_llama.llama_config` (pad 0, bos 1, eos 2); it prepends
     ``<s>`` like LLaMA's tokenizer. Built with the ``tokenizers`` library: nothing is downloaded.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors

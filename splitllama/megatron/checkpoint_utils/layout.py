@@ -18,7 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...configuration_split_llama import SplitLlamaConfig
-from ...weight_map import ADAPTER_PREFIX, LLAMA_LAYER_TENSORS, LayerTensor
+from ...weight_map import ADAPTER_PREFIX, LLAMA_LAYER_TENSORS, LayerTensor, part_prefixes
+
+#: megatron parameter-name prefixes of the parts ``finetune.trainable`` names: the split model's
+#: (:data:`splitllama.weight_map.PART_PREFIXES`) under the wrapper's ``module.``, the head part with the critic's value head
+MEGATRON_PART_PREFIXES: dict[str, tuple[str, ...]] = part_prefixes("module.", heads=("value_head.",))
 
 #: megatron parameter (relative to a TransformerLayer) of each LLaMA layer tensor, by fused group or name
 MEGATRON_LAYER_PARAMS: dict[str, str] = {

@@ -1,4 +1,4 @@
-"""Random LLaMA donors saved as real (optionally sharded) Hugging Face checkpoints.
+"""Test helpers: random LLaMA donors saved as real (optionally sharded) Hugging Face checkpoints.
 
 Tests and benchmarks build split models from these exactly as a user builds one from Llama-3
 checkpoints: same file layout, same loading code. Nothing is downloaded.
@@ -13,38 +13,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-
-def llama_config(
-    *,
-    hidden_size: int = 64,
-    num_hidden_layers: int = 4,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-    head_dim: int | None = None,
-    intermediate_size: int | None = None,
-    vocab_size: int = 256,
-    max_position_embeddings: int = 512,
-    rope_theta: float = 500000.0,
-    tie_word_embeddings: bool = False,
-    rms_norm_eps: float = 1e-5,
-) -> LlamaConfig:
-    """A Llama-3-like config at toy size (GQA, RoPE theta 500000, RMSNorm eps 1e-5)."""
-    return LlamaConfig(
-        hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        head_dim=head_dim if head_dim is not None else hidden_size // num_attention_heads,
-        intermediate_size=intermediate_size if intermediate_size is not None else int(hidden_size * 3.5) // 8 * 8,
-        vocab_size=vocab_size,
-        max_position_embeddings=max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-        tie_word_embeddings=tie_word_embeddings,
-        rms_norm_eps=rms_norm_eps,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+from splitllama.configuration_split_llama import llama_config
 
 
 def make_random_donor(

@@ -1,0 +1,101 @@
+"""The megatron-core backend as one object: its settings, checks, strategy and model, chosen by
+``conf/backend/megatron.yaml`` (``_target_: splitllama.megatron.backend.MegatronBackendSpec``).
+
+Importing this module does not import megatron-core: the run config is checked (parallel sizes,
+what megatron does not implement) before any process starts or weights are read; the model
+(:mod:`splitllama.megatron.model`) and the strategy (:mod:`splitllama.megatron.strategy`) are
+imported when built, and name the extra to install where megatron-core is absent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..training.backend_spec import BackendSpec
+from ..training.errors import RunConfigError, _check
+from .checkpoint_utils.layout import MEGATRON_PART_PREFIXES
+
+
+
+def _task_name(cfg: Any) -> str:
+    name = cfg.task.name
+    return getattr(name, "name", name)
+
+
+class MegatronBackendSpec(BackendSpec):
+    """``backend=megatron``: TP/PP/SP shards built per rank, trained through megatron's schedule.
+
+    Its parallel sizes are ``parallel.tp``, ``parallel.pp``, ``parallel.sp`` and
+    ``parallel.micro_batch_size`` (``parallel=tp2``, ``tp2_sp``, ``pp2``, ``tp2_pp2``; the backend's
+    ``options`` read them).
+    """
+
+    part_prefixes = MEGATRON_PART_PREFIXES
+    builds_per_rank = True
+    runs_own_schedule = True
+    shards_with_fsdp = False
+
+    def validate(self, cfg: Any) -> None:
+        par = cfg.parallel
+        _check(par.strategy in ("auto", "ddp", "megatron"), "parallel.strategy", par.strategy,
+               "backend=megatron runs its own strategy (data parallel over megatron's DP group); use parallel=single, ddp or a "
+               "megatron file (tp2, tp2_sp, pp2, tp2_pp2)")
+        _check(not par.sp or par.tp >= 2, "parallel.sp", par.sp, "sequence parallelism needs parallel.tp >= 2")
+        if par.micro_batch_size is not None:
+            _check(par.micro_batch_size >= 1 and cfg.data.batch_size % par.micro_batch_size == 0, "parallel.micro_batch_size",
+                   par.micro_batch_size, f"must be >= 1 and divide data.batch_size={cfg.data.batch_size}")
+        _check(cfg.trainer.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches,
+               "must be 1 with backend=megatron: megatron's schedule accumulates micro-batches within a batch "
+               "(raise data.batch_size and set parallel.micro_batch_size)")
+        _check(_task_name(cfg) != "assemble" or par.tp * par.pp == 1, "task.name", "assemble",
+               f"runs in one process; with backend=megatron use parallel.tp=1 parallel.pp=1 (got tp={par.tp}, pp={par.pp}): "
+               "the saved HF checkpoint is the same")
+        if isinstance(par.devices, int):
+            mp, world = par.tp * par.pp, par.devices * par.num_nodes
+            _check(world % mp == 0, "parallel.devices", par.devices,
+                   f"x parallel.num_nodes={par.num_nodes} (= {world} processes) must be a multiple of parallel.tp x parallel.pp = {mp}")
+        if cfg.finetune.lora.enabled:
+            raise RunConfigError("finetune.lora: LoRA is not implemented for backend=megatron (use backend=hf)")
+        init = cfg.adapter.init
+        if getattr(init, "name", init) == "lstsq" and cfg.adapter.checkpoint is None and getattr(cfg.adapter.kind, "name", None) != "identity":
+            raise RunConfigError(
+                "adapter.init=lstsq: not available with backend=megatron; fit it once with backend=hf and pass "
+                "adapter.checkpoint, or use random/identity"
+            )
+
+    def check_split(self, split: Any, cfg: Any) -> None:
+        """``parallel.tp`` must divide both donors' query and KV heads (megatron shards whole heads)."""
+        tp = cfg.parallel.tp
+        for donor, config in (("small", split.config_8b), ("large", split.config_70b)):
+            heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+            if heads % tp or kv % tp:
+                raise RunConfigError(
+                    f"parallel.tp={tp}: must divide the {donor} donor's {heads} attention heads and {kv} KV heads"
+                )
+
+    def strategy(self, cfg: Any, timeout: dict[str, Any]) -> Any:
+        """:class:`~splitllama.megatron.strategy.MegatronStrategy` whatever ``parallel.strategy`` says
+        (megatron's TP/PP/DP groups from the trainer's processes, DDP over the DP group only)."""
+        from .strategy import MegatronStrategy
+
+        return MegatronStrategy(
+            tensor_model_parallel_size=cfg.parallel.tp, pipeline_model_parallel_size=cfg.parallel.pp,
+            sequence_parallel=cfg.parallel.sp, **timeout,
+        )
+
+    def build(self, spec: Any, options: dict[str, Any]) -> Any:
+        try:
+            from .model import MegatronBackend
+        except ImportError as exc:
+            raise ImportError(
+                f"backend=megatron needs megatron-core: pip install -e .[megatron] (0.16 on Python 3.11, 0.19 on 3.12); {exc}"
+            ) from exc
+        return MegatronBackend(spec, options)
+
+
+def build_megatron_backend(spec: Any, options: dict[str, Any]) -> Any:
+    """The megatron ``SplitBackend`` for ``spec`` (``options``: ``tp``, ``pp``, ``sp``, ``recompute``)."""
+    return MegatronBackendSpec("megatron").build(spec, options)
+
+
+__all__ = ["MEGATRON_PART_PREFIXES", "MegatronBackendSpec", "build_megatron_backend"]

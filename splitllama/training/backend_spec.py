@@ -1,0 +1,104 @@
+"""A backend as one object: what is backend-specific about a run, chosen by ``conf/backend/<name>.yaml``.
+
+Each ``conf/backend/*.yaml`` names its class in ``_target_``; :func:`backend_spec` instantiates it
+from the composed config. The object owns everything that differs between backends, so nothing
+outside a backend's own module tests its name:
+
+- :meth:`BackendSpec.validate`: its settings against the run (``parallel``, ``finetune``, ``adapter``),
+  when the config is validated, before donors are read or any process starts;
+- :meth:`BackendSpec.check_split`: the split model's shapes against its layout (megatron: TP divides heads);
+- :meth:`BackendSpec.strategy`: its Lightning strategy;
+- :meth:`BackendSpec.build`: the split model for this rank (a :class:`~splitllama.training.backends.SplitBackend`),
+  which also exports it;
+- :attr:`BackendSpec.builds_per_rank`, :attr:`BackendSpec.runs_own_schedule`, :attr:`BackendSpec.part_prefixes`.
+
+This class is the transformers backend (``hf``); ``splitllama.megatron.backend.MegatronBackendSpec``
+is megatron-core's. It imports neither torch nor the backend's model code: validation stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..weight_map import part_prefixes
+from .errors import _check
+
+if TYPE_CHECKING:
+    from ..configuration_split_llama import SplitLlamaConfig
+    from .backends import SplitBackend, SplitModelSpec
+
+
+class BackendSpec:
+    """The transformers backend (:class:`~splitllama.training.backends.HFBackend`); the base of the others.
+
+    The constructor takes ``conf/backend/<name>.yaml``'s fields.
+    """
+
+    #: the split model's parameter-name prefixes of each part ``finetune.trainable`` can name
+    part_prefixes: dict[str, tuple[str, ...]] = part_prefixes()
+    #: the model is built inside the Trainer's processes, one shard per rank (``configure_model``
+    #: inside validate/fit), not before the Trainer starts
+    builds_per_rank = False
+    #: trains through its own forward-backward schedule (manual optimisation; it clips gradients
+    #: itself, so the Trainer gets no ``gradient_clip_val``)
+    runs_own_schedule = False
+    #: ``parallel=fsdp`` (FSDP2 around this backend's model) is available
+    shards_with_fsdp = True
+
+    def __init__(self, name: str = "hf", dtype: str = "float32", attn_implementation: str = "sdpa",
+                 gradient_checkpointing: bool = False, options: dict[str, Any] | None = None) -> None:
+        self.name = name
+        self.dtype = dtype
+        self.attn_implementation = attn_implementation
+        self.gradient_checkpointing = gradient_checkpointing
+        self.options = dict(options or {})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, dtype={self.dtype!r})"
+
+    # ---------------------------------------------------------------- before anything heavy
+    def validate(self, cfg: Any) -> None:
+        """This backend's settings against the run config (``parallel``: it runs tp = pp = 1)."""
+        par = cfg.parallel
+        for key in ("tp", "pp"):
+            _check(par[key] == 1, f"parallel.{key}", par[key], f"needs backend=megatron (backend={self.name} runs tp = pp = 1)")
+        _check(not par.sp, "parallel.sp", par.sp, f"needs backend=megatron (backend={self.name})")
+        _check(par.micro_batch_size is None, "parallel.micro_batch_size", par.micro_batch_size,
+               f"needs backend=megatron (backend={self.name} uses trainer.accumulate_grad_batches)")
+
+    def check_split(self, split: SplitLlamaConfig, cfg: Any) -> None:
+        """The validated split config against this backend's layout (nothing to check for ``hf``)."""
+
+    # ---------------------------------------------------------------- the run
+    def strategy(self, cfg: Any, timeout: dict[str, Any]) -> Any:
+        """Lightning strategy for ``parallel``: auto (one device), ddp, or FSDP2 sharding (``fsdp``).
+
+        ``parallel=fsdp`` gets :class:`~splitllama.training.sharding.ShardedStrategy` (Lightning's
+        ModelParallelStrategy; the module shards itself in ``configure_model``).
+        """
+        strategy = cfg.parallel.strategy
+        if strategy == "fsdp":
+            from .sharding import ShardedStrategy
+
+            return ShardedStrategy(timeout_s=cfg.parallel.timeout_s)
+        if strategy == "ddp":
+            from lightning.pytorch.strategies import DDPStrategy
+
+            return DDPStrategy(find_unused_parameters=False, **timeout)
+        return strategy
+
+    def build(self, spec: SplitModelSpec, options: dict[str, Any]) -> SplitBackend:
+        """The split model for this process (assembled from donors, or a saved split model)."""
+        from .backends import HFBackend
+
+        return HFBackend(spec, options)
+
+
+def backend_spec(cfg: Any) -> BackendSpec:
+    """The backend object of a composed run config (``cfg.backend``'s ``_target_``)."""
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.backend, _convert_="all")
+
+
+__all__ = ["BackendSpec", "backend_spec"]
