@@ -354,7 +354,7 @@ def build_embedded_donors(recipe: EmbeddedRecipe, out_dir: Path, cache_dir: Path
     """Build tokenizer and both donors into ``out_dir``; returns the manifest's metrics."""
     import torch
 
-    from .training.data import pack_documents, split_documents
+    from .training.data import packed_splits, split_documents
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -365,8 +365,8 @@ def build_embedded_donors(recipe: EmbeddedRecipe, out_dir: Path, cache_dir: Path
     start = time.perf_counter()
     tokenizer = train_tokenizer(train_docs, recipe.vocab_size, progress=progress)
     tokenizer.save_pretrained(out_dir / "tokenizer")
-    train_blocks = pack_documents(tokenizer, train_docs, recipe.seq_len)
-    val_blocks = pack_documents(tokenizer, val_docs, recipe.seq_len)
+    # the same cache a run's data module reads: a first run tokenises its corpus once, here
+    train_blocks, val_blocks = packed_splits(tokenizer, documents, recipe.seq_len, recipe.val_fraction, cache_dir=cache_dir)
     timings["tokenizer_s"] = time.perf_counter() - start
 
     metrics: dict[str, Any] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from splitllama import CustomSplitLLamaForCausalLM, SplitLlamaConfig
 from tests.donors import llama_config
-from splitllama.training.data import ResumableBlockSampler, pack_documents
+from splitllama.training.data import ResumableBlockSampler, pack_documents, packed_splits, split_documents
 from splitllama.training.module import count_flops_per_token, warmup_cosine
 from splitllama.training.objectives import Objective, distillation_loss, next_token_loss
 
@@ -91,6 +92,56 @@ def test_packing_adds_document_boundaries() -> None:
     assert blocks.tolist() == [stream[0:4], stream[4:8], stream[8:12]]  # the short tail is dropped
     with pytest.raises(ValueError, match="data.seq_len=64"):
         pack_documents(tokenizer, ["ab"], seq_len=64)
+
+
+def _letter_tokenizer(letters: str = "abcdefgh") -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(letters)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def test_packed_blocks_are_cached_under_a_key_of_everything_that_decides_them(tmp_path: Path) -> None:
+    """The cache gives the blocks tokenising gives; any change of tokenizer, text, seq_len or split is a
+    new entry, never a stale hit; a damaged entry is rebuilt; a tokenizer saved and reloaded hits."""
+    docs = ["".join("abcdefgh"[(i * 7 + j) % 8] for j in range(5 + i % 11)) for i in range(200)]
+    tokenizer = _letter_tokenizer()
+
+    def fresh(tok: Any = tokenizer, documents: list[str] = docs, seq_len: int = 8, val: float = 0.2) -> tuple[torch.Tensor, ...]:
+        train_docs, val_docs = split_documents(documents, val)
+        return pack_documents(tok, train_docs, seq_len), pack_documents(tok, val_docs, seq_len)
+
+    def entries() -> set[str]:
+        return {p.name for p in (tmp_path / "blocks").glob("*.pt")}
+
+    first = packed_splits(tokenizer, docs, 8, 0.2, cache_dir=tmp_path)
+    assert [t.tolist() for t in first] == [t.tolist() for t in fresh()] and len(entries()) == 1
+    (entry,) = entries()
+    again = packed_splits(tokenizer, docs, 8, 0.2, cache_dir=tmp_path)
+    assert [t.dtype for t in again] == [torch.long, torch.long]
+    assert [t.tolist() for t in again] == [t.tolist() for t in first] and entries() == {entry}
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    packed_splits(AutoTokenizer.from_pretrained(tmp_path / "tok"), docs, 8, 0.2, cache_dir=tmp_path)
+    assert entries() == {entry}  # the same tokenizer, reloaded: the same key
+
+    other = _letter_tokenizer("hgfedcba")  # other ids for the same letters
+    changes = [(other, docs, 8, 0.2), (tokenizer, docs[:-1] + [docs[-1] + "a"], 8, 0.2), (tokenizer, docs, 16, 0.2),
+               (tokenizer, docs, 8, 0.3)]
+    for tok, documents, seq_len, val in changes:
+        got = packed_splits(tok, documents, seq_len, val, cache_dir=tmp_path)
+        assert [t.tolist() for t in got] == [t.tolist() for t in fresh(tok, documents, seq_len, val)]
+    assert len(entries()) == 1 + len(changes)
+
+    (tmp_path / "blocks" / entry).write_bytes(b"not a tensor file")
+    damaged = packed_splits(tokenizer, docs, 8, 0.2, cache_dir=tmp_path)
+    assert [t.tolist() for t in damaged] == [t.tolist() for t in first]
+    assert [t.tolist() for t in torch.load(tmp_path / "blocks" / entry).values()] == [t.tolist() for t in first]
 
 
 def test_finetune_parts_select_exactly_their_parameters(small_donor, large_donor) -> None:

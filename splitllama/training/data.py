@@ -73,6 +73,62 @@ def pack_documents(tokenizer: Any, documents: Sequence[str], seq_len: int, *, ch
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+#: bump when the packing rule changes, so cached blocks from the old rule are not reused
+PACKING_VERSION = 1
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str | None:
+    """A hash of everything that decides a fast tokenizer's ids (its serialised pipeline and the
+    bos/eos ids :func:`pack_documents` adds); ``None`` for a tokenizer that cannot be serialised,
+    whose blocks are then not cached."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    ident = json.dumps([backend.to_str(), tokenizer.bos_token_id, tokenizer.eos_token_id])
+    return hashlib.sha256(ident.encode("utf-8")).hexdigest()
+
+
+def packed_splits(
+    tokenizer: Any, documents: Sequence[str], seq_len: int, val_fraction: float, *, cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train_blocks, val_blocks)``: :func:`split_documents`, then :func:`pack_documents` for each.
+
+    Tokenising is the costly part of a run's start (seconds per MB of text on a laptop core) and
+    gives the same blocks every time, so with ``cache_dir`` the blocks are kept in
+    ``<cache_dir>/blocks/<key>.pt``, keyed by the tokenizer's fingerprint, the documents' text,
+    ``seq_len``, ``val_fraction`` and :data:`PACKING_VERSION`: any change to one of them is a new
+    key, never a stale hit. The file is written whole under a temporary name and renamed, so an
+    interrupted run or a second rank leaves no half-written cache.
+    """
+    fingerprint = tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
+    path: Path | None = None
+    if fingerprint is not None:
+        digest = hashlib.sha256(json.dumps([PACKING_VERSION, fingerprint, seq_len, val_fraction, len(documents)]).encode())
+        for doc in documents:
+            data = doc.encode("utf-8")
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+        path = Path(os.path.expanduser(cache_dir)) / "blocks" / f"{digest.hexdigest()[:24]}.pt"  # type: ignore[arg-type]
+        if path.is_file():
+            try:
+                cached = torch.load(path, map_location="cpu", weights_only=True)
+                train, val = cached["train"].long(), cached["val"].long()
+                if train.dim() == val.dim() == 2 and train.shape[1] == val.shape[1] == seq_len:
+                    logger.info("data: packed blocks from the cache %s", path)
+                    return train, val
+            except Exception as exc:  # noqa: BLE001 - a damaged cache file is rebuilt, not trusted
+                logger.warning("data: ignoring the unreadable block cache %s (%s)", path, exc)
+    train_docs, val_docs = split_documents(documents, val_fraction)
+    train, val = pack_documents(tokenizer, train_docs, seq_len), pack_documents(tokenizer, val_docs, seq_len)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        small = torch.int32 if max(int(train.max()), int(val.max())) < 2**31 else torch.long
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save({"train": train.to(small), "val": val.to(small)}, tmp)
+        os.replace(tmp, path)
+    return train, val
+
+
 def read_text_files(files: Sequence[str], text_field: str = "text") -> list[str]:
     """Documents from user files: ``.jsonl`` (one JSON object per line, ``text_field``) or plain text
     (documents separated by blank lines)."""
@@ -157,6 +213,7 @@ class SplitTextDataModule(pl.LightningDataModule):
             sizes the training stream.
         max_val_blocks: cap on validation blocks (``None``: all).
         seed: shuffling seed of the training stream.
+        cache_dir: where packed blocks are cached (:func:`packed_splits`); ``None``: tokenise every time.
     """
 
     def __init__(
@@ -173,6 +230,7 @@ class SplitTextDataModule(pl.LightningDataModule):
         max_val_blocks: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
@@ -182,6 +240,7 @@ class SplitTextDataModule(pl.LightningDataModule):
         self.val_fraction, self.train_steps = val_fraction, train_steps
         self.accumulate_grad_batches = accumulate_grad_batches
         self.max_val_blocks, self.num_workers, self.seed = max_val_blocks, num_workers, seed
+        self.cache_dir = cache_dir
         self.train_blocks: torch.Tensor | None = None
         self.val_blocks: torch.Tensor | None = None
         #: training batches this rank has consumed (saved in checkpoints; see on_before_batch_transfer)
@@ -191,13 +250,13 @@ class SplitTextDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_blocks is not None:
             return
-        train_docs, val_docs = split_documents(self.documents, self.val_fraction)
-        self.train_blocks = pack_documents(self.tokenizer, train_docs, self.seq_len)
-        val_blocks = pack_documents(self.tokenizer, val_docs, self.seq_len)
+        self.train_blocks, val_blocks = packed_splits(
+            self.tokenizer, self.documents, self.seq_len, self.val_fraction, cache_dir=self.cache_dir,
+        )
         self.val_blocks = val_blocks[: self.max_val_blocks] if self.max_val_blocks else val_blocks
         logger.info(
-            "data: %d train documents -> %d blocks, %d validation documents -> %d blocks of %d tokens",
-            len(train_docs), len(self.train_blocks), len(val_docs), len(self.val_blocks), self.seq_len,
+            "data: %d documents -> %d train blocks, %d validation blocks of %d tokens (%d validation blocks kept)",
+            len(self.documents), len(self.train_blocks), len(val_blocks), self.seq_len, len(self.val_blocks),
         )
 
     @property

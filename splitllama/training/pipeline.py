@@ -251,7 +251,7 @@ def make_datamodule(cfg: DictConfig, tokenizer: Any) -> Any:
         tokenizer, load_documents(cfg), seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
         val_batch_size=cfg.data.val_batch_size, val_fraction=cfg.data.val_fraction, train_steps=cfg.trainer.max_steps,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, max_val_blocks=cfg.data.max_val_blocks,
-        num_workers=cfg.data.num_workers, seed=cfg.seed,
+        num_workers=cfg.data.num_workers, seed=cfg.seed, cache_dir=cache_dir(cfg),
     )
 
 
