@@ -38,7 +38,7 @@ import shutil
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,19 +64,23 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if not set(p.relative_to(root).parts[:-1]) & STDLIB_SKIP_DIRS)
 
 
+def stdlib_sources(paths: Iterable[Path] | None = None) -> Iterator[tuple[Path, str]]:
+    """``(path, source text)`` of each standard-library file that reads as UTF-8: the one reading
+    rule of the ``stdlib_source`` corpus (whose documents are these texts) and of whatever must
+    know which file a document came from (the downstream tasks' held-out items)."""
+    for path in stdlib_files() if paths is None else paths:
+        try:
+            yield path, path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+
+
 def collect_stdlib_source(min_chars: int = 80, *, progress: bool = True) -> list[str]:
     """Each standard-library module's source text (UTF-8; at least ``min_chars`` characters), in a deterministic order."""
     from tqdm.auto import tqdm
 
-    documents: list[str] = []
-    for path in tqdm(stdlib_files(), desc="corpus: stdlib source", unit="file", disable=not progress):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if len(text) >= min_chars:
-            documents.append(text)
-    return documents
+    files = tqdm(stdlib_files(), desc="corpus: stdlib source", unit="file", disable=not progress)
+    return [text for _, text in stdlib_sources(files) if len(text) >= min_chars]
 
 
 def collect_stdlib_docstrings(min_chars: int = 80, *, progress: bool = True) -> list[str]:

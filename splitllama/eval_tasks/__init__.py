@@ -161,20 +161,19 @@ def next_items(documents: list[str], seed: int) -> tuple[list[dict[str, Any]], l
 def source_files_of_docstrings() -> tuple[dict[str, set[str]], dict[str, bool]]:
     """Which stdlib files each (cleaned) docstring occurs in, and which files the ``stdlib_source``
     corpus holds out (its documents are whole files, read as :func:`~splitllama.embedded.collect_stdlib_source` does)."""
-    from ..embedded import stdlib_files
+    from ..embedded import stdlib_sources
     from ..training.data import in_validation
 
     root = Path(sysconfig.get_paths()["stdlib"])
     files_of: dict[str, set[str]] = {}
     held_out: dict[str, bool] = {}
-    for path in stdlib_files():
-        try:
-            text = path.read_text(encoding="utf-8")
-            tree = ast.parse(text)
-        except (UnicodeDecodeError, OSError, SyntaxError, ValueError):
-            continue
+    for path, text in stdlib_sources():
         name = str(path.relative_to(root))
         held_out[name] = len(text) >= MIN_DOC_CHARS and in_validation(text, HELD_OUT_FRACTION)
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node, clean=True)
