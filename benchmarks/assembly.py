@@ -4,6 +4,8 @@ Makes synthetic sharded bf16 donors (a large one of several GB at reduced Llama 
 depths to show memory does not grow with the donor), then times, each in a fresh process:
 
 - ``raw read``: reading exactly the bytes of the needed tensors (the floor for any loader);
+- ``hand reader`` / ``safe_open reader``: the needed tensors through :class:`splitllama.checkpoint.LazyCheckpoint`
+  (its own header parse, plain reads into each tensor) and through ``safetensors.safe_open`` (memory map);
 - ``build_split_model``: splitllama's lazy assembly;
 - ``naive``: ``LlamaForCausalLM.from_pretrained`` of both whole donors, then slicing layers out;
 - ``baseline``: importing torch/transformers/splitllama only (the fixed overhead of a process).
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -92,6 +95,11 @@ def write_synthetic_donor(path: Path, cfg, shard_bytes: int, seed: int) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ workers
+#: every method, each timed in a fresh process; "hand reader" vs "safe_open reader" decides which
+#: header/tensor reader splitllama.checkpoint uses (issue 15: keep whichever is faster)
+METHODS = ("baseline", "raw read", "hand reader", "safe_open reader", "build_split_model", "naive")
+
+
 def worker(method: str, small: str, large: str, n8: int, n70: int) -> dict:
     import splitllama
     from splitllama.checkpoint import LazyCheckpoint
@@ -119,6 +127,33 @@ def worker(method: str, small: str, large: str, n8: int, n70: int) -> dict:
                 f.seek(header.data_start + begin)
                 f.readinto(view[: end - begin])
             total += end - begin
+        result["bytes"] = total
+    elif method in ("hand reader", "safe_open reader"):
+        # the two ways LazyCheckpoint could read a tensor: its own header parse + plain reads into the
+        # tensor's storage, or safetensors' safe_open (memory-mapped) get_tensor; the same tensors
+        config = SplitLlamaConfig(path8b=small, path70b=large, num_layers_8=n8, num_layers_70=n70)
+        plan = plan_weights(config)
+        total = 0
+        if method == "hand reader":
+            ckpts = {"small": LazyCheckpoint(small), "large": LazyCheckpoint(large)}
+            for src in plan:
+                ckpt = ckpts[src.donor]
+                total += ckpt.get(src.source if src.source in ckpt else src.fallback).nbytes
+        else:
+            from safetensors import safe_open
+
+            handles: dict[Path, Any] = {}
+            for src in plan:
+                root = Path(small if src.donor == "small" else large)
+                index = root / "model.safetensors.index.json"
+                weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+                name = src.source if (weight_map is None or src.source in weight_map) else src.fallback
+                shard = root / (weight_map[name] if weight_map else "model.safetensors")
+                if shard not in handles:
+                    handles[shard] = safe_open(str(shard), framework="pt", device="cpu")
+                # get_tensor maps the file and reads nothing yet; clone() reads the bytes into memory this
+                # process owns, as LazyCheckpoint.get does (assembly copies every tensor into the model)
+                total += handles[shard].get_tensor(name).clone().nbytes
         result["bytes"] = total
     elif method == "build_split_model":
         model = splitllama.build_split_model(small, large, n8, n70, adapter="linear", dtype=torch.bfloat16)
@@ -201,7 +236,7 @@ def main() -> None:
         print(f"writing/using large donor with {depth} layers ...", flush=True)
         large = write_synthetic_donor(work / f"large-h{args.hidden_large}x{depth}v{args.vocab}", large_cfg, 512 << 20, seed=1)
         donor_bytes = sum(p.stat().st_size for p in large.glob("*.safetensors"))
-        for method in ("baseline", "raw read", "build_split_model", "naive"):
+        for method in METHODS:
             runs = []
             for _ in range(args.repeats):
                 drop_page_cache()
@@ -223,7 +258,7 @@ def main() -> None:
     for depth in sorted({r["large_layers"] for r in rows}):
         base, raw, asm = get(depth, "baseline"), get(depth, "raw read"), get(depth, "build_split_model")
         split_bytes = asm["bytes"]
-        for method in ("baseline", "raw read", "build_split_model", "naive"):
+        for method in METHODS:
             r = get(depth, method)
             ratio = r["wall_s"] / raw["wall_s"] if method != "baseline" else float("nan")
             extra = (r["peak_rss_bytes"] - base["peak_rss_bytes"]) / 2**30
@@ -243,9 +278,17 @@ def main() -> None:
               f"({'ok' if c['assembly_over_raw'] <= 1.3 else 'MISSED'}), RSS {c['assembly_rss_over_split']:.2f}x split "
               f"({'ok' if c['assembly_rss_over_split'] <= 1.2 else 'MISSED'}); naive RSS {c['naive_rss_over_split']:.2f}x split")
     print(f"  assembly peak RSS growth from {depths[0]} to {depths[-1]} large layers: {growth:+.0f} MiB")
+    reader_checks = []
+    for depth in depths:
+        hand, mapped = get(depth, "hand reader"), get(depth, "safe_open reader")
+        reader_checks.append({"large_layers": depth, "safe_open_over_hand_reader": mapped["wall_s"] / hand["wall_s"],
+                       "safe_open_rss_minus_hand_mib": (mapped["peak_rss_bytes"] - hand["peak_rss_bytes"]) / 2**20})
+        print(f"  readers, large donor {depth} layers: safe_open {mapped['wall_s']:.2f} s vs hand {hand['wall_s']:.2f} s "
+              f"({mapped['wall_s'] / hand['wall_s']:.2f}x), peak RSS {mapped['peak_rss_bytes'] / 2**30:.2f} vs "
+              f"{hand['peak_rss_bytes'] / 2**30:.2f} GiB")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "cold_cache": cold, "rows": rows, "checks": checks,
+    out.write_text(json.dumps({"args": vars(args), "cold_cache": cold, "rows": rows, "checks": checks, "reader_checks": reader_checks,
                                "assembly_rss_growth_mib": growth}, indent=2))
     print(f"wrote {out}")
 
