@@ -20,7 +20,7 @@ from splitllama.training.backend_spec import BackendSpec, backend_spec
 from splitllama.training.callbacks import make_loggers
 from splitllama.training.module import OptimSettings
 from splitllama.training.objectives import Objective
-from splitllama.training.schema import register_configs, validate_run_settings
+from splitllama.training.schema import RunConfigError, register_configs, validate_run_settings
 from tests.conftest import REPO, compose_run_config
 
 #: the groups conf/config.yaml's defaults list names
@@ -90,3 +90,34 @@ def test_backend_object_owns_its_settings(backend: str) -> None:
     assert (spec.builds_per_rank, spec.runs_own_schedule, spec.shards_with_fsdp) == (megatron, megatron, not megatron)
     assert set(spec.part_prefixes) == {"adapter", "first", "last", "embeddings", "norm", "head", "all"}
     assert spec.part_prefixes["adapter"] == (("module." if megatron else "") + "model.adapter.",)
+
+
+#: megatron's sizes (backend.tp, pp, sp, micro_batch_size) as a parallel layout or the command line sets them
+MEGATRON_SIZES = [
+    (("parallel=tp2",), (2, 1, False, None)),
+    (("parallel=tp2_sp",), (2, 1, True, None)),
+    (("parallel=pp2",), (1, 2, False, 1)),
+    (("parallel=tp2_dp2",), (2, 1, False, None)),
+    (("parallel=tp2_pp2",), (2, 2, False, 1)),
+    (("backend.tp=2", "parallel.devices=2"), (2, 1, False, None)),
+    (("parallel=tp2_pp2", "backend.pp=1", "backend.micro_batch_size=2"), (2, 1, False, 2)),  # the command line wins
+]
+
+
+@pytest.mark.parametrize(("overrides", "sizes"), MEGATRON_SIZES, ids=[" ".join(o) for o, _ in MEGATRON_SIZES])
+def test_megatron_sizes_live_in_its_backend_config(overrides: tuple[str, ...], sizes: tuple) -> None:
+    cfg = compose_run_config("backend=megatron", *overrides)
+    validate_run_settings(cfg)
+    spec = backend_spec(cfg)
+    assert (spec.tp, spec.pp, spec.sp, spec.micro_batch_size) == sizes
+    assert not {"tp", "pp", "sp", "micro_batch_size"} & set(cfg.parallel)
+
+
+HF_REFUSES = [("parallel=tp2", "backend.tp"), ("parallel=pp2", "backend.pp"), ("backend.tp=2", "backend.tp"),
+              ("backend.sp=true", "backend.sp"), ("backend.micro_batch_size=2", "backend.micro_batch_size")]
+
+
+@pytest.mark.parametrize(("override", "key"), HF_REFUSES, ids=[o for o, _ in HF_REFUSES])
+def test_hf_backend_refuses_megatron_sizes_at_composition(override: str, key: str) -> None:
+    with pytest.raises(RunConfigError, match=rf"^{key}=\S+: needs backend=megatron \(backend=hf"):
+        validate_run_settings(compose_run_config(override))

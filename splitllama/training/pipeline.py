@@ -354,7 +354,7 @@ def make_module(cfg: DictConfig, spec: Any, teacher_path: str | None, objective_
         teacher_path=teacher_path,
         seq_len=cfg.data.seq_len,
         manual_schedule=backend.runs_own_schedule,
-        micro_batch_size=cfg.parallel.micro_batch_size,
+        micro_batch_size=backend.micro_batch_size,
     )
 
 
