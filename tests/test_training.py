@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from splitllama import CustomSplitLLamaForCausalLM, SplitLlamaConfig
-from tests.donors import llama_config
+from tests.donors import letter_tokenizer, llama_config
 from splitllama.training.data import ResumableBlockSampler, pack_documents, packed_splits, split_documents
 from splitllama.training.module import count_flops_per_token, warmup_cosine
 from splitllama.training.objectives import Objective, distillation_loss, next_token_loss
@@ -94,21 +94,11 @@ def test_packing_adds_document_boundaries() -> None:
         pack_documents(tokenizer, ["ab"], seq_len=64)
 
 
-def _letter_tokenizer(letters: str = "abcdefgh") -> Any:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(letters)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
 def test_packed_blocks_are_cached_under_a_key_of_everything_that_decides_them(tmp_path: Path) -> None:
     """The cache gives the blocks tokenising gives; any change of tokenizer, text, seq_len or split is a
     new entry, never a stale hit; a damaged entry is rebuilt; a tokenizer saved and reloaded hits."""
     docs = ["".join("abcdefgh"[(i * 7 + j) % 8] for j in range(5 + i % 11)) for i in range(200)]
-    tokenizer = _letter_tokenizer()
+    tokenizer = letter_tokenizer()
 
     def fresh(tok: Any = tokenizer, documents: list[str] = docs, seq_len: int = 8, val: float = 0.2) -> tuple[torch.Tensor, ...]:
         train_docs, val_docs = split_documents(documents, val)
@@ -130,7 +120,7 @@ def test_packed_blocks_are_cached_under_a_key_of_everything_that_decides_them(tm
     packed_splits(AutoTokenizer.from_pretrained(tmp_path / "tok"), docs, 8, 0.2, cache_dir=tmp_path)
     assert entries() == {entry}  # the same tokenizer, reloaded: the same key
 
-    other = _letter_tokenizer("hgfedcba")  # other ids for the same letters
+    other = letter_tokenizer("hgfedcba")  # other ids for the same letters
     changes = [(other, docs, 8, 0.2), (tokenizer, docs[:-1] + [docs[-1] + "a"], 8, 0.2), (tokenizer, docs, 16, 0.2),
                (tokenizer, docs, 8, 0.3)]
     for tok, documents, seq_len, val in changes:
@@ -216,10 +206,7 @@ class SendSignal:
 def quick_fit(cache: Path, run_dir: Path, *overrides: str, resume: bool = False, signals=None, extra=()) -> tuple[float, list]:  # noqa: ANN001
     """Train as ``run.py debug=quick`` does (same pipeline pieces, checkpoints and stop callback),
     in this process; returns the final validation loss and the batches this fit consumed."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from splitllama.training import pipeline as P
-    from splitllama.training.callbacks import GracefulStop
 
     from tests.conftest import compose_run_config
 
@@ -233,10 +220,7 @@ def quick_fit(cache: Path, run_dir: Path, *overrides: str, resume: bool = False,
                            teacher_path=donors.path70b)
     log = BatchLog()
     last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
-    callbacks = [ModelCheckpoint(dirpath=cfg.paths.checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
-                                 save_last=True, save_top_k=1),
-                 GracefulStop(last, cfg.task.stop_after_steps, signals), log.callback, *extra]
-    trainer = P.make_trainer(cfg, [], callbacks)
+    trainer = P.make_trainer(cfg, [], [*P.make_callbacks(cfg, signals), log.callback, *extra])
     if not P.builds_per_rank(cfg):
         module.configure_model()
     trainer.fit(module, data, ckpt_path=str(last) if resume else None)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..configuration_split_llama import SplitConfigError, SplitLlamaConfig
-from .schema import DATA_CORPUS, AdapterInit, AdapterKind, RunConfigError, explain_split_error, validate_run_settings
+from .schema import DATA_CORPUS, AdapterInit, AdapterKind, DataSource, RunConfigError, explain_split_error, validate_run_settings
 
 if TYPE_CHECKING:
     from ..references import DonorReferences
@@ -233,25 +233,54 @@ def load_tokenizer(path: str) -> Any:
         raise RunConfigError(f"{path}: cannot load the tokenizer ({exc}); the small donor must ship its tokenizer") from exc
 
 
-def load_documents(cfg: DictConfig) -> list[str]:
+def load_documents(source: Any, *, files: Sequence[str] = (), text_field: str = "text", min_doc_chars: int = 80,
+                   cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> list[str]:
+    """The documents of ``data.source``: a standard-library corpus (cached under ``cache_dir``) or ``files``."""
     from .data import read_text_files
 
-    if cfg.data.source in DATA_CORPUS:
+    source = DataSource(source)
+    if source in DATA_CORPUS:
         from ..embedded import load_stdlib_corpus
 
-        return load_stdlib_corpus(cache_dir(cfg), cfg.data.min_doc_chars, corpus=DATA_CORPUS[cfg.data.source],
-                                  progress=cfg.trainer.enable_progress_bar)
-    return read_text_files(list(cfg.data.files), cfg.data.text_field)
+        return load_stdlib_corpus(cache_dir, min_doc_chars, corpus=DATA_CORPUS[source], progress=progress)
+    return read_text_files(list(files), text_field)
+
+
+def text_datamodule(
+    *, tokenizer: Any, source: Any, files: Sequence[str] = (), text_field: str = "text", min_doc_chars: int = 80,
+    seq_len: int = 256, batch_size: int = 8, val_batch_size: int | None = None, val_fraction: float = 0.05,
+    max_val_blocks: int | None = None, num_workers: int = 0, train_steps: int = 100, accumulate_grad_batches: int = 1,
+    seed: int = 0, cache_dir: str | os.PathLike[str] | None = None, progress: bool = True,
+    documents: Sequence[str] | None = None, name: str | None = None,
+) -> Any:
+    """The data module ``conf/data/*.yaml`` build (their ``_target_``): a :class:`~splitllama.training.data.SplitTextDataModule`
+    over the documents of ``source`` (:func:`load_documents`), tokenised with ``tokenizer``.
+
+    The data fields come from the config; the run adds ``tokenizer``, ``cache_dir``, ``train_steps``,
+    ``accumulate_grad_batches``, ``seed`` and ``progress`` (:func:`make_datamodule`). ``documents`` given:
+    that corpus instead of ``source``'s (tests, notebooks). ``name`` is the option's name (``data=<name>``),
+    part of the config; the data module does not need it.
+    """
+    from .data import SplitTextDataModule
+
+    if documents is None:
+        documents = load_documents(source, files=files, text_field=text_field, min_doc_chars=min_doc_chars,
+                                   cache_dir=cache_dir, progress=progress)
+    return SplitTextDataModule(
+        tokenizer, documents, seq_len=seq_len, batch_size=batch_size, val_batch_size=val_batch_size,
+        val_fraction=val_fraction, train_steps=train_steps, accumulate_grad_batches=accumulate_grad_batches,
+        max_val_blocks=max_val_blocks, num_workers=num_workers, seed=seed, cache_dir=cache_dir,
+    )
 
 
 def make_datamodule(cfg: DictConfig, tokenizer: Any) -> Any:
-    from .data import SplitTextDataModule
+    """``data``'s data module, built from its ``_target_`` (:func:`text_datamodule`) with the run's tokenizer,
+    cache, steps and seed."""
+    from hydra.utils import instantiate
 
-    return SplitTextDataModule(
-        tokenizer, load_documents(cfg), seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-        val_batch_size=cfg.data.val_batch_size, val_fraction=cfg.data.val_fraction, train_steps=cfg.trainer.max_steps,
-        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, max_val_blocks=cfg.data.max_val_blocks,
-        num_workers=cfg.data.num_workers, seed=cfg.seed, cache_dir=cache_dir(cfg),
+    return instantiate(cfg.data, _partial_=True, _convert_="all")(
+        tokenizer=tokenizer, cache_dir=cache_dir(cfg), train_steps=cfg.trainer.max_steps,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, seed=cfg.seed, progress=cfg.trainer.enable_progress_bar,
     )
 
 
@@ -409,15 +438,17 @@ def make_loggers(cfg: DictConfig, record: Any, *, group: str | None) -> list[Any
 
 
 def make_callbacks(cfg: DictConfig, signals: Any) -> list[Any]:
-    """Checkpoints every ``trainer.checkpoint_every_n_steps`` (and ``last.ckpt``), and a clean stop on a
-    signal or at ``task.stop_after_steps`` (:class:`~splitllama.training.callbacks.GracefulStop`)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    """The callbacks of ``callbacks``, each built from its ``_target_``: checkpoints every
+    ``trainer.checkpoint_every_n_steps`` (and ``last.ckpt``), and a clean stop on a signal or at
+    ``task.stop_after_steps`` (:class:`~splitllama.training.callbacks.GracefulStop`). A callback whose
+    config has a ``signals`` key gets the run's ``signals``."""
+    from hydra.utils import instantiate
 
-    from .callbacks import GracefulStop
-
-    return [ModelCheckpoint(dirpath=cfg.paths.checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
-                            save_last=True, save_top_k=1),
-            GracefulStop(Path(cfg.paths.checkpoint_dir) / "last.ckpt", cfg.task.stop_after_steps, signals)]
+    built = []
+    for node in cfg.callbacks.values():
+        make = instantiate(node, _partial_=True, _convert_="all")
+        built.append(make(signals=signals) if "signals" in node else make())
+    return built
 
 
 def final_val_loss(trainer: Any, module: Any, data: Any) -> float:
@@ -605,5 +636,6 @@ __all__ = [
     "run_name",
     "saved_model_donors",
     "seed_everything",
+    "text_datamodule",
     "validate",
 ]

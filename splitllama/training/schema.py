@@ -20,7 +20,7 @@ from enum import Enum
 from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf reads typing generics
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import II, MISSING
 
 from .errors import RunConfigError, _check
 
@@ -238,6 +238,9 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
+    """The corpus and its batches; instantiates ``_target_`` (the run adds the tokenizer, cache, steps and seed)."""
+
+    _target_: str = "splitllama.training.pipeline.text_datamodule"
     name: str = "stdlib_docs"
     source: DataSource = DataSource.stdlib_docs
     files: List[str] = field(default_factory=list)
@@ -336,6 +339,37 @@ class LoggerConfig:
 
 
 @dataclass
+class ModelCheckpointConfig:
+    """Lightning's ModelCheckpoint: every ``trainer.checkpoint_every_n_steps`` steps into ``paths.checkpoint_dir``, and ``last.ckpt``."""
+
+    _target_: str = "lightning.pytorch.callbacks.ModelCheckpoint"
+    dirpath: str = II("paths.checkpoint_dir")
+    every_n_train_steps: int = II("trainer.checkpoint_every_n_steps")
+    save_last: bool = True
+    save_top_k: int = 1
+
+
+@dataclass
+class GracefulStopConfig:
+    """A clean stop with ``last.ckpt`` at ``task.stop_after_steps`` or on a signal (:class:`splitllama.training.callbacks.GracefulStop`)."""
+
+    _target_: str = "splitllama.training.callbacks.GracefulStop"
+    checkpoint_path: str = "${paths.checkpoint_dir}/last.ckpt"
+    steps: Optional[int] = II("task.stop_after_steps")
+    #: the run's SIGINT/SIGTERM watcher (run.py gives its own; null: stop at ``steps`` only)
+    signals: Any = None
+
+
+@dataclass
+class CallbacksConfig:
+    """The Lightning callbacks of training, each built from its ``_target_`` (:func:`splitllama.training.pipeline.make_callbacks`).
+    Their settings stay where they were: ``trainer.checkpoint_every_n_steps``, ``task.stop_after_steps``."""
+
+    model_checkpoint: ModelCheckpointConfig = field(default_factory=ModelCheckpointConfig)
+    graceful_stop: GracefulStopConfig = field(default_factory=GracefulStopConfig)
+
+
+@dataclass
 class PathsConfig:
     root_dir: str = "."
     output_dir: str = "."
@@ -415,6 +449,7 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
