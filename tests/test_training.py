@@ -271,3 +271,56 @@ def test_a_signal_stops_with_a_checkpoint_that_resumes_exactly(
     resumed_loss, rest = quick_fit(embedded_cache, tmp_path, resume=True)
     assert rest == full_batches[signals.step:]
     assert resumed_loss == full_loss
+
+
+def test_the_split_config_is_validated_once_per_run(embedded_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run.py task=assemble`` of the embedded debug donors, in this process: the SplitLlamaConfig validated from
+    their recipe (before the donors are built) is the one the model is assembled from, given the built donors'
+    paths, and nothing builds it again."""
+    import importlib.util
+    import json
+
+    from splitllama.embedded import ensure_embedded_donors
+    from splitllama.results import RunRecord
+
+    from tests.conftest import REPO, compose_run_config, quick_recipe
+
+    validated: list[SplitLlamaConfig] = []
+    validate = SplitLlamaConfig._resolve_and_validate
+
+    def counted(self: SplitLlamaConfig) -> None:
+        validated.append(self)
+        validate(self)
+
+    monkeypatch.setattr(SplitLlamaConfig, "_resolve_and_validate", counted)
+    entry = importlib.util.spec_from_file_location("run_entry", REPO / "run.py")
+    run_entry = importlib.util.module_from_spec(entry)
+    entry.loader.exec_module(run_entry)
+    cfg = compose_run_config("debug=quick", "task=assemble", "logger=none", f"paths.output_dir={tmp_path}",
+                             f"paths.cache_dir={embedded_cache}")
+    run_entry.assemble(cfg, RunRecord(tmp_path, task="assemble", config={}))
+    assert len(validated) == 1
+    built = ensure_embedded_donors(quick_recipe(), embedded_cache, progress=False)
+    saved = json.loads((tmp_path / "hf_model" / "config.json").read_text())
+    assert (saved["path8b"], saved["path70b"]) == (str(built.path8b), str(built.path70b))
+    assert saved["config_8b"]["architectures"] == ["LlamaForCausalLM"]  # the donors' own config.json, as before
+
+
+def test_built_embedded_donors_must_be_what_their_recipe_validated(embedded_cache: Path, tmp_path: Path) -> None:
+    """The split config validated from the recipe is carried only onto donors whose config.json is that recipe's."""
+    import dataclasses
+    import json
+
+    from splitllama.training import pipeline as P
+    from splitllama.training.schema import RunConfigError
+
+    from tests.conftest import compose_run_config
+
+    cfg = compose_run_config("debug=quick", f"paths.cache_dir={embedded_cache}")
+    donors = P.resolve_donors(cfg)
+    config = json.loads((Path(donors.path70b) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
+    with pytest.raises(RunConfigError, match=r"^donors.embedded: the built large donor \(.*\) has rms_norm_eps=1e-06, but its recipe gives 1e-05"):
+        P.with_built_donors(P.validate(cfg), dataclasses.replace(donors, path70b=str(tmp_path)))
+    split = P.with_built_donors(P.validate(cfg), donors)
+    assert (split.path8b, split.path70b) == (donors.path8b, donors.path70b) and split.config_70b.architectures == ["LlamaForCausalLM"]

@@ -197,6 +197,34 @@ def resolve_donors(cfg: DictConfig) -> Donors:
     return Donors(str(built.path8b), str(built.path70b), built.manifest, built.built_now)
 
 
+#: what saving a donor adds to the ``LlamaConfig`` it was built from (its class, its dtype, the library's version)
+SAVED_DONOR_FIELDS = frozenset({"architectures", "dtype", "transformers_version"})
+
+
+def with_built_donors(split: SplitLlamaConfig, donors: Donors) -> SplitLlamaConfig:
+    """The embedded donors' split config, validated from their recipe before they were built (:func:`validate`),
+    given the built donors: their directories, and their own ``config.json`` in place of the recipe's
+    ``LlamaConfig`` once it is shown to be that config (saving adds only :data:`SAVED_DONOR_FIELDS`), so the
+    split model is what a config built from the directories would describe. Not validated again.
+
+    A built donor that is not its recipe (a cache entry written by other code) is an error naming the field.
+    """
+    from transformers import LlamaConfig
+
+    for which, key, path in (("small", "8b", donors.path8b), ("large", "70b", donors.path70b)):
+        built = LlamaConfig.from_pretrained(path)
+        recipe, saved = getattr(split, f"config_{key}").to_dict(), built.to_dict()
+        for name in sorted((recipe.keys() | saved.keys()) - SAVED_DONOR_FIELDS):
+            if recipe.get(name) != saved.get(name):
+                raise RunConfigError(
+                    f"donors.embedded: the built {which} donor ({path}) has {name}={saved.get(name)!r}, but its recipe gives "
+                    f"{recipe.get(name)!r}; delete that cache entry to rebuild it"
+                )
+        setattr(split, f"config_{key}", built)
+        setattr(split, f"path{key}", path)
+    return split
+
+
 def saved_model_donors(split: SplitLlamaConfig) -> Donors | None:
     """The donors a saved split model was assembled from (its config's paths), if both directories still exist."""
     paths = (split.path8b, split.path70b)
@@ -286,8 +314,9 @@ def make_datamodule(cfg: DictConfig, tokenizer: Any) -> Any:
 
 def model_spec(cfg: DictConfig, donors: Donors | None, *, calibration: Any = None, model_dir: str | None = None,
                split: SplitLlamaConfig | None = None) -> Any:
-    """What the backend builds; ``split`` (the config :func:`validate` returned) is carried when it
-    describes these donors or this saved model, so the run builds its split config once."""
+    """What the backend builds; ``split`` (the config :func:`validate` returned; for the embedded donors
+    completed by :func:`with_built_donors`) is carried when it describes these donors or this saved model,
+    so the run builds its split config once."""
     from .backends import SplitModelSpec
 
     init = plain(cfg.adapter.init)
@@ -300,7 +329,6 @@ def model_spec(cfg: DictConfig, donors: Donors | None, *, calibration: Any = Non
         adapter_checkpoint=cfg.adapter.checkpoint, calibration=calibration if init == "lstsq" else None,
         model_dir=model_dir, dtype=cfg.backend.dtype, attn_implementation=cfg.backend.attn_implementation, seed=cfg.seed,
     )
-    # the embedded donors' config was validated from their recipe (no paths yet): built once more from the paths
     if split is not None and (model_dir is not None or (split.path8b, split.path70b) == (spec.path8b, spec.path70b)):
         spec.config = split
     return spec
@@ -342,6 +370,8 @@ def load(cfg: DictConfig, record: Any, setup: RunSetup, *, stage: str | None, re
     if model_dir is None:
         with record.timed("donors"):
             setup.donors = resolve_donors(cfg)
+        if uses_embedded_donors(cfg):  # validated from their recipe, before they were built
+            setup.split = with_built_donors(setup.split, setup.donors)
     setup.tokenizer = load_tokenizer(model_dir or setup.donors.path8b)
     if stage is not None or plain(cfg.adapter.init) == "lstsq":
         with record.timed("data"):
@@ -638,4 +668,5 @@ __all__ = [
     "seed_everything",
     "text_datamodule",
     "validate",
+    "with_built_donors",
 ]
