@@ -152,11 +152,12 @@ def generate(cfg: DictConfig, record) -> None:
     """Complete ``task.prompts`` with vLLM (``task.engine=vllm``) or transformers (``hf``)."""
     from splitllama.training import pipeline as P
 
-    P.validate(cfg)
     model_dir = os.path.expanduser(cfg.task.model_dir) if cfg.task.model_dir else None
     if model_dir is None:
-        assemble(cfg, record)
+        assemble(cfg, record)  # validates the config first
         model_dir = cfg.paths.export_dir
+    else:
+        P.validate(cfg)
     prompts, n, temp = list(cfg.task.prompts), cfg.task.max_new_tokens, cfg.task.temperature
     with record.timed("generate"):
         if cfg.task.engine == "vllm":

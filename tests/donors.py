@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -99,4 +100,16 @@ def make_partial_donor(
     return path
 
 
-__all__ = ["llama_config", "make_partial_donor", "make_random_donor"]
+def letter_tokenizer(letters: str = "abcdefgh") -> Any:
+    """A tokenizer with one token per letter (ids 3, 4, ...) and ``<pad>``, ``<s>``, ``</s>`` as 0, 1, 2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(letters)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+__all__ = ["letter_tokenizer", "llama_config", "make_partial_donor", "make_random_donor"]
+

@@ -2,9 +2,10 @@
 
 As lightning-hydra-template's ``tests/test_configs.py``: each ``conf/<group>/<option>.yaml`` is
 composed over the defaults, its range checks run (:func:`validate_run_settings`), and what builds
-itself from ``_target_`` is instantiated: the backend object, the objective, the optimizer settings and
-the logger factory. Options that only make sense with others (a megatron
-parallel layout, real-donor presets) get those others; a settings error is a failure.
+itself from ``_target_`` is instantiated: the backend object, the objective, the optimizer settings,
+the logger factory, the data module (a letter tokenizer and a few documents, packed) and the callbacks.
+Options that only make sense with others (a megatron parallel layout, real-donor presets) get those
+others; a settings error is a failure.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from omegaconf import OmegaConf, open_dict
 
 from splitllama.results import register_run_dir_resolver
 from splitllama.training.backend_spec import BackendSpec, backend_spec
-from splitllama.training.callbacks import make_loggers
+from splitllama.training.callbacks import GracefulStop, make_loggers
+from splitllama.training.data import SplitTextDataModule
 from splitllama.training.module import OptimSettings
 from splitllama.training.objectives import Objective
-from splitllama.training.schema import register_configs, validate_run_settings
+from splitllama.training.schema import RunConfigError, register_configs, validate_run_settings
+from splitllama.training.pipeline import make_callbacks, make_datamodule
 from tests.conftest import REPO, compose_run_config
+from tests.donors import letter_tokenizer
 
 #: the groups conf/config.yaml's defaults list names
 DEFAULTS = {next(iter(entry)) for entry in OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "config.yaml").defaults)
@@ -36,6 +40,8 @@ NEEDS = {
 }
 #: presets of real donors: their paths are required (``???``); given as empty directories here
 REAL_DONORS = ("llama3_8b_70b", "llama31_8b_70b", "llama32_1b_3b", "smollm2_135m_360m")
+#: a few documents of the letter tokenizer's letters, each longer than any option's data.seq_len
+DOCUMENTS = ["".join("abcdefgh"[(i * 5 + j * (i % 3 + 1)) % 8] for j in range(300 + i)) for i in range(40)]
 
 
 def compose_as_run(run_dir: Path, *overrides: str):
@@ -69,6 +75,7 @@ def test_config_option_composes_and_instantiates(group: str, option: str, tmp_pa
     if group == "task" and option in ("eval", "generate"):
         overrides.append(f"task.model_dir={tmp_path}")
     if group == "data" and option == "files":
+        (tmp_path / "a.txt").write_text("\n\n".join(DOCUMENTS))
         overrides.append(f"data.files=[{tmp_path / 'a.txt'}]")
     cfg = compose_as_run(tmp_path / "run", *overrides)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves (Hydra's own included)
@@ -80,6 +87,44 @@ def test_config_option_composes_and_instantiates(group: str, option: str, tmp_pa
     optim = instantiate(cfg.optim, _convert_="all", total_steps=cfg.trainer.max_steps)
     assert isinstance(optim, OptimSettings) and optim.lr == cfg.optim.lr and len(optim.betas) == 2
     assert instantiate(cfg.logger, _partial_=True).func is make_loggers
+    _check_data_module(cfg, tmp_path)
+    _check_callbacks(cfg)
+
+
+def _check_data_module(cfg, tmp_path: Path) -> None:  # noqa: ANN001
+    """``data``'s ``_target_`` builds the data module, which packs the documents into blocks of ``data.seq_len``."""
+    if cfg.data.files:  # the run's own wiring, reading the file
+        with open_dict(cfg):
+            cfg.paths.cache_dir = str(tmp_path / "cache")
+        data = make_datamodule(cfg, letter_tokenizer())
+    else:  # the stdlib corpora: given a few documents instead
+        data = instantiate(cfg.data, _partial_=True, _convert_="all")(
+            tokenizer=letter_tokenizer(), documents=DOCUMENTS, train_steps=cfg.trainer.max_steps, seed=cfg.seed, progress=False)
+    assert isinstance(data, SplitTextDataModule)
+    assert (data.seq_len, data.batch_size, data.train_steps) == (cfg.data.seq_len, cfg.data.batch_size, cfg.trainer.max_steps)
+    data.setup("fit")
+    assert data.train_blocks.shape[1] == data.val_blocks.shape[1] == cfg.data.seq_len and len(data.val_blocks) > 0
+
+
+def _check_callbacks(cfg) -> None:  # noqa: ANN001
+    """``callbacks``: checkpoints every ``trainer.checkpoint_every_n_steps`` and the clean stop at ``task.stop_after_steps``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpoint, stop = make_callbacks(cfg, signals=None)
+    assert isinstance(checkpoint, ModelCheckpoint) and isinstance(stop, GracefulStop)
+    assert checkpoint.dirpath == str(Path(cfg.paths.checkpoint_dir).resolve())
+    assert checkpoint._every_n_train_steps == cfg.trainer.checkpoint_every_n_steps and checkpoint.save_last
+    assert stop.checkpoint_path == str(Path(cfg.paths.checkpoint_dir) / "last.ckpt") and stop.steps == cfg.task.stop_after_steps
+
+
+def test_callbacks_read_their_settings_and_get_the_run_signals(tmp_path: Path) -> None:
+    """The callbacks' settings keep their overrides; GracefulStop watches the run's own signal handler."""
+    from splitllama.results import RunSignals
+
+    cfg = compose_as_run(tmp_path / "run", "task.stop_after_steps=3", "trainer.checkpoint_every_n_steps=2")
+    signals = RunSignals()
+    checkpoint, stop = make_callbacks(cfg, signals)
+    assert stop.signals is signals and stop.steps == 3 and checkpoint._every_n_train_steps == 2
 
 
 @pytest.mark.parametrize("backend", ["hf", "megatron"])
@@ -90,3 +135,34 @@ def test_backend_object_owns_its_settings(backend: str) -> None:
     assert (spec.builds_per_rank, spec.runs_own_schedule, spec.shards_with_fsdp) == (megatron, megatron, not megatron)
     assert set(spec.part_prefixes) == {"adapter", "first", "last", "embeddings", "norm", "head", "all"}
     assert spec.part_prefixes["adapter"] == (("module." if megatron else "") + "model.adapter.",)
+
+
+#: megatron's sizes (backend.tp, pp, sp, micro_batch_size) as a parallel layout or the command line sets them
+MEGATRON_SIZES = [
+    (("parallel=tp2",), (2, 1, False, None)),
+    (("parallel=tp2_sp",), (2, 1, True, None)),
+    (("parallel=pp2",), (1, 2, False, 1)),
+    (("parallel=tp2_dp2",), (2, 1, False, None)),
+    (("parallel=tp2_pp2",), (2, 2, False, 1)),
+    (("backend.tp=2", "parallel.devices=2"), (2, 1, False, None)),
+    (("parallel=tp2_pp2", "backend.pp=1", "backend.micro_batch_size=2"), (2, 1, False, 2)),  # the command line wins
+]
+
+
+@pytest.mark.parametrize(("overrides", "sizes"), MEGATRON_SIZES, ids=[" ".join(o) for o, _ in MEGATRON_SIZES])
+def test_megatron_sizes_live_in_its_backend_config(overrides: tuple[str, ...], sizes: tuple) -> None:
+    cfg = compose_run_config("backend=megatron", *overrides)
+    validate_run_settings(cfg)
+    spec = backend_spec(cfg)
+    assert (spec.tp, spec.pp, spec.sp, spec.micro_batch_size) == sizes
+    assert not {"tp", "pp", "sp", "micro_batch_size"} & set(cfg.parallel)
+
+
+HF_REFUSES = [("parallel=tp2", "backend.tp"), ("parallel=pp2", "backend.pp"), ("backend.tp=2", "backend.tp"),
+              ("backend.sp=true", "backend.sp"), ("backend.micro_batch_size=2", "backend.micro_batch_size")]
+
+
+@pytest.mark.parametrize(("override", "key"), HF_REFUSES, ids=[o for o, _ in HF_REFUSES])
+def test_hf_backend_refuses_megatron_sizes_at_composition(override: str, key: str) -> None:
+    with pytest.raises(RunConfigError, match=rf"^{key}=\S+: needs backend=megatron \(backend=hf"):
+        validate_run_settings(compose_run_config(override))

@@ -119,7 +119,7 @@ def test_megatron_multinode_config_composes(tmp_path: Path) -> None:
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 8, 8)
-    assert (cfg.backend.name, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sp) == ("megatron", 8, 2, True)
+    assert (cfg.backend.name, cfg.backend.tp, cfg.backend.pp, cfg.backend.sp) == ("megatron", 8, 2, True)
     validate_run_settings(cfg)
     shapes = dict(vocab_size=256, head_dim=128, num_key_value_heads=8)
     split = SplitLlamaConfig(config_8b=llama_config(hidden_size=4096, num_attention_heads=32, num_hidden_layers=2, **shapes),

@@ -364,7 +364,7 @@ def test_run_py_megatron_trains_and_its_export_reproduces_the_val_loss(megatron_
 
     trained = read_results(megatron_run)
     assert trained["status"] == "ok" and trained["metrics"]["steps"] == 8
-    assert trained["config"]["backend"]["name"] == "megatron" and trained["config"]["backend"]["options"]["tp"] == 1
+    assert trained["config"]["backend"]["name"] == "megatron" and trained["config"]["backend"]["tp"] == 1
     assert trained["metrics"]["val_loss"] < trained["metrics"]["val_loss_before"]  # the adapter learned something
     model = AutoModelForCausalLM.from_pretrained(megatron_run / "hf_model")
     assert model.config.adapter == "linear"
@@ -382,7 +382,7 @@ def test_run_py_megatron_micro_batches_and_data_parallel_agree(run_py: Any, tmp_
     step, so the gradient accumulation and the DP averaging must give the same training."""
     micro, dp = tmp_path / "micro", tmp_path / "dp"
     common = ("debug=quick", "backend=megatron", "logger=csv")
-    run_py(*common, "parallel.micro_batch_size=2", f"hydra.run.dir={micro}", cwd=tmp_path, timeout=600)
+    run_py(*common, "backend.micro_batch_size=2", f"hydra.run.dir={micro}", cwd=tmp_path, timeout=600)
     run_py(*common, "parallel=ddp", "parallel.devices=2", "parallel.accelerator=cpu", "data.batch_size=2",
            f"hydra.run.dir={dp}", cwd=tmp_path, timeout=600)
     from splitllama.results import read_results
@@ -396,10 +396,10 @@ def test_run_py_megatron_micro_batches_and_data_parallel_agree(run_py: Any, tmp_
 
 
 RUN_PY_BAD_PARALLEL = [
-    (["parallel=tp2"], "parallel.tp=2: needs backend=megatron"),
-    (["backend=megatron", "parallel.micro_batch_size=3"], "parallel.micro_batch_size=3: must be >= 1 and divide data.batch_size=4"),
+    (["parallel=tp2"], "backend.tp=2: needs backend=megatron"),
+    (["backend=megatron", "backend.micro_batch_size=3"], "backend.micro_batch_size=3: must be >= 1 and divide data.batch_size=4"),
     (["backend=megatron", "trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches=2: must be 1 with backend=megatron"),
-    (["backend=megatron", "parallel=tp2", "parallel.tp=3", "parallel.devices=3"], "parallel.tp=3: must divide"),
+    (["backend=megatron", "parallel=tp2", "backend.tp=3", "parallel.devices=3"], "backend.tp=3: must divide"),
 ]
 
 

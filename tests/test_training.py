@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from splitllama import CustomSplitLLamaForCausalLM, SplitLlamaConfig
-from tests.donors import llama_config
+from tests.donors import letter_tokenizer, llama_config
 from splitllama.training.data import ResumableBlockSampler, pack_documents, packed_splits, split_documents
 from splitllama.training.module import count_flops_per_token, warmup_cosine
 from splitllama.training.objectives import Objective, distillation_loss, next_token_loss
@@ -94,21 +94,11 @@ def test_packing_adds_document_boundaries() -> None:
         pack_documents(tokenizer, ["ab"], seq_len=64)
 
 
-def _letter_tokenizer(letters: str = "abcdefgh") -> Any:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(letters)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
 def test_packed_blocks_are_cached_under_a_key_of_everything_that_decides_them(tmp_path: Path) -> None:
     """The cache gives the blocks tokenising gives; any change of tokenizer, text, seq_len or split is a
     new entry, never a stale hit; a damaged entry is rebuilt; a tokenizer saved and reloaded hits."""
     docs = ["".join("abcdefgh"[(i * 7 + j) % 8] for j in range(5 + i % 11)) for i in range(200)]
-    tokenizer = _letter_tokenizer()
+    tokenizer = letter_tokenizer()
 
     def fresh(tok: Any = tokenizer, documents: list[str] = docs, seq_len: int = 8, val: float = 0.2) -> tuple[torch.Tensor, ...]:
         train_docs, val_docs = split_documents(documents, val)
@@ -130,7 +120,7 @@ def test_packed_blocks_are_cached_under_a_key_of_everything_that_decides_them(tm
     packed_splits(AutoTokenizer.from_pretrained(tmp_path / "tok"), docs, 8, 0.2, cache_dir=tmp_path)
     assert entries() == {entry}  # the same tokenizer, reloaded: the same key
 
-    other = _letter_tokenizer("hgfedcba")  # other ids for the same letters
+    other = letter_tokenizer("hgfedcba")  # other ids for the same letters
     changes = [(other, docs, 8, 0.2), (tokenizer, docs[:-1] + [docs[-1] + "a"], 8, 0.2), (tokenizer, docs, 16, 0.2),
                (tokenizer, docs, 8, 0.3)]
     for tok, documents, seq_len, val in changes:
@@ -216,10 +206,7 @@ class SendSignal:
 def quick_fit(cache: Path, run_dir: Path, *overrides: str, resume: bool = False, signals=None, extra=()) -> tuple[float, list]:  # noqa: ANN001
     """Train as ``run.py debug=quick`` does (same pipeline pieces, checkpoints and stop callback),
     in this process; returns the final validation loss and the batches this fit consumed."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from splitllama.training import pipeline as P
-    from splitllama.training.callbacks import GracefulStop
 
     from tests.conftest import compose_run_config
 
@@ -233,10 +220,7 @@ def quick_fit(cache: Path, run_dir: Path, *overrides: str, resume: bool = False,
                            teacher_path=donors.path70b)
     log = BatchLog()
     last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
-    callbacks = [ModelCheckpoint(dirpath=cfg.paths.checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
-                                 save_last=True, save_top_k=1),
-                 GracefulStop(last, cfg.task.stop_after_steps, signals), log.callback, *extra]
-    trainer = P.make_trainer(cfg, [], callbacks)
+    trainer = P.make_trainer(cfg, [], [*P.make_callbacks(cfg, signals), log.callback, *extra])
     if not P.builds_per_rank(cfg):
         module.configure_model()
     trainer.fit(module, data, ckpt_path=str(last) if resume else None)
@@ -287,3 +271,56 @@ def test_a_signal_stops_with_a_checkpoint_that_resumes_exactly(
     resumed_loss, rest = quick_fit(embedded_cache, tmp_path, resume=True)
     assert rest == full_batches[signals.step:]
     assert resumed_loss == full_loss
+
+
+def test_the_split_config_is_validated_once_per_run(embedded_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run.py task=assemble`` of the embedded debug donors, in this process: the SplitLlamaConfig validated from
+    their recipe (before the donors are built) is the one the model is assembled from, given the built donors'
+    paths, and nothing builds it again."""
+    import importlib.util
+    import json
+
+    from splitllama.embedded import ensure_embedded_donors
+    from splitllama.results import RunRecord
+
+    from tests.conftest import REPO, compose_run_config, quick_recipe
+
+    validated: list[SplitLlamaConfig] = []
+    validate = SplitLlamaConfig._resolve_and_validate
+
+    def counted(self: SplitLlamaConfig) -> None:
+        validated.append(self)
+        validate(self)
+
+    monkeypatch.setattr(SplitLlamaConfig, "_resolve_and_validate", counted)
+    entry = importlib.util.spec_from_file_location("run_entry", REPO / "run.py")
+    run_entry = importlib.util.module_from_spec(entry)
+    entry.loader.exec_module(run_entry)
+    cfg = compose_run_config("debug=quick", "task=assemble", "logger=none", f"paths.output_dir={tmp_path}",
+                             f"paths.cache_dir={embedded_cache}")
+    run_entry.assemble(cfg, RunRecord(tmp_path, task="assemble", config={}))
+    assert len(validated) == 1
+    built = ensure_embedded_donors(quick_recipe(), embedded_cache, progress=False)
+    saved = json.loads((tmp_path / "hf_model" / "config.json").read_text())
+    assert (saved["path8b"], saved["path70b"]) == (str(built.path8b), str(built.path70b))
+    assert saved["config_8b"]["architectures"] == ["LlamaForCausalLM"]  # the donors' own config.json, as before
+
+
+def test_built_embedded_donors_must_be_what_their_recipe_validated(embedded_cache: Path, tmp_path: Path) -> None:
+    """The split config validated from the recipe is carried only onto donors whose config.json is that recipe's."""
+    import dataclasses
+    import json
+
+    from splitllama.training import pipeline as P
+    from splitllama.training.schema import RunConfigError
+
+    from tests.conftest import compose_run_config
+
+    cfg = compose_run_config("debug=quick", f"paths.cache_dir={embedded_cache}")
+    donors = P.resolve_donors(cfg)
+    config = json.loads((Path(donors.path70b) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
+    with pytest.raises(RunConfigError, match=r"^donors.embedded: the built large donor \(.*\) has rms_norm_eps=1e-06, but its recipe gives 1e-05"):
+        P.with_built_donors(P.validate(cfg), dataclasses.replace(donors, path70b=str(tmp_path)))
+    split = P.with_built_donors(P.validate(cfg), donors)
+    assert (split.path8b, split.path70b) == (donors.path8b, donors.path70b) and split.config_70b.architectures == ["LlamaForCausalLM"]

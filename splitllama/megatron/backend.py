@@ -25,9 +25,9 @@ def _task_name(cfg: Any) -> str:
 class MegatronBackendSpec(BackendSpec):
     """``backend=megatron``: TP/PP/SP shards built per rank, trained through megatron's schedule.
 
-    Its parallel sizes are ``parallel.tp``, ``parallel.pp``, ``parallel.sp`` and
-    ``parallel.micro_batch_size`` (``parallel=tp2``, ``tp2_sp``, ``pp2``, ``tp2_pp2``; the backend's
-    ``options`` read them).
+    Its parallel sizes are its own fields, ``backend.tp``, ``backend.pp``, ``backend.sp`` and
+    ``backend.micro_batch_size`` (``conf/backend/megatron.yaml``); the megatron files of ``parallel``
+    (``tp2``, ``tp2_sp``, ``pp2``, ``tp2_dp2``, ``tp2_pp2``) set them together with the device count.
     """
 
     part_prefixes = MEGATRON_PART_PREFIXES
@@ -36,24 +36,24 @@ class MegatronBackendSpec(BackendSpec):
     shards_with_fsdp = False
 
     def validate(self, cfg: Any) -> None:
-        par = cfg.parallel
+        par, tp, pp = cfg.parallel, self.tp, self.pp
         _check(par.strategy in ("auto", "ddp", "megatron"), "parallel.strategy", par.strategy,
                "backend=megatron runs its own strategy (data parallel over megatron's DP group); use parallel=single, ddp or a "
                "megatron file (tp2, tp2_sp, pp2, tp2_pp2)")
-        _check(not par.sp or par.tp >= 2, "parallel.sp", par.sp, "sequence parallelism needs parallel.tp >= 2")
-        if par.micro_batch_size is not None:
-            _check(par.micro_batch_size >= 1 and cfg.data.batch_size % par.micro_batch_size == 0, "parallel.micro_batch_size",
-                   par.micro_batch_size, f"must be >= 1 and divide data.batch_size={cfg.data.batch_size}")
+        _check(not self.sp or tp >= 2, "backend.sp", self.sp, "sequence parallelism needs backend.tp >= 2")
+        if self.micro_batch_size is not None:
+            _check(self.micro_batch_size >= 1 and cfg.data.batch_size % self.micro_batch_size == 0, "backend.micro_batch_size",
+                   self.micro_batch_size, f"must be >= 1 and divide data.batch_size={cfg.data.batch_size}")
         _check(cfg.trainer.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches,
                "must be 1 with backend=megatron: megatron's schedule accumulates micro-batches within a batch "
-               "(raise data.batch_size and set parallel.micro_batch_size)")
-        _check(_task_name(cfg) != "assemble" or par.tp * par.pp == 1, "task.name", "assemble",
-               f"runs in one process; with backend=megatron use parallel.tp=1 parallel.pp=1 (got tp={par.tp}, pp={par.pp}): "
+               "(raise data.batch_size and set backend.micro_batch_size)")
+        _check(_task_name(cfg) != "assemble" or tp * pp == 1, "task.name", "assemble",
+               f"runs in one process; with backend=megatron use backend.tp=1 backend.pp=1 (got tp={tp}, pp={pp}): "
                "the saved HF checkpoint is the same")
         if isinstance(par.devices, int):
-            mp, world = par.tp * par.pp, par.devices * par.num_nodes
+            mp, world = tp * pp, par.devices * par.num_nodes
             _check(world % mp == 0, "parallel.devices", par.devices,
-                   f"x parallel.num_nodes={par.num_nodes} (= {world} processes) must be a multiple of parallel.tp x parallel.pp = {mp}")
+                   f"x parallel.num_nodes={par.num_nodes} (= {world} processes) must be a multiple of backend.tp x backend.pp = {mp}")
         if cfg.finetune.lora.enabled:
             raise RunConfigError("finetune.lora: LoRA is not implemented for backend=megatron (use backend=hf)")
         init = cfg.adapter.init
@@ -64,13 +64,12 @@ class MegatronBackendSpec(BackendSpec):
             )
 
     def check_split(self, split: Any, cfg: Any) -> None:
-        """``parallel.tp`` must divide both donors' query and KV heads (megatron shards whole heads)."""
-        tp = cfg.parallel.tp
+        """``backend.tp`` must divide both donors' query and KV heads (megatron shards whole heads)."""
         for donor, config in (("small", split.config_8b), ("large", split.config_70b)):
             heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-            if heads % tp or kv % tp:
+            if heads % self.tp or kv % self.tp:
                 raise RunConfigError(
-                    f"parallel.tp={tp}: must divide the {donor} donor's {heads} attention heads and {kv} KV heads"
+                    f"backend.tp={self.tp}: must divide the {donor} donor's {heads} attention heads and {kv} KV heads"
                 )
 
     def strategy(self, cfg: Any, timeout: dict[str, Any]) -> Any:
@@ -79,8 +78,7 @@ class MegatronBackendSpec(BackendSpec):
         from .strategy import MegatronStrategy
 
         return MegatronStrategy(
-            tensor_model_parallel_size=cfg.parallel.tp, pipeline_model_parallel_size=cfg.parallel.pp,
-            sequence_parallel=cfg.parallel.sp, **timeout,
+            tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp, sequence_parallel=self.sp, **timeout,
         )
 
     def build(self, spec: Any, options: dict[str, Any]) -> Any:
@@ -90,12 +88,13 @@ class MegatronBackendSpec(BackendSpec):
             raise ImportError(
                 f"backend=megatron needs megatron-core: pip install -e .[megatron] (0.16 on Python 3.11, 0.19 on 3.12); {exc}"
             ) from exc
-        return MegatronBackend(spec, options)
+        return MegatronBackend(spec, {**options, "tp": self.tp, "pp": self.pp, "sp": self.sp})
 
 
 def build_megatron_backend(spec: Any, options: dict[str, Any]) -> Any:
     """The megatron ``SplitBackend`` for ``spec`` (``options``: ``tp``, ``pp``, ``sp``, ``recompute``)."""
-    return MegatronBackendSpec("megatron").build(spec, options)
+    sizes = {key: options[key] for key in ("tp", "pp", "sp") if key in options}
+    return MegatronBackendSpec("megatron", **sizes).build(spec, options)
 
 
 __all__ = ["MEGATRON_PART_PREFIXES", "MegatronBackendSpec", "build_megatron_backend"]

@@ -291,7 +291,7 @@ def broadcast_from_last_stage(
 class MegatronBackend:
     """The ``SplitBackend`` of ``splitllama.training``: the megatron split model behind the same methods as ``hf``.
 
-    ``options``: ``tp``, ``pp``, ``sp`` (parallel sizes; ``parallel/*.yaml``), ``recompute``.
+    ``options``: ``tp``, ``pp``, ``sp`` (parallel sizes: the backend's ``backend.tp`` / ``pp`` / ``sp``), ``recompute``.
     """
 
     name = "megatron"

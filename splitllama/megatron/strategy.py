@@ -47,7 +47,7 @@ class MegatronStrategy(DDPStrategy):
         **ddp_kwargs: Any,
     ) -> None:
         if sequence_parallel and tensor_model_parallel_size < 2:
-            raise ValueError("parallel.sp: sequence parallelism needs tensor parallel size >= 2")
+            raise ValueError("backend.sp: sequence parallelism needs tensor parallel size >= 2")
         ddp_kwargs.setdefault("find_unused_parameters", False)
         super().__init__(**ddp_kwargs)
         self.tensor_model_parallel_size = int(tensor_model_parallel_size)

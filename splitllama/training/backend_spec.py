@@ -31,7 +31,10 @@ if TYPE_CHECKING:
 class BackendSpec:
     """The transformers backend (:class:`~splitllama.training.backends.HFBackend`); the base of the others.
 
-    The constructor takes ``conf/backend/<name>.yaml``'s fields.
+    The constructor takes ``conf/backend/<name>.yaml``'s fields. ``tp``, ``pp``, ``sp`` and
+    ``micro_batch_size`` are model parallelism, which this backend does not do (tp = pp = 1, no
+    sequence parallelism, gradient accumulation through ``trainer.accumulate_grad_batches``); the
+    megatron backend reads them.
     """
 
     #: the split model's parameter-name prefixes of each part ``finetune.trainable`` can name
@@ -46,11 +49,13 @@ class BackendSpec:
     shards_with_fsdp = True
 
     def __init__(self, name: str = "hf", dtype: str = "float32", attn_implementation: str = "sdpa",
-                 gradient_checkpointing: bool = False, options: dict[str, Any] | None = None) -> None:
+                 gradient_checkpointing: bool = False, tp: int = 1, pp: int = 1, sp: bool = False,
+                 micro_batch_size: int | None = None, options: dict[str, Any] | None = None) -> None:
         self.name = name
         self.dtype = dtype
         self.attn_implementation = attn_implementation
         self.gradient_checkpointing = gradient_checkpointing
+        self.tp, self.pp, self.sp, self.micro_batch_size = tp, pp, sp, micro_batch_size
         self.options = dict(options or {})
 
     def __repr__(self) -> str:
@@ -58,13 +63,16 @@ class BackendSpec:
 
     # ---------------------------------------------------------------- before anything heavy
     def validate(self, cfg: Any) -> None:
-        """This backend's settings against the run config (``parallel``: it runs tp = pp = 1)."""
+        """This backend's settings against the run config (it runs tp = pp = 1: a megatron ``parallel`` layout is refused)."""
         par = cfg.parallel
+        # the megatron files of parallel (tp2, pp2, ...) set backend.tp / pp / sp: name the file the user chose
+        chosen = f"; parallel={par.name} is a backend=megatron layout" if par.strategy == "megatron" else ""
         for key in ("tp", "pp"):
-            _check(par[key] == 1, f"parallel.{key}", par[key], f"needs backend=megatron (backend={self.name} runs tp = pp = 1)")
-        _check(not par.sp, "parallel.sp", par.sp, f"needs backend=megatron (backend={self.name})")
-        _check(par.micro_batch_size is None, "parallel.micro_batch_size", par.micro_batch_size,
-               f"needs backend=megatron (backend={self.name} uses trainer.accumulate_grad_batches)")
+            value = getattr(self, key)
+            _check(value == 1, f"backend.{key}", value, f"needs backend=megatron (backend={self.name} runs tp = pp = 1{chosen})")
+        _check(not self.sp, "backend.sp", self.sp, f"needs backend=megatron (backend={self.name}{chosen})")
+        _check(self.micro_batch_size is None, "backend.micro_batch_size", self.micro_batch_size,
+               f"needs backend=megatron (backend={self.name} uses trainer.accumulate_grad_batches{chosen})")
 
     def check_split(self, split: SplitLlamaConfig, cfg: Any) -> None:
         """The validated split config against this backend's layout (nothing to check for ``hf``)."""

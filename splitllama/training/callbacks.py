@@ -27,7 +27,7 @@ class GracefulStop(pl.Callback):
     """
 
     def __init__(self, checkpoint_path: str | os.PathLike[str], steps: int | None = None, signals: RunSignals | None = None) -> None:
-        self.checkpoint_path, self.steps, self.signals = str(checkpoint_path), steps, signals
+        self.checkpoint_path, self.steps, self.signals = str(Path(checkpoint_path)), steps, signals
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.signals is not None:

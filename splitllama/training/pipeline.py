@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..configuration_split_llama import SplitConfigError, SplitLlamaConfig
-from .schema import DATA_CORPUS, AdapterInit, AdapterKind, RunConfigError, explain_split_error, validate_run_settings
+from .schema import DATA_CORPUS, AdapterInit, AdapterKind, DataSource, RunConfigError, explain_split_error, validate_run_settings
 
 if TYPE_CHECKING:
     from ..references import DonorReferences
@@ -197,6 +197,34 @@ def resolve_donors(cfg: DictConfig) -> Donors:
     return Donors(str(built.path8b), str(built.path70b), built.manifest, built.built_now)
 
 
+#: what saving a donor adds to the ``LlamaConfig`` it was built from (its class, its dtype, the library's version)
+SAVED_DONOR_FIELDS = frozenset({"architectures", "dtype", "transformers_version"})
+
+
+def with_built_donors(split: SplitLlamaConfig, donors: Donors) -> SplitLlamaConfig:
+    """The embedded donors' split config, validated from their recipe before they were built (:func:`validate`),
+    given the built donors: their directories, and their own ``config.json`` in place of the recipe's
+    ``LlamaConfig`` once it is shown to be that config (saving adds only :data:`SAVED_DONOR_FIELDS`), so the
+    split model is what a config built from the directories would describe. Not validated again.
+
+    A built donor that is not its recipe (a cache entry written by other code) is an error naming the field.
+    """
+    from transformers import LlamaConfig
+
+    for which, key, path in (("small", "8b", donors.path8b), ("large", "70b", donors.path70b)):
+        built = LlamaConfig.from_pretrained(path)
+        recipe, saved = getattr(split, f"config_{key}").to_dict(), built.to_dict()
+        for name in sorted((recipe.keys() | saved.keys()) - SAVED_DONOR_FIELDS):
+            if recipe.get(name) != saved.get(name):
+                raise RunConfigError(
+                    f"donors.embedded: the built {which} donor ({path}) has {name}={saved.get(name)!r}, but its recipe gives "
+                    f"{recipe.get(name)!r}; delete that cache entry to rebuild it"
+                )
+        setattr(split, f"config_{key}", built)
+        setattr(split, f"path{key}", path)
+    return split
+
+
 def saved_model_donors(split: SplitLlamaConfig) -> Donors | None:
     """The donors a saved split model was assembled from (its config's paths), if both directories still exist."""
     paths = (split.path8b, split.path70b)
@@ -233,32 +261,62 @@ def load_tokenizer(path: str) -> Any:
         raise RunConfigError(f"{path}: cannot load the tokenizer ({exc}); the small donor must ship its tokenizer") from exc
 
 
-def load_documents(cfg: DictConfig) -> list[str]:
+def load_documents(source: Any, *, files: Sequence[str] = (), text_field: str = "text", min_doc_chars: int = 80,
+                   cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> list[str]:
+    """The documents of ``data.source``: a standard-library corpus (cached under ``cache_dir``) or ``files``."""
     from .data import read_text_files
 
-    if cfg.data.source in DATA_CORPUS:
+    source = DataSource(source)
+    if source in DATA_CORPUS:
         from ..embedded import load_stdlib_corpus
 
-        return load_stdlib_corpus(cache_dir(cfg), cfg.data.min_doc_chars, corpus=DATA_CORPUS[cfg.data.source],
-                                  progress=cfg.trainer.enable_progress_bar)
-    return read_text_files(list(cfg.data.files), cfg.data.text_field)
+        return load_stdlib_corpus(cache_dir, min_doc_chars, corpus=DATA_CORPUS[source], progress=progress)
+    return read_text_files(list(files), text_field)
+
+
+def text_datamodule(
+    *, tokenizer: Any, source: Any, files: Sequence[str] = (), text_field: str = "text", min_doc_chars: int = 80,
+    seq_len: int = 256, batch_size: int = 8, val_batch_size: int | None = None, val_fraction: float = 0.05,
+    max_val_blocks: int | None = None, num_workers: int = 0, train_steps: int = 100, accumulate_grad_batches: int = 1,
+    seed: int = 0, cache_dir: str | os.PathLike[str] | None = None, progress: bool = True,
+    documents: Sequence[str] | None = None, name: str | None = None,
+) -> Any:
+    """The data module ``conf/data/*.yaml`` build (their ``_target_``): a :class:`~splitllama.training.data.SplitTextDataModule`
+    over the documents of ``source`` (:func:`load_documents`), tokenised with ``tokenizer``.
+
+    The data fields come from the config; the run adds ``tokenizer``, ``cache_dir``, ``train_steps``,
+    ``accumulate_grad_batches``, ``seed`` and ``progress`` (:func:`make_datamodule`). ``documents`` given:
+    that corpus instead of ``source``'s (tests, notebooks). ``name`` is the option's name (``data=<name>``),
+    part of the config; the data module does not need it.
+    """
+    from .data import SplitTextDataModule
+
+    if documents is None:
+        documents = load_documents(source, files=files, text_field=text_field, min_doc_chars=min_doc_chars,
+                                   cache_dir=cache_dir, progress=progress)
+    return SplitTextDataModule(
+        tokenizer, documents, seq_len=seq_len, batch_size=batch_size, val_batch_size=val_batch_size,
+        val_fraction=val_fraction, train_steps=train_steps, accumulate_grad_batches=accumulate_grad_batches,
+        max_val_blocks=max_val_blocks, num_workers=num_workers, seed=seed, cache_dir=cache_dir,
+    )
 
 
 def make_datamodule(cfg: DictConfig, tokenizer: Any) -> Any:
-    from .data import SplitTextDataModule
+    """``data``'s data module, built from its ``_target_`` (:func:`text_datamodule`) with the run's tokenizer,
+    cache, steps and seed."""
+    from hydra.utils import instantiate
 
-    return SplitTextDataModule(
-        tokenizer, load_documents(cfg), seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-        val_batch_size=cfg.data.val_batch_size, val_fraction=cfg.data.val_fraction, train_steps=cfg.trainer.max_steps,
-        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, max_val_blocks=cfg.data.max_val_blocks,
-        num_workers=cfg.data.num_workers, seed=cfg.seed, cache_dir=cache_dir(cfg),
+    return instantiate(cfg.data, _partial_=True, _convert_="all")(
+        tokenizer=tokenizer, cache_dir=cache_dir(cfg), train_steps=cfg.trainer.max_steps,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, seed=cfg.seed, progress=cfg.trainer.enable_progress_bar,
     )
 
 
 def model_spec(cfg: DictConfig, donors: Donors | None, *, calibration: Any = None, model_dir: str | None = None,
                split: SplitLlamaConfig | None = None) -> Any:
-    """What the backend builds; ``split`` (the config :func:`validate` returned) is carried when it
-    describes these donors or this saved model, so the run builds its split config once."""
+    """What the backend builds; ``split`` (the config :func:`validate` returned; for the embedded donors
+    completed by :func:`with_built_donors`) is carried when it describes these donors or this saved model,
+    so the run builds its split config once."""
     from .backends import SplitModelSpec
 
     init = plain(cfg.adapter.init)
@@ -271,7 +329,6 @@ def model_spec(cfg: DictConfig, donors: Donors | None, *, calibration: Any = Non
         adapter_checkpoint=cfg.adapter.checkpoint, calibration=calibration if init == "lstsq" else None,
         model_dir=model_dir, dtype=cfg.backend.dtype, attn_implementation=cfg.backend.attn_implementation, seed=cfg.seed,
     )
-    # the embedded donors' config was validated from their recipe (no paths yet): built once more from the paths
     if split is not None and (model_dir is not None or (split.path8b, split.path70b) == (spec.path8b, spec.path70b)):
         spec.config = split
     return spec
@@ -313,6 +370,8 @@ def load(cfg: DictConfig, record: Any, setup: RunSetup, *, stage: str | None, re
     if model_dir is None:
         with record.timed("donors"):
             setup.donors = resolve_donors(cfg)
+        if uses_embedded_donors(cfg):  # validated from their recipe, before they were built
+            setup.split = with_built_donors(setup.split, setup.donors)
     setup.tokenizer = load_tokenizer(model_dir or setup.donors.path8b)
     if stage is not None or plain(cfg.adapter.init) == "lstsq":
         with record.timed("data"):
@@ -354,7 +413,7 @@ def make_module(cfg: DictConfig, spec: Any, teacher_path: str | None, objective_
         teacher_path=teacher_path,
         seq_len=cfg.data.seq_len,
         manual_schedule=backend.runs_own_schedule,
-        micro_batch_size=cfg.parallel.micro_batch_size,
+        micro_batch_size=backend.micro_batch_size,
     )
 
 
@@ -409,15 +468,17 @@ def make_loggers(cfg: DictConfig, record: Any, *, group: str | None) -> list[Any
 
 
 def make_callbacks(cfg: DictConfig, signals: Any) -> list[Any]:
-    """Checkpoints every ``trainer.checkpoint_every_n_steps`` (and ``last.ckpt``), and a clean stop on a
-    signal or at ``task.stop_after_steps`` (:class:`~splitllama.training.callbacks.GracefulStop`)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    """The callbacks of ``callbacks``, each built from its ``_target_``: checkpoints every
+    ``trainer.checkpoint_every_n_steps`` (and ``last.ckpt``), and a clean stop on a signal or at
+    ``task.stop_after_steps`` (:class:`~splitllama.training.callbacks.GracefulStop`). A callback whose
+    config has a ``signals`` key gets the run's ``signals``."""
+    from hydra.utils import instantiate
 
-    from .callbacks import GracefulStop
-
-    return [ModelCheckpoint(dirpath=cfg.paths.checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
-                            save_last=True, save_top_k=1),
-            GracefulStop(Path(cfg.paths.checkpoint_dir) / "last.ckpt", cfg.task.stop_after_steps, signals)]
+    built = []
+    for node in cfg.callbacks.values():
+        make = instantiate(node, _partial_=True, _convert_="all")
+        built.append(make(signals=signals) if "signals" in node else make())
+    return built
 
 
 def final_val_loss(trainer: Any, module: Any, data: Any) -> float:
@@ -605,5 +666,7 @@ __all__ = [
     "run_name",
     "saved_model_donors",
     "seed_everything",
+    "text_datamodule",
     "validate",
+    "with_built_donors",
 ]

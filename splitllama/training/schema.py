@@ -20,7 +20,7 @@ from enum import Enum
 from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf reads typing generics
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import II, MISSING
 
 from .errors import RunConfigError, _check
 
@@ -199,11 +199,23 @@ class BackendConfig:
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    #: model parallelism, backend=megatron's settings (``conf/backend/megatron.yaml``; the megatron files of
+    #: ``parallel`` set them with their device count): tensor / pipeline parallel sizes and sequence
+    #: parallelism (data parallel size = processes / (tp x pp)); every other backend runs tp = pp = 1
+    tp: int = 1
+    pp: int = 1
+    sp: bool = False
+    #: backend=megatron: each batch (data.batch_size) is split into micro-batches of this size for
+    #: megatron's schedule (None: one micro-batch); pipelines want >= pp micro-batches
+    micro_batch_size: Optional[int] = None
     options: Any = field(default_factory=dict)
 
 
 @dataclass
 class ParallelConfig:
+    """Processes and devices: Lightning's accelerator, devices per node, nodes and strategy. Model-parallel
+    sizes are the backend's (``backend.tp``, ``backend.pp``, ...; the megatron files here set them too)."""
+
     name: str = "single"
     accelerator: str = "auto"
     devices: Any = 1
@@ -219,14 +231,6 @@ class ParallelConfig:
     #: process-group timeout in seconds (a collective that waits longer fails with an error
     #: instead of hanging; null: torch's default of 30 min)
     timeout_s: Optional[float] = None
-    #: backend=megatron only: tensor / pipeline parallel sizes and sequence parallelism
-    #: (data parallel size = processes / (tp x pp))
-    tp: int = 1
-    pp: int = 1
-    sp: bool = False
-    #: backend=megatron only: each batch (data.batch_size) is split into micro-batches of this
-    #: size for megatron's schedule (None: one micro-batch); pipelines want >= pp micro-batches
-    micro_batch_size: Optional[int] = None
     #: torch CPU threads of each run process (None: torch's default, one per core). Jobs that a
     #: sweep runs side by side (hydra/launcher=joblib) each want cores / n_jobs.
     cpu_threads: Optional[int] = None
@@ -234,6 +238,9 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
+    """The corpus and its batches; instantiates ``_target_`` (the run adds the tokenizer, cache, steps and seed)."""
+
+    _target_: str = "splitllama.training.pipeline.text_datamodule"
     name: str = "stdlib_docs"
     source: DataSource = DataSource.stdlib_docs
     files: List[str] = field(default_factory=list)
@@ -332,6 +339,37 @@ class LoggerConfig:
 
 
 @dataclass
+class ModelCheckpointConfig:
+    """Lightning's ModelCheckpoint: every ``trainer.checkpoint_every_n_steps`` steps into ``paths.checkpoint_dir``, and ``last.ckpt``."""
+
+    _target_: str = "lightning.pytorch.callbacks.ModelCheckpoint"
+    dirpath: str = II("paths.checkpoint_dir")
+    every_n_train_steps: int = II("trainer.checkpoint_every_n_steps")
+    save_last: bool = True
+    save_top_k: int = 1
+
+
+@dataclass
+class GracefulStopConfig:
+    """A clean stop with ``last.ckpt`` at ``task.stop_after_steps`` or on a signal (:class:`splitllama.training.callbacks.GracefulStop`)."""
+
+    _target_: str = "splitllama.training.callbacks.GracefulStop"
+    checkpoint_path: str = "${paths.checkpoint_dir}/last.ckpt"
+    steps: Optional[int] = II("task.stop_after_steps")
+    #: the run's SIGINT/SIGTERM watcher (run.py gives its own; null: stop at ``steps`` only)
+    signals: Any = None
+
+
+@dataclass
+class CallbacksConfig:
+    """The Lightning callbacks of training, each built from its ``_target_`` (:func:`splitllama.training.pipeline.make_callbacks`).
+    Their settings stay where they were: ``trainer.checkpoint_every_n_steps``, ``task.stop_after_steps``."""
+
+    model_checkpoint: ModelCheckpointConfig = field(default_factory=ModelCheckpointConfig)
+    graceful_stop: GracefulStopConfig = field(default_factory=GracefulStopConfig)
+
+
+@dataclass
 class PathsConfig:
     root_dir: str = "."
     output_dir: str = "."
@@ -411,6 +449,7 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -520,12 +559,12 @@ def validate_run_settings(cfg: Any) -> None:
 
 
 def _validate_parallel(cfg: Any) -> None:
-    """Parallel sizes against the backend and strategy (head divisibility is checked with the donors)."""
+    """The device layout and the backend's parallel sizes against each other (head divisibility is checked with the donors)."""
     from .backend_spec import backend_spec
 
     par, backend = cfg.parallel, backend_spec(cfg)
-    _check(par.tp >= 1, "parallel.tp", par.tp, "must be >= 1")
-    _check(par.pp >= 1, "parallel.pp", par.pp, "must be >= 1")
+    _check(backend.tp >= 1, "backend.tp", backend.tp, "must be >= 1")
+    _check(backend.pp >= 1, "backend.pp", backend.pp, "must be >= 1")
     _check(par.timeout_s is None or par.timeout_s > 0, "parallel.timeout_s", par.timeout_s, "must be > 0 seconds (or null)")
     if par.strategy == "fsdp":
         from .sharding import RESHARD_AFTER_FORWARD
