@@ -10,6 +10,7 @@ others; a settings error is a failure.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,24 @@ def test_callbacks_read_their_settings_and_get_the_run_signals(tmp_path: Path) -
     signals = RunSignals()
     checkpoint, stop = make_callbacks(cfg, signals)
     assert stop.signals is signals and stop.steps == 3 and checkpoint._every_n_train_steps == 2
+
+
+def test_extra_callbacks_from_the_command_line_come_after_the_built_in_ones(tmp_path: Path) -> None:
+    """``+callbacks.extra.<name>._target_=...`` adds a Lightning callback (as lightning-hydra-template's
+    callbacks group does); a target that is not a class fails at validation, naming the field."""
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
+
+    cfg = compose_as_run(tmp_path / "run", "+callbacks.extra.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor",
+                         "+callbacks.extra.lr.logging_interval=step",
+                         "+callbacks.extra.stop._target_=lightning.pytorch.callbacks.EarlyStopping", "+callbacks.extra.stop.monitor=val/loss")
+    validate_run_settings(cfg)
+    checkpoint, stop, lr, early = make_callbacks(cfg, signals=None)
+    assert isinstance(stop, GracefulStop) and isinstance(lr, LearningRateMonitor) and isinstance(early, EarlyStopping)
+    assert lr.logging_interval == "step" and early.monitor == "val/loss"
+    for bad, named in (("+callbacks.extra.x._target_=lightning.pytorch.callbacks.NoSuchCallback", "callbacks.extra.x._target_"),
+                       ("+callbacks.extra.x.monitor=val/loss", "callbacks.extra.x=")):
+        with pytest.raises(RunConfigError, match=re.escape(named)):
+            validate_run_settings(compose_as_run(tmp_path / "bad", bad))
 
 
 @pytest.mark.parametrize("backend", ["hf", "megatron"])

@@ -237,8 +237,9 @@ def test_ddp_on_two_cpu_processes(default_run: Path, run_py: RunPy, tmp_path: Pa
 
 # ------------------------------------------------------------------ the design card's overrides and other recipes
 def test_mlp_adapter_with_layer_counts(run_py: RunPy, tmp_path: Path) -> None:
+    # with a callback of the user's, added from the command line: Lightning's learning-rate monitor
     run_py(QUICK, "adapter=mlp", "layers.n70=8", "layers.n8=2", "logger=csv", "eval.references=false", f"hydra.run.dir={tmp_path}",
-           cwd=tmp_path)
+           "+callbacks.extra.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor", cwd=tmp_path)
     results = read_results(tmp_path)
     assert results["status"] == "ok"
     assert "references" not in results and "gap_closed" not in results["metrics"]  # eval.references=false
@@ -250,6 +251,8 @@ def test_mlp_adapter_with_layer_counts(run_py: RunPy, tmp_path: Path) -> None:
     val = column(read_csv_metrics(tmp_path), "val/loss")
     assert val and val[-1] == pytest.approx(results["metrics"]["val_loss"], abs=1e-6)
     assert not (tmp_path / "wandb").exists()
+    lr = [v for key in read_csv_metrics(tmp_path)[0] if key.startswith("lr-") for v in column(read_csv_metrics(tmp_path), key)]
+    assert lr and max(lr) == pytest.approx(results["config"]["optim"]["lr"]) and lr[-1] < max(lr)  # warmup + cosine, as logged
 
 
 def test_distillation_and_unreachable_wandb(run_py: RunPy, tmp_path: Path) -> None:

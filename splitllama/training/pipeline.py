@@ -470,12 +470,16 @@ def make_loggers(cfg: DictConfig, record: Any, *, group: str | None) -> list[Any
 def make_callbacks(cfg: DictConfig, signals: Any) -> list[Any]:
     """The callbacks of ``callbacks``, each built from its ``_target_``: checkpoints every
     ``trainer.checkpoint_every_n_steps`` (and ``last.ckpt``), and a clean stop on a signal or at
-    ``task.stop_after_steps`` (:class:`~splitllama.training.callbacks.GracefulStop`). A callback whose
-    config has a ``signals`` key gets the run's ``signals``."""
+    ``task.stop_after_steps`` (:class:`~splitllama.training.callbacks.GracefulStop`), then the user's
+    ``callbacks.extra`` in their order. A callback whose config has a ``signals`` key gets the run's ``signals``."""
     from hydra.utils import instantiate
 
+    named = {k: v for k, v in cfg.callbacks.items() if k != "extra"}
+    named.update({f"extra.{k}": v for k, v in (cfg.callbacks.get("extra") or {}).items()})
     built = []
-    for node in cfg.callbacks.values():
+    for name, node in named.items():
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise RunConfigError(f"callbacks.{name}: a callback is a node with a _target_ (a Lightning Callback class), got {node!r}")
         make = instantiate(node, _partial_=True, _convert_="all")
         built.append(make(signals=signals) if "signals" in node else make())
     return built

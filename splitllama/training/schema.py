@@ -367,6 +367,9 @@ class CallbacksConfig:
 
     model_checkpoint: ModelCheckpointConfig = field(default_factory=ModelCheckpointConfig)
     graceful_stop: GracefulStopConfig = field(default_factory=GracefulStopConfig)
+    #: more callbacks by name, each a node with its ``_target_``, e.g.
+    #: ``+callbacks.extra.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor``
+    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -499,6 +502,26 @@ def _validate_embedded_recipe(embedded: Any) -> None:
                    f"must be in [0, pretrain_steps={donor.pretrain_steps}], or null")
 
 
+def _validate_extra_callbacks(cfg: Any) -> None:
+    """``callbacks.extra``: each entry a node whose ``_target_`` names an importable class (checked
+    here, before donors or data are loaded, not when the Trainer is built)."""
+    import importlib
+
+    for name, node in (cfg.callbacks.get("extra") or {}).items():
+        field_name = f"callbacks.extra.{name}"
+        target = node.get("_target_") if hasattr(node, "get") else None
+        if not isinstance(target, str) or "." not in target:
+            raise RunConfigError(f"{field_name}={node!r}: a callback is a node with a _target_ naming its class, "
+                                 f"e.g. +{field_name}._target_=lightning.pytorch.callbacks.LearningRateMonitor")
+        module_name, _, attr = target.rpartition(".")
+        try:
+            found = hasattr(importlib.import_module(module_name), attr)
+        except ImportError:
+            found = False
+        if not found:
+            raise RunConfigError(f"{field_name}._target_={target}: no such class (module {module_name} has no {attr}, or does not import)")
+
+
 def validate_run_settings(cfg: Any) -> None:
     """Range checks of fields that need no donor (cheap; run before anything else)."""
     _check(cfg.data.seq_len >= 2, "data.seq_len", cfg.data.seq_len, "must be >= 2")
@@ -532,6 +555,7 @@ def validate_run_settings(cfg: Any) -> None:
         _check(cfg.sweep.flops_budget is not None and cfg.sweep.flops_budget > 0, "sweep.flops_budget", cfg.sweep.flops_budget,
                "must be > 0 (training FLOPs per token) for sweep.objective=penalised")
     _validate_parallel(cfg)
+    _validate_extra_callbacks(cfg)
     _validate_embedded_recipe(cfg.donors.embedded)
     embedded_donors = cfg.donors.get("path8b") is None and cfg.donors.get("path70b") is None
     if embedded_donors and cfg.data.source in DATA_CORPUS and DATA_CORPUS[cfg.data.source] != cfg.donors.embedded.corpus:
