@@ -143,10 +143,12 @@ def worker(method: str, small: str, large: str, n8: int, n70: int) -> dict:
             from safetensors import safe_open
 
             handles: dict[Path, Any] = {}
+            roots = {"small": Path(small), "large": Path(large)}
+            indexes = {donor: root / "model.safetensors.index.json" for donor, root in roots.items()}
+            weight_maps = {donor: json.loads(index.read_text())["weight_map"] if index.is_file() else None
+                           for donor, index in indexes.items()}  # each index read once, as LazyCheckpoint does
             for src in plan:
-                root = Path(small if src.donor == "small" else large)
-                index = root / "model.safetensors.index.json"
-                weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+                root, weight_map = roots[src.donor], weight_maps[src.donor]
                 name = src.source if (weight_map is None or src.source in weight_map) else src.fallback
                 shard = root / (weight_map[name] if weight_map else "model.safetensors")
                 if shard not in handles:

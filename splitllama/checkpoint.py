@@ -12,7 +12,7 @@ Parsing also checks each file's size against its header, so a truncated shard fa
 checkpoint is opened. This reader is kept because it measured faster and leaner than one on
 ``safe_open``: ``benchmarks/assembly.py`` (``hand reader`` vs ``safe_open reader``, the same
 tensors of a 4-small + 4-large-layer split, bf16, cold page cache; ``results/assembly_readers.json``)
-gives 0.95 s vs 1.59 s and a peak RSS of 0.71 vs 1.47 GiB, within 1.05x of the raw-read floor.
+gives 0.72 s vs 1.07 s and a peak RSS of 0.71 vs 1.51 GiB, within 1.1x of the raw-read floor.
 """
 
 from __future__ import annotations

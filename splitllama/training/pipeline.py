@@ -474,12 +474,10 @@ def make_callbacks(cfg: DictConfig, signals: Any) -> list[Any]:
     ``callbacks.extra`` in their order. A callback whose config has a ``signals`` key gets the run's ``signals``."""
     from hydra.utils import instantiate
 
-    named = {k: v for k, v in cfg.callbacks.items() if k != "extra"}
-    named.update({f"extra.{k}": v for k, v in (cfg.callbacks.get("extra") or {}).items()})
+    # validate_run_settings has checked that each node names an importable _target_
+    nodes = [v for k, v in cfg.callbacks.items() if k != "extra"] + list((cfg.callbacks.get("extra") or {}).values())
     built = []
-    for name, node in named.items():
-        if not isinstance(node, DictConfig) or "_target_" not in node:
-            raise RunConfigError(f"callbacks.{name}: a callback is a node with a _target_ (a Lightning Callback class), got {node!r}")
+    for node in nodes:
         make = instantiate(node, _partial_=True, _convert_="all")
         built.append(make(signals=signals) if "signals" in node else make())
     return built
