@@ -122,8 +122,69 @@ def matmul_rate(seq: int, iters: int = 20) -> dict[str, float]:
     return rates
 
 
-def profile_steps(step: Callable[[], None], path: Path, steps: int = 2) -> None:
-    """The profiler's table of ``steps`` more steps (GPU kernels and CPU ops, by GPU time) in ``path``."""
+KERNEL_CATEGORIES = (  # first match wins; a kernel's name, lower-cased
+    ("comm", ("nccl",)),
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_")),
+    ("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
+    ("optimizer", ("adam", "multi_tensor_apply")),
+)
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    for category, keys in KERNEL_CATEGORIES:
+        if any(key in lowered for key in keys):
+            return category
+    return "other"
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def kernel_summary(trace: dict[str, Any], steps: int) -> dict[str, Any]:
+    """Per step, in ms: GPU time by kernel category, the communication no compute kernel overlaps
+    (``comm_exposed``), the time no kernel runs (``idle``), and the largest non-matmul kernels.
+
+    ``trace``: a torch profiler chrome trace (``export_chrome_trace``) of ``steps`` steps.
+    """
+    kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel" and e.get("dur")]
+    if not kernels:
+        return {}
+    spans = {"comm": [], "compute": []}
+    by_category: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        a, b = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+        category = kernel_category(e["name"])
+        by_category[category] = by_category.get(category, 0.0) + (b - a)
+        spans["comm" if category == "comm" else "compute"].append((a, b))
+        if category not in ("gemm",):
+            by_name[e["name"][:80]] = by_name.get(e["name"][:80], 0.0) + (b - a)
+    wall = max(b for _, b in spans["comm"] + spans["compute"]) - min(a for a, _ in spans["comm"] + spans["compute"])
+    compute = union_length(spans["compute"])
+    busy = union_length(spans["comm"] + spans["compute"])
+    per = 1e-3 / steps  # us over all steps -> ms per step
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
+    return {
+        "wall_ms": wall * per, "busy_ms": busy * per, "idle_ms": (wall - busy) * per, "compute_ms": compute * per,
+        "comm_exposed_ms": (busy - compute) * per,
+        "by_category_ms": {k: v * per for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+        "top_non_gemm_ms": {k: v * per for k, v in top},
+    }
+
+
+def profile_steps(step: Callable[[], None], path: Path, steps: int = 2) -> dict[str, Any]:
+    """The profiler's table of ``steps`` more steps (GPU kernels and CPU ops, by GPU time) in ``path``,
+    and their :func:`kernel_summary` in ``path`` with suffix ``.json`` (also returned)."""
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -134,6 +195,47 @@ def profile_steps(step: Callable[[], None], path: Path, steps: int = 2) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
     path.write_text(f"{steps} steps\n{table}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        trace_path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace_path))
+        summary = kernel_summary(json.loads(trace_path.read_text()), steps)
+    path.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    if summary:
+        cats = ", ".join(f"{k} {v:.1f}" for k, v in summary["by_category_ms"].items())
+        print(f"profile {path.stem}: wall {summary['wall_ms']:.1f} ms/step, idle {summary['idle_ms']:.1f}, "
+              f"comm exposed {summary['comm_exposed_ms']:.1f}; GPU ms by kind: {cats}", flush=True)
+    return summary
+
+
+def synchronising_calls(step: Callable[[], None]) -> dict[str, int]:
+    """Where one step makes the host wait for the GPU: ``file:line`` -> count, from torch's sync debug mode."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            key = f"{Path(w.filename).name}:{w.lineno}"
+            sites[key] = sites.get(key, 0) + 1
+    return sites
+
+
+def allreduce_times(tokens: int) -> dict[str, float]:
+    """Median ms of an NCCL all-reduce over every rank of a bf16 [tokens, hidden] activation (each donor's hidden):
+    what one tensor-parallel layer's forward all-reduce costs when nothing overlaps it."""
+    times = {}
+    for name, hidden in (("h4096", 4096), ("h8192", 8192)):
+        x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+        times[name] = statistics.median(time_steps(lambda: torch.distributed.all_reduce(x), 3, 20)) * 1e3
+        del x
+    return times
 
 
 def measure(name: str, build: Callable[[], tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], list[int]]],
@@ -144,10 +246,11 @@ def measure(name: str, build: Callable[[], tuple[torch.nn.Module, Callable[[torc
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     model, loss_of, attn = build()
-    ids = torch.randint(0, COMMON["vocab_size"], (1, args.seq), device="cuda")
+    ids = torch.randint(0, COMMON["vocab_size"], (args.batch, args.seq), device="cuda")
     step = train_step_fn(model, loss_of, ids)
     times = time_steps(step, args.warmup, args.iters)
     t = statistics.median(times)
+    sync_sites = synchronising_calls(step)
     if args.profile and int(os.environ.get("RANK", "0")) == 0:
         profile_steps(step, Path(args.profile) / f"{name}.txt")
     elif args.profile:
@@ -157,7 +260,7 @@ def measure(name: str, build: Callable[[], tuple[torch.nn.Module, Callable[[torc
         total = torch.tensor([params], device="cuda", dtype=torch.float64)
         torch.distributed.all_reduce(total)
         params = int(total.item())
-    tokens = (tokens_per_step or args.seq) * data_parallel
+    tokens = (tokens_per_step or args.seq * args.batch) * data_parallel
     peak_gb = torch.tensor([torch.cuda.max_memory_allocated() / 1e9], device="cuda")
     if gpus > 1:
         torch.distributed.all_reduce(peak_gb, op=torch.distributed.ReduceOp.MAX)
@@ -165,7 +268,11 @@ def measure(name: str, build: Callable[[], tuple[torch.nn.Module, Callable[[torc
         "name": name, "gpus": gpus, "step_s": t, "step_s_spread": [min(times), max(times)], "tokens_per_s": tokens / t,
         "tokens_per_step": tokens, "matmul_params": params, "flops_per_step": step_flops(params, attn, args.seq, tokens),
         "peak_mem_gb": float(peak_gb.item()),  # the largest of the ranks
+        "batch": args.batch,
+        "sync_sites": sync_sites,  # where a step waits for the GPU (host syncs stall the launches)
     }
+    if gpus > 1 and data_parallel == 1 and attn:
+        row["allreduce_ms"] = allreduce_times(args.seq * args.batch)
     del model, loss_of
     torch.cuda.empty_cache()
     return row
@@ -257,6 +364,7 @@ def main() -> None:
     parser.add_argument("--n8", type=int, default=4)
     parser.add_argument("--n70", type=int, default=2)
     parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step (per data-parallel rank)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--only", choices=["all", "split", "megatron", "fsdp"], default="all",
@@ -293,7 +401,7 @@ def main() -> None:
         rows.append(measure(name, build_split_megatron_pp(args.n8, args.n70, args.pp, args.micro_batches), args, gpus=world,
                             tokens_per_step=args.seq * args.micro_batches))
     else:
-        name = f"split_megatron_tp{args.tp}" + ("_sp" if args.sp else "")
+        name = f"split_megatron_tp{args.tp}" + ("_sp" if args.sp else "") + (f"_b{args.batch}" if args.batch > 1 else "")
         rows.append(measure(name, build_split_megatron(args.n8, args.n70, args.tp, args.sp), args, gpus=world))
     if rank != 0:
         return
@@ -317,6 +425,9 @@ def main() -> None:
                 all_rows[name]["vs_predicted"] = all_rows[name]["tokens_per_s"] * predicted / args.seq
     out.write_text(json.dumps(result, indent=2))
     print(f"matmul TFLOP/s (bf16, median): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    for row in rows:
+        if row.get("sync_sites"):
+            print(f"{row['name']}: host syncs in a step at {row['sync_sites']}")
     print(f"{'row':<22} {'gpus':>4} {'step ms':>9} {'tokens/s':>10} {'MFU':>7} {'vs pred':>8} {'peak GB':>8}")
     for row in all_rows.values():
         vs = row.get("vs_predicted")

@@ -52,23 +52,25 @@ if [ ${#TESTS[@]} -gt 0 ]; then
   stage gpu_tests "${TEST_LIMIT_S:-540}" "${PYTEST[@]}" -n "${XDIST_WORKERS:-9}" "${TESTS[@]}" -m gpu ${PYTEST_K:+-k "$PYTEST_K"}
 fi
 if [ "$STAGE" = bench ] || [ "$STAGE" = all ]; then
-  BENCH=(benchmarks/train_step.py --out "$OUT/train_step.json")
+  BENCH=(benchmarks/train_step.py --out "$OUT/train_step.json" ${BENCH_ARGS:-})  # BENCH_ARGS="--profile DIR" etc.
   RUN2=($PY -m torch.distributed.run --standalone --nproc_per_node 2)
   ROWS=${BENCH_ROWS:-1gpu tp2 tp2_sp pp2 fsdp2 fsdp2_mp}  # a subset: BENCH_ROWS="tp2 fsdp2"
   for row in $ROWS; do
     case $row in
       1gpu) stage bench_1gpu 300 $PY "${BENCH[@]}" ;;
+      tp1) stage bench_tp1 200 $PY "${BENCH[@]}" --only megatron ;;  # the megatron row of 1gpu alone
       # CUDA_DEVICE_MAX_CONNECTIONS=1: megatron's TP linears overlap their gradient all-reduce with the
       # weight-gradient GEMM only when kernels launch in order (megatron's own launchers set it too)
       tp2) CUDA_DEVICE_MAX_CONNECTIONS=1 stage bench_tp2 200 "${RUN2[@]}" "${BENCH[@]}" --only megatron --tp 2 ;;
       tp2_sp) CUDA_DEVICE_MAX_CONNECTIONS=1 stage bench_tp2_sp 200 "${RUN2[@]}" "${BENCH[@]}" --only megatron --tp 2 --sp ;;
+      tp2_b2) CUDA_DEVICE_MAX_CONNECTIONS=1 stage bench_tp2_b2 200 "${RUN2[@]}" "${BENCH[@]}" --only megatron --tp 2 --batch 2 ;;
       pp2) stage bench_pp2 200 "${RUN2[@]}" "${BENCH[@]}" --only megatron --pp 2 --micro-batches 8 ;;
       fsdp2) stage bench_fsdp2 200 "${RUN2[@]}" "${BENCH[@]}" --only fsdp ;;
       fsdp2_mp) stage bench_fsdp2_mp 200 "${RUN2[@]}" "${BENCH[@]}" --only fsdp --fsdp-mp ;;
       *) note "unknown benchmark row $row"; FAILED+=("bench_$row") ;;
     esac
   done
-  grep -v "Warning\|warnings.warn" "$OUT"/bench_*.log | grep -E "row|split_|part|matmul|predicted" | tail -40
+  grep -v "Warning\|warnings.warn" "$OUT"/bench_*.log | grep -E "row|split_|part|matmul|predicted|^profile" | tail -40
 fi
 [ -f "$OUT/gpu_tests.log" ] && { echo "---- gpu_tests"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -25; }
 cat "$LOG"

@@ -205,6 +205,7 @@ class ParallelSplitLlamaBody(nn.Module):
                 reduce_scatter_embeddings=self.sequence_parallel, config=self.config_small,
                 tp_group=parallel_state.get_tensor_model_parallel_group(),
             )
+            self._freeze_padding_row(config.pad_token_id)
         if len(layout.first):
             self.layers_first = self._block(self.config_small, spec, len(layout.first))
             self.rotary_first = LlamaRotaryAngles(small, "config_8b")
@@ -219,6 +220,22 @@ class ParallelSplitLlamaBody(nn.Module):
             self.rotary_last = LlamaRotaryAngles(large, "config_70b")
         if layout.post_process:
             self.norm = LlamaRMSNormTP(self.config_large, large.hidden_size, eps=large.rms_norm_eps)
+
+    def _freeze_padding_row(self, pad_token_id: int | None) -> None:
+        """The padding token's embedding gets no gradient, as in transformers' ``nn.Embedding(padding_idx=pad_token_id)``
+        (the HF backend's embedding): without this the two backends train that row differently wherever the pad
+        id occurs as an input. Only the rank whose vocabulary slice holds the id has the row."""
+        embed = self.embed_tokens
+        if pad_token_id is None or not embed.vocab_start_index <= pad_token_id < embed.vocab_end_index:
+            return
+        row = pad_token_id - embed.vocab_start_index
+
+        def zero_padding_row(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            grad[row] = 0
+            return grad
+
+        embed.weight.register_hook(zero_padding_row)
 
     @staticmethod
     def _block(config: Any, spec: Any, count: int) -> TransformerBlock:

@@ -259,11 +259,16 @@ def check_grads(model: Any, hf: Any, config: Any, ids: torch.Tensor, pp: int) ->
     model.zero_grad(set_to_none=True)
     loss = model.forward_backward([{"input_ids": m} for m in micro])
     grads = gather_hf_state(model.module, config, use_grad=True)
-    worst, scale = 0.0, 0.0
+    worst, scale, worst_name, worst_relative = 0.0, 0.0, None, 0.0
     for name, grad in grads.items():
-        worst = max(worst, _max_diff(grad, reference[name]))
-        scale = max(scale, float(reference[name].abs().max()))
+        diff = _max_diff(grad, reference[name])
+        own_scale = float(reference[name].abs().max())
+        if diff > worst:
+            worst, worst_name = diff, name
+        worst_relative = max(worst_relative, diff / max(own_scale, 1e-12))
+        scale = max(scale, own_scale)
     return {
         "loss": None if loss is None else abs(loss.item() - ref_loss.item()),
-        "max_grad_diff": worst, "grad_scale": scale, "compared": len(grads),
+        "max_grad_diff": worst, "worst_parameter": worst_name, "grad_scale": scale, "compared": len(grads),
+        "max_relative_grad_diff": worst_relative,  # each parameter's largest difference over its own largest gradient
     }

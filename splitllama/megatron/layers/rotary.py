@@ -85,7 +85,9 @@ class LlamaRotaryAngles(nn.Module):
         """``position_ids`` ``(batch, seq)`` -> float32 angles ``(seq, batch, 1, head_dim)``."""
         inv_freq = self.inv_freq
         if inv_freq.device != position_ids.device:
-            inv_freq = inv_freq.to(position_ids.device)
+            # moved once and kept: a host-to-device copy from pageable memory synchronises the stream,
+            # so copying at every forward would stall the CPU's launches behind the GPU
+            inv_freq = self.inv_freq = inv_freq.to(position_ids.device)
         freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # (b, s, d/2), one product per entry
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.transpose(0, 1).unsqueeze(2)
