@@ -436,6 +436,20 @@ def test_tensor_parallel_2_on_cpu(small_donor: Path, large_donor: Path, tmp_path
     assert export["missing"] == [] and export["extra"] == [] and export["max_diff"] == 0.0, export
 
 
+@pytest.mark.parametrize(("batch", "seq", "multiple"), [(2, 5, 1), (3, 4, 5), (1, 7, 2), (2, 8, 4)])
+def test_packing_rows_without_a_mask_equals_packing_with_an_all_ones_mask(batch: int, seq: int, multiple: int) -> None:
+    """The unmasked packing (built from shapes, no read-back from the GPU: pipeline stages pack every micro-batch)
+    gives the same packed row, positions, boundaries, indices and lengths as the masked path, SP padding included."""
+    from splitllama.megatron.modeling_split_llama_megatron import pack_sequences
+
+    ids = torch.randint(0, 100, (batch, seq), generator=torch.Generator().manual_seed(batch * seq))
+    fast, masked = pack_sequences(ids, None, multiple), pack_sequences(ids, torch.ones_like(ids), multiple)
+    for field in ("input_ids", "position_ids", "cu_seqlens", "indices"):
+        a, b = getattr(fast, field), getattr(masked, field)
+        assert a.dtype == b.dtype and torch.equal(a, b), field
+    assert (fast.max_seqlen, fast.batch, fast.seq, fast.real_tokens) == (masked.max_seqlen, masked.batch, masked.seq, masked.real_tokens)
+
+
 def test_tensor_parallel_gradients_on_long_sequences_equal_hf_on_cpu(small_donor: Path, large_donor: Path, tmp_path: Path) -> None:
     """TP=2 over gloo, two 1024-token micro-batches through megatron's schedule: the loss, logits and every gradient
     equal the HF model's, each within 1e-3 of its own largest entry. The random ids include the pad id 0, whose

@@ -152,7 +152,7 @@ def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     """
     batch, seq = input_ids.shape
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+        return _pack_full_rows(input_ids, pad_to_multiple)
     mask = attention_mask.to(torch.bool)
     lengths = mask.sum(dim=1)
     indices = mask.reshape(-1).nonzero(as_tuple=False).squeeze(1)
@@ -168,6 +168,25 @@ def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     positions = positions_from_cu_seqlens(keep)
     max_len = int((keep[1:] - keep[:-1]).max()) if keep.numel() > 1 else 0
     return PackedBatch(ids[None], positions[None], keep, max_len, indices, batch, seq, real)
+
+
+def _pack_full_rows(input_ids: torch.Tensor, pad_to_multiple: int) -> PackedBatch:
+    """:func:`pack_sequences` of rows without padding, from the shapes alone: no value is read back from the
+    device, so the host keeps queueing work (each read-back, as the masked path's ``nonzero``, waits for the
+    GPU; a pipeline stage packs every micro-batch)."""
+    batch, seq = input_ids.shape
+    device = input_ids.device
+    real = batch * seq
+    padded = -(-real // pad_to_multiple) * pad_to_multiple
+    ids = input_ids.reshape(-1)
+    starts = torch.arange(batch + 1, dtype=torch.int32, device=device) * seq
+    positions = torch.arange(seq, device=device).repeat(batch)
+    if padded > real:  # a final dummy document up to the multiple
+        ids = torch.cat([ids, ids.new_zeros(padded - real)])
+        starts = torch.cat([starts, torch.full((1,), padded, dtype=torch.int32, device=device)])
+        positions = torch.cat([positions, torch.arange(padded - real, device=device)])
+    indices = torch.arange(real, device=device)
+    return PackedBatch(ids[None], positions[None], starts, max(seq, padded - real), indices, batch, seq, real)
 
 
 def attention_mask_is_trivial(attention_mask: torch.Tensor | None) -> bool:
