@@ -30,8 +30,16 @@ MFU = model FLOPs / step time / (GPUs x measured matmul rate). Model FLOPs per s
 lm_head and adapter, not the embedding lookup or norms), d_attn = heads x head_dim, L = layers;
 the second term is the causal attention score and value products (forward 2 x 2 x seq/2 x d_attn per
 token and layer, backward twice that). The matmul rate is the fastest median of bf16 products of
-the model's shapes (tokens x hidden x FFN of each donor and 8192^3) measured in the same run on
-the same GPU. Prints a table and merges rows into ``benchmarks/results/train_step.json``.
+the model's shapes (tokens x hidden x FFN of each donor and 8192^3), the fastest any row's process of
+the results file measured (one denominator for all rows). Prints a table and merges rows into
+``benchmarks/results/train_step.json``.
+
+``--profile DIR`` also writes ``DIR/<row>.json``: per step, GPU ms by kernel kind (matmul, NCCL,
+attention, optimizer, other), the communication no compute kernel overlaps, the time no kernel runs
+(the host not keeping up), and the largest non-matmul kernels. Every row records where a step makes the
+host wait for the GPU (``sync_sites``, torch's sync debug mode), and multi-GPU rows the time of one
+NCCL all-reduce of a ``[tokens, hidden]`` activation of each donor (``allreduce_ms``). ``--batch``
+trains on that many sequences per step.
 """
 
 from __future__ import annotations
@@ -406,7 +414,7 @@ def main() -> None:
     if rank != 0:
         return
     for row in rows:
-        row["mfu"] = row["flops_per_step"] / row["step_s"] / (row["gpus"] * peak)
+        row["matmul_peak_tflops"] = peak / 1e12  # this process's fastest product
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = json.loads(out.read_text()) if out.exists() else {}
@@ -417,6 +425,12 @@ def main() -> None:
     result.setdefault("matmul_tflops", {})[f"gpus{world}"] = rates
     result.setdefault("rows", {}).update({row["name"]: row for row in rows})
     all_rows = result["rows"]
+    # one denominator for every row of the file: the fastest product any of its processes measured (each
+    # process's own peak varies by ~5% between runs, which would move MFU more than the rows differ)
+    common_peak = max([row.get("matmul_peak_tflops", 0.0) for row in all_rows.values()] + [peak / 1e12])
+    result["mfu_peak_tflops"] = common_peak
+    for row in all_rows.values():
+        row["mfu"] = row["flops_per_step"] / row["step_s"] / (row["gpus"] * common_peak * 1e12)
     if {"part8b", "part8b_head", "part70b"} <= set(all_rows):
         predicted = all_rows["part8b"]["step_s"] - all_rows["part8b_head"]["step_s"] + all_rows["part70b"]["step_s"]
         result["predicted_split_tokens_per_s"] = args.seq / predicted
@@ -424,7 +438,8 @@ def main() -> None:
             if name in all_rows:
                 all_rows[name]["vs_predicted"] = all_rows[name]["tokens_per_s"] * predicted / args.seq
     out.write_text(json.dumps(result, indent=2))
-    print(f"matmul TFLOP/s (bf16, median): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    print(f"matmul TFLOP/s (bf16, median): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
+          + f"; MFU against {common_peak:.0f} TFLOP/s per GPU (the fastest product of any row's process)")
     for row in rows:
         if row.get("sync_sites"):
             print(f"{row['name']}: host syncs in a step at {row['sync_sites']}")

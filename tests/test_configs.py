@@ -10,6 +10,7 @@ others; a settings error is a failure.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -175,6 +176,22 @@ def test_megatron_sizes_live_in_its_backend_config(overrides: tuple[str, ...], s
     spec = backend_spec(cfg)
     assert (spec.tp, spec.pp, spec.sp, spec.micro_batch_size) == sizes
     assert not {"tp", "pp", "sp", "micro_batch_size"} & set(cfg.parallel)
+
+
+@pytest.mark.parametrize(("layout", "ordered"), [("parallel=tp2", True), ("parallel=tp2_sp", True), ("parallel=pp2", False)])
+def test_megatron_tensor_parallel_strategy_orders_kernel_launches(layout: str, ordered: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under TP the strategy sets CUDA_DEVICE_MAX_CONNECTIONS=1 before any process starts (megatron overlaps the
+    backward's gradient all-reduce with the weight-gradient product only then); a user's own value is kept."""
+    from splitllama.training.pipeline import make_strategy
+
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    cfg = compose_run_config("backend=megatron", layout)
+    strategy = make_strategy(cfg)
+    assert type(strategy).__name__ == "MegatronStrategy"
+    assert os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == ("1" if ordered else None)
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
+    make_strategy(cfg)
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"
 
 
 HF_REFUSES = [("parallel=tp2", "backend.tp"), ("parallel=pp2", "backend.pp"), ("backend.tp=2", "backend.tp"),

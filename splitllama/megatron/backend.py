@@ -9,6 +9,7 @@ imported when built, and name the extra to install where megatron-core is absent
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..training.backend_spec import BackendSpec
@@ -77,6 +78,12 @@ class MegatronBackendSpec(BackendSpec):
         (megatron's TP/PP/DP groups from the trainer's processes, DDP over the DP group only)."""
         from .strategy import MegatronStrategy
 
+        if self.tp > 1:
+            # megatron's tensor-parallel linears overlap their input-gradient all-reduce (reduce-scatter under SP)
+            # with the weight-gradient product only when kernels reach the GPU in launch order; megatron's own
+            # launchers set this too. Read when CUDA starts, so it is set here, before the trainer's processes
+            # start; a value the user set is kept.
+            os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         return MegatronStrategy(
             tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp, sequence_parallel=self.sp, **timeout,
         )
