@@ -130,10 +130,10 @@ def matmul_rate(seq: int, iters: int = 20) -> dict[str, float]:
     return rates
 
 
-KERNEL_CATEGORIES = (  # first match wins; a kernel's name, lower-cased
+KERNEL_CATEGORIES = (  # first match wins; a kernel's name, lower-cased (cuDNN's attention names say sm90_ too)
     ("comm", ("nccl",)),
-    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_")),
     ("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_")),
     ("optimizer", ("adam", "multi_tensor_apply")),
 )
 
