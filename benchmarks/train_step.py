@@ -37,7 +37,7 @@ the results file measured (one denominator for all rows). Prints a table and mer
 ``--profile DIR`` also writes ``DIR/<row>.json``: per step, GPU ms by kernel kind (matmul, NCCL,
 attention, optimizer, other), the communication no compute kernel overlaps, the time no kernel runs
 (the host not keeping up), and the largest non-matmul kernels. Every row records where a step makes the
-host wait for the GPU (``sync_sites``, torch's sync debug mode), and multi-GPU rows the time of one
+host wait for the GPU (``sync_sites``, torch's sync debug mode), and tensor-parallel rows the time of one
 NCCL all-reduce of a ``[tokens, hidden]`` activation of each donor (``allreduce_ms``). ``--batch``
 trains on that many sequences per step.
 """
@@ -173,11 +173,12 @@ def kernel_summary(trace: dict[str, Any], steps: int) -> dict[str, Any]:
         category = kernel_category(e["name"])
         by_category[category] = by_category.get(category, 0.0) + (b - a)
         spans["comm" if category == "comm" else "compute"].append((a, b))
-        if category not in ("gemm",):
+        if category != "gemm":
             by_name[e["name"][:80]] = by_name.get(e["name"][:80], 0.0) + (b - a)
-    wall = max(b for _, b in spans["comm"] + spans["compute"]) - min(a for a, _ in spans["comm"] + spans["compute"])
+    everything = spans["comm"] + spans["compute"]
+    wall = max(b for _, b in everything) - min(a for a, _ in everything)
     compute = union_length(spans["compute"])
-    busy = union_length(spans["comm"] + spans["compute"])
+    busy = union_length(everything)
     per = 1e-3 / steps  # us over all steps -> ms per step
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
     return {
@@ -279,8 +280,6 @@ def measure(name: str, build: Callable[[], tuple[torch.nn.Module, Callable[[torc
         "batch": args.batch,
         "sync_sites": sync_sites,  # where a step waits for the GPU (host syncs stall the launches)
     }
-    if gpus > 1 and data_parallel == 1 and attn:
-        row["allreduce_ms"] = allreduce_times(args.seq * args.batch)
     del model, loss_of
     torch.cuda.empty_cache()
     return row
@@ -411,6 +410,8 @@ def main() -> None:
     else:
         name = f"split_megatron_tp{args.tp}" + ("_sp" if args.sp else "") + (f"_b{args.batch}" if args.batch > 1 else "")
         rows.append(measure(name, build_split_megatron(args.n8, args.n70, args.tp, args.sp), args, gpus=world))
+        if args.tp > 1:  # what one of the layers' tensor-parallel all-reduces costs with nothing beside it
+            rows[-1]["allreduce_ms"] = allreduce_times(args.seq * args.batch)
     if rank != 0:
         return
     for row in rows:
