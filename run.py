@@ -258,7 +258,7 @@ def _last_checkpoint(cfg: DictConfig) -> str | None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from splitllama.configuration_split_llama import SplitConfigError
-    from splitllama.results import RunDirInUse, RunInterrupted, RunRecord
+    from splitllama.results import RunDirInUse, RunInterrupted, RunRecord, outcome_line
     from splitllama.training.pipeline import apply_cpu_threads, config_dict, plain
 
     task = plain(cfg.task.name)
@@ -279,6 +279,9 @@ def main(cfg: DictConfig) -> float | None:
         if rank_zero:
             path = record.write(status)
             log.info("%s: %s", status, path)
+            summary = outcome_line(record.data)
+            if summary:
+                log.info("%s", summary)
         return sweep_value(cfg, metric, record.data.get("flops", {}))
     except BaseException as exc:
         if SIGNALS.received is not None or isinstance(exc, (KeyboardInterrupt, RunInterrupted)):

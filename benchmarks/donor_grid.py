@@ -57,19 +57,24 @@ def run_job(job: tuple[str, float, int, dict[str, Any]]) -> dict[str, Any] | Non
     config, dims = shape_config(shape, opts["vocab"])
     recipe = DonorRecipe(**dims, pretrain_steps=steps, lr=lr, warmup_steps=max(1, steps // 10))
     start, curve = time.time(), []
-    model = pretrain_donor(config, blocks["train"], recipe, batch_size=opts["batch"], seed=0, desc=shape, progress=False,
-                           val_blocks=blocks["val"], eval_every=opts["eval_every"], curve=curve)
+    val = blocks["val"][: opts["eval_blocks"]].long()
+    model = pretrain_donor(config, blocks["train"].long(), recipe, batch_size=opts["batch"], seed=0, desc=shape, progress=False,
+                           val_blocks=val, eval_every=opts["eval_every"], curve=curve)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     return {"shape": shape, "lr": lr, "steps": steps, "vocab": opts["vocab"], "seq": opts["seq"], "batch": opts["batch"],
-            "val": evaluate_lm(model, blocks["val"]), "train": evaluate_lm(model, blocks["train"][:256]), "curve": curve,
+            "val": evaluate_lm(model, val), "train": evaluate_lm(model, blocks["train"][:256].long()), "curve": curve,
             "parameters": sum(p.numel() for p in model.parameters()), "s": round(time.time() - start, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default="stdlib_source", help="stdlib_source | stdlib_docstrings (this machine's stdlib)")
-    parser.add_argument("--documents", type=Path, default=None, help="a JSON list of documents instead of --corpus")
+    parser.add_argument("--documents", type=Path, default=None,
+                        help="a JSON list of documents, or a corpus pack (.json.xz, `python -m splitllama.embedded corpus`), instead of --corpus")
+    parser.add_argument("--blocks", type=Path, default=None,
+                        help="token blocks already packed ({'train', 'val'}: the build's <cache>/blocks/*.pt), instead of tokenising here")
+    parser.add_argument("--eval-blocks", type=int, default=None, help="score on the first N validation blocks (default: all)")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
@@ -90,13 +95,23 @@ def main() -> None:
     from splitllama.embedded import load_stdlib_corpus, train_tokenizer
     from splitllama.training.data import pack_documents, split_documents
 
-    documents = json.loads(args.documents.read_text()) if args.documents else load_stdlib_corpus(corpus=args.corpus, progress=False)
-    train_docs, val_docs = split_documents(documents, 0.05)
-    tokenizer = train_tokenizer(train_docs, args.vocab, progress=False)
-    blocks_path = Path(tempfile.mkdtemp(prefix="donor-grid-")) / "blocks.pt"
-    torch.save({"train": pack_documents(tokenizer, train_docs, args.seq), "val": pack_documents(tokenizer, val_docs, args.seq)}, blocks_path)
+    if args.blocks is not None:
+        blocks_path = args.blocks
+    else:
+        if args.documents is not None and args.documents.name.endswith(".xz"):
+            from splitllama.embedded import read_corpus_pack
+
+            documents = read_corpus_pack(args.documents)[1]
+        elif args.documents is not None:
+            documents = json.loads(args.documents.read_text())
+        else:
+            documents = load_stdlib_corpus(corpus=args.corpus, progress=False)
+        train_docs, val_docs = split_documents(documents, 0.05)
+        tokenizer = train_tokenizer(train_docs, args.vocab, progress=False)
+        blocks_path = Path(tempfile.mkdtemp(prefix="donor-grid-")) / "blocks.pt"
+        torch.save({"train": pack_documents(tokenizer, train_docs, args.seq), "val": pack_documents(tokenizer, val_docs, args.seq)}, blocks_path)
     opts = {"blocks": str(blocks_path), "vocab": args.vocab, "seq": args.seq, "batch": args.batch, "eval_every": args.eval_every,
-            "threads": args.threads, "deadline": time.time() + args.deadline_s}
+            "threads": args.threads, "eval_blocks": args.eval_blocks, "deadline": time.time() + args.deadline_s}
     # longest jobs first, so side-by-side jobs end together
     jobs = sorted(((s, lr, n, opts) for s, lr, n in itertools.product(args.shapes, args.lrs, args.steps)), key=lambda j: -j[2])
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -198,6 +198,32 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def outcome_line(data: dict[str, Any]) -> str | None:
+    """The run's outcome in one line, the last a run logs: the split's validation loss between its
+    donors' (scored on the same blocks), the gap it closed, and what it costs against the large donor.
+    ``None`` when the run measured no split loss or has no references."""
+    metrics, references = data.get("metrics", {}), data.get("references") or {}
+    split, gap = metrics.get("val_loss"), metrics.get("gap_closed")
+    small, large = (references.get(k, {}).get("val_loss") for k in ("small", "large"))
+    if split is None or small is None or large is None:
+        return None
+    if gap is None:
+        where = "no gap to close"
+    elif gap < 0:
+        where = "worse than its small donor"
+    elif gap > 1:
+        where = "better than its large donor"
+    else:
+        where = "between its donors"
+    line = f"validation loss: small donor {small:.3f} | split {split:.3f} | large donor {large:.3f}: {where}"
+    if gap is not None:
+        line += f", gap closed {gap:+.2f} (0 = small, 1 = large)"
+    fraction = (data.get("flops") or {}).get("fraction_of_large_donor")
+    if fraction is not None:
+        line += f"; the split's training FLOPs per token are {fraction:.2f}x the large donor's"
+    return line
+
+
 class RunRecord:
     """Collects a run's results as it goes and writes ``results.json`` (atomically) at the end."""
 
@@ -338,5 +364,5 @@ def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads((path / RESULTS_FILE if path.is_dir() else path).read_text())
 
 
-__all__ = ["CLAIM_FILE", "HISTORY_DIR", "RESULTS_FILE", "RunDirInUse", "RunInterrupted", "RunRecord", "RunSignals", "git_info", "read_results",
+__all__ = ["CLAIM_FILE", "HISTORY_DIR", "RESULTS_FILE", "RunDirInUse", "outcome_line", "RunInterrupted", "RunRecord", "RunSignals", "git_info", "read_results",
            "register_run_dir_resolver", "run_id", "split_summary"]

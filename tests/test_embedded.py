@@ -42,32 +42,57 @@ def test_corpus_is_stdlib_docstrings(cache_dir: Path) -> None:
     assert any(d.startswith("JSON (JavaScript Object Notation)") for d in documents)
 
 
-def test_corpus_of_the_default_recipe_is_stdlib_source(cache_dir: Path) -> None:
-    """The default donors learn the stdlib's source (12 MB): on the docstrings (1.6 MB) every donor size
-    levels off near 4.0 nats and overfits, so a large donor cannot be clearly better there."""
+def test_stdlib_source_corpus(cache_dir: Path) -> None:
+    """The stdlib's source (12 MB), the first part of the default donors' corpus and what runs train and
+    validate on (``data=stdlib_source``)."""
     from splitllama.embedded import CORPORA, _corpus_key
 
-    assert EmbeddedRecipe().corpus == "stdlib_source" and set(CORPORA) == {"stdlib_source", "stdlib_docstrings"}
+    assert set(CORPORA) == {"stdlib_source", "stdlib_docstrings", "python_source"}
     documents = load_stdlib_corpus(cache_dir, 80, corpus="stdlib_source", progress=False)
     assert len(documents) > 500 and sum(map(len, documents)) > 8_000_000 and all(len(d) >= 80 for d in documents)
     # whole modules: code and the docstrings in it (json/__init__.py opens with its docstring)
     assert any(d.startswith('r"""JSON (JavaScript Object Notation)') and "def dumps(" in d for d in documents)
     assert load_stdlib_corpus(cache_dir, 80, corpus="stdlib_source", progress=False) == documents  # cached
     assert _corpus_key(80, "stdlib_source") != _corpus_key(80, "stdlib_docstrings")
-    with pytest.raises(ValueError, match="corpus='wiki': unknown; one of stdlib_source, stdlib_docstrings"):
+    with pytest.raises(ValueError, match="corpus='wiki': unknown; one of stdlib_source, stdlib_docstrings, python_source"):
         load_stdlib_corpus(cache_dir, 80, corpus="wiki", progress=False)
+
+
+def test_python_source_corpus_is_the_stdlib_then_installed_packages(cache_dir: Path) -> None:
+    """The default donors' corpus: the stdlib source, then each named package's ``.py`` files (no tests),
+    de-duplicated, long files left out; its cache key names the packages' installed versions."""
+    from splitllama.embedded import _corpus_key, package_files, package_versions
+
+    stdlib = load_stdlib_corpus(cache_dir, 80, corpus="stdlib_source", progress=False)
+    documents = load_stdlib_corpus(cache_dir, 80, corpus="python_source", packages=("yaml", "tqdm"), max_chars=200_000, progress=False)
+    capped = [d for d in stdlib if len(d) <= 200_000]
+    assert documents[: len(capped)] == capped  # the stdlib first: its held-out files are held out here too
+    added = documents[len(capped):]
+    yaml_files = package_files("yaml")
+    assert yaml_files and all("tests" not in p.parts for p in yaml_files)
+    assert yaml_files[0].read_text() in added or len(yaml_files[0].read_text()) < 80
+    assert len(set(documents)) == len(documents) and all(80 <= len(d) <= 200_000 for d in documents)
+    assert package_versions(["yaml"])["yaml"] is not None
+    assert _corpus_key(80, "python_source", ("yaml",)) != _corpus_key(80, "python_source", ("yaml", "tqdm"))
+    with pytest.raises(ValueError, match="packages: 'no_such_pkg' is not an installed package"):
+        load_stdlib_corpus(cache_dir, 80, corpus="python_source", packages=("no_such_pkg",), progress=False)
+    with pytest.raises(ValueError, match=r"packages=\['yaml'\]: only corpus='python_source' reads installed packages"):
+        load_stdlib_corpus(cache_dir, 80, corpus="stdlib_source", packages=("yaml",), progress=False)
 
 
 def test_run_data_must_be_the_embedded_donors_corpus() -> None:
     """Validation text from the other stdlib corpus overlaps what the embedded donors trained on: refused."""
     from splitllama.training.schema import RunConfigError, validate_run_settings
 
-    validate_run_settings(compose_run_config())  # the default: stdlib_source data, stdlib_source donors
+    validate_run_settings(compose_run_config())  # the default: stdlib_source data, python_source donors (stdlib first)
+    validate_run_settings(compose_run_config("donors.embedded.corpus=stdlib_source", "donors.embedded.packages=[]"))
     validate_run_settings(compose_run_config("debug=quick"))  # docstrings for both (fast tokenizer)
-    with pytest.raises(RunConfigError, match=r"data.source=stdlib_docs: the embedded donors learned donors.embedded.corpus=stdlib_source.*use data=stdlib_source"):
+    with pytest.raises(RunConfigError, match=r"data.source=stdlib_docs: the embedded donors learned donors.embedded.corpus=python_source.*use data=stdlib_source"):
         validate_run_settings(compose_run_config("data=stdlib_docs"))
-    with pytest.raises(RunConfigError, match=r"donors.embedded.corpus=wiki: must be one of stdlib_docstrings, stdlib_source"):
+    with pytest.raises(RunConfigError, match=r"donors.embedded.corpus=wiki: must be one of python_source, stdlib_docstrings, stdlib_source"):
         validate_run_settings(compose_run_config("donors.embedded.corpus=wiki"))
+    with pytest.raises(RunConfigError, match=r"donors.embedded.packages=\['torch'.*only corpus=python_source reads installed packages"):
+        validate_run_settings(compose_run_config("donors.embedded.corpus=stdlib_source"))
 
 
 def test_split_by_document_is_disjoint_stable_and_nested(cache_dir: Path) -> None:

