@@ -296,6 +296,8 @@ class EmbeddedRecipe:
         large = DonorRecipe(**values.pop("large")) if "large" in values else cls().large
         if "packages" in values:
             values["packages"] = tuple(values["packages"] or ())
+        if values.get("corpus", cls.corpus) != "python_source":  # only that corpus reads packages: not part of another recipe
+            values["packages"] = ()
         return cls(**values, small=small, large=large)
 
     def recipe_hash(self) -> str:

@@ -71,7 +71,7 @@ def test_python_source_corpus_is_the_stdlib_then_installed_packages(cache_dir: P
     yaml_files = package_files("yaml")
     assert yaml_files and all("tests" not in p.parts for p in yaml_files)
     assert yaml_files[0].read_text() in added or len(yaml_files[0].read_text()) < 80
-    assert len(set(documents)) == len(documents) and all(80 <= len(d) <= 200_000 for d in documents)
+    assert len(set(added)) == len(added) and not set(added) & set(capped) and all(80 <= len(d) <= 200_000 for d in documents)
     assert package_versions(["yaml"])["yaml"] is not None
     assert _corpus_key(80, "python_source", ("yaml",)) != _corpus_key(80, "python_source", ("yaml", "tqdm"))
     with pytest.raises(ValueError, match="packages: 'no_such_pkg' is not an installed package"):
@@ -91,8 +91,11 @@ def test_run_data_must_be_the_embedded_donors_corpus() -> None:
         validate_run_settings(compose_run_config("data=stdlib_docs"))
     with pytest.raises(RunConfigError, match=r"donors.embedded.corpus=wiki: must be one of python_source, stdlib_docstrings, stdlib_source"):
         validate_run_settings(compose_run_config("donors.embedded.corpus=wiki"))
-    with pytest.raises(RunConfigError, match=r"donors.embedded.packages=\['torch'.*only corpus=python_source reads installed packages"):
-        validate_run_settings(compose_run_config("donors.embedded.corpus=stdlib_source"))
+    from splitllama.training.pipeline import embedded_recipe
+
+    stdlib_only = compose_run_config("donors.embedded.corpus=stdlib_source")  # packages only belong to python_source
+    validate_run_settings(stdlib_only)
+    assert embedded_recipe(stdlib_only).packages == () and EmbeddedRecipe().packages
 
 
 def test_split_by_document_is_disjoint_stable_and_nested(cache_dir: Path) -> None:

@@ -503,8 +503,6 @@ def _validate_embedded_recipe(embedded: Any) -> None:
     from ..embedded import CORPORA
 
     _check(embedded.corpus in CORPORA, "donors.embedded.corpus", embedded.corpus, f"must be one of {', '.join(sorted(CORPORA))}")
-    _check(not embedded.packages or embedded.corpus == "python_source", "donors.embedded.packages", list(embedded.packages),
-           "only corpus=python_source reads installed packages; give packages=[] for this corpus")
     if embedded.max_doc_chars is not None:
         _check(embedded.max_doc_chars >= embedded.min_doc_chars, "donors.embedded.max_doc_chars", embedded.max_doc_chars,
                f"must be >= min_doc_chars={embedded.min_doc_chars}, or null")
