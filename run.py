@@ -6,6 +6,7 @@
     python run.py donors=llama3_8b_70b donors.path8b=/ckpt/8B donors.path70b=/ckpt/70B layers.n8=16
     python run.py task=assemble                    # build and save the split model, no training
     python run.py task=eval task.model_dir=outputs/.../hf_model
+    python run.py task=grpo                        # RL post-training with TRL's GRPOTrainer (reward: held-out def headers)
     python run.py -m adapter=linear,mlp layers.n70=2,4,8   # a sweep (multirun)
 
 Each run writes ``results.json`` in its run directory (``outputs/<date>/<time>-<random>/``, or
@@ -119,6 +120,65 @@ def assemble(cfg: DictConfig, record) -> float | None:
     return None
 
 
+def grpo(cfg: DictConfig, record) -> None:
+    """RL post-training with TRL's GRPOTrainer (:mod:`splitllama.training.grpo`) of ``task.model_dir``
+    or a fresh assembly: held-out function headers, verifiable rewards, KL to the starting model; export."""
+    import torch
+
+    from splitllama.embedded import load_stdlib_corpus
+    from splitllama.training import pipeline as P
+    from splitllama.training.backend_spec import backend_spec
+    from splitllama.training.grpo import held_out_header_prompts, train_grpo
+
+    run = P.check(cfg, record, harness=False)
+    P.seed_everything(cfg.seed)
+    model_dir = os.path.expanduser(cfg.task.model_dir) if cfg.task.model_dir else None
+    run = P.load(cfg, record, run, stage=None, references=False, model_dir=model_dir)
+    grpo_cfg = cfg.task.grpo
+    documents = load_stdlib_corpus(P.cache_dir(cfg), cfg.data.min_doc_chars, corpus="stdlib_source", progress=False)
+    train_prompts, eval_prompts = held_out_header_prompts(documents, cfg.data.val_fraction, grpo_cfg.prompts,
+                                                          grpo_cfg.eval_prompts if grpo_cfg.eval_every else 0, cfg.seed)
+    with record.timed("assemble"):
+        backend = backend_spec(cfg).build(run.spec(cfg), dict(cfg.backend.options))
+    lora = dict(cfg.finetune.lora) if cfg.finetune.lora.enabled else None
+    trainable = backend.select_trainable(list(cfg.finetune.trainable), lora)
+    record.update("params", backend.parameter_counts())
+    record.update("trainable", {"parts": list(cfg.finetune.trainable), "tensors": len(trainable)})
+    if grpo_cfg.beta > 0 and model_dir is None and lora is None:
+        # TRL loads the KL reference from the policy's config._name_or_path: the starting model, saved
+        with record.timed("export_start"):
+            start = backend.export_hf(Path(cfg.paths.output_dir) / "start_model", run.tokenizer)
+        backend.model.config._name_or_path = str(start)
+        record.update("paths", {"start_model": str(start)})
+    loggers = P.make_loggers(cfg, record, group=_sweep_group(cfg))
+    try:
+        with record.timed("grpo"):
+            history = train_grpo(
+                backend.model, run.tokenizer, train_prompts, eval_prompts, grpo=grpo_cfg, optim=cfg.optim,
+                max_steps=cfg.trainer.max_steps, gradient_clip_val=cfg.trainer.gradient_clip_val, seed=cfg.seed,
+                output_dir=str(Path(cfg.paths.output_dir) / "grpo"), loggers=loggers,
+                use_cpu=cfg.parallel.accelerator == "cpu" or not torch.cuda.is_available(),
+            )
+        train_rows = [row for row in history if "reward" in row]
+        eval_rows = [row for row in history if "eval_reward" in row]
+        record.update("grpo", {"history": history})
+        record.update("metrics", {
+            "steps": max((row["step"] for row in history), default=0),
+            "train_reward_first": train_rows[0]["reward"] if train_rows else None,
+            "train_reward_last": train_rows[-1]["reward"] if train_rows else None,
+            "eval_reward_before": eval_rows[0]["eval_reward"] if eval_rows else None,
+            "eval_reward_after": eval_rows[-1]["eval_reward"] if len(eval_rows) > 1 else None,
+            "kl_last": train_rows[-1].get("kl") if train_rows else None,
+        })
+        if cfg.task.export:
+            with record.timed("export"):
+                record.update("paths", {"export_dir": str(backend.export_hf(cfg.paths.export_dir, run.tokenizer))})
+    finally:
+        for lg in loggers:
+            lg.save()
+        _finish_wandb(loggers)
+
+
 def evaluate(cfg: DictConfig, record) -> float:
     """Validation loss and perplexity of a saved split model (task.model_dir) or of a fresh assembly,
     and its ``eval.harness`` task scores."""
@@ -191,7 +251,7 @@ def _hf_generate(model_dir: str, prompts: list[str], max_new_tokens: int, temper
     return texts
 
 
-TASKS = {"train": train, "assemble": assemble, "eval": evaluate, "generate": generate}
+TASKS = {"train": train, "assemble": assemble, "eval": evaluate, "generate": generate, "grpo": grpo}
 
 
 def sweep_value(cfg: DictConfig, val_loss: float | None, flops: dict) -> float | list[float] | None:

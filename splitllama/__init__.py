@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForTokenClassification
 
 from ._lazy import lazy_getattr
 
@@ -26,6 +26,8 @@ __version__ = "0.1.0"
 AutoConfig.register(SplitLlamaConfig.model_type, SplitLlamaConfig, exist_ok=True)
 AutoModel.register(SplitLlamaConfig, CustomSplitLLamaModel, exist_ok=True)
 AutoModelForCausalLM.register(SplitLlamaConfig, CustomSplitLLamaForCausalLM, exist_ok=True)
+# a critic (veRL loads critics with AutoModelForTokenClassification and reads .logits: one value per token)
+AutoModelForTokenClassification.register(SplitLlamaConfig, CustomSplitLLamaForValue, exist_ok=True)
 # save_pretrained copies the config and modeling modules next to the weights and writes an
 # auto_map, so a saved model also loads with trust_remote_code=True where splitllama is absent.
 SplitLlamaConfig.register_for_auto_class()

@@ -364,9 +364,11 @@ class CustomSplitLLamaForCausalLM(CustomSplitLLamaPreTrainedModel, GenerationMix
 
 @dataclass
 class SplitLlamaValueOutput(ModelOutput):
-    """Output of :class:`CustomSplitLLamaForValue`: one scalar per token."""
+    """Output of :class:`CustomSplitLLamaForValue`: one scalar per token, as ``values`` ``(batch, seq)``
+    and as ``logits`` ``(batch, seq, 1)`` (what ``AutoModelForTokenClassification`` users read: veRL's critic)."""
 
     values: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -374,6 +376,9 @@ class SplitLlamaValueOutput(ModelOutput):
 
 class CustomSplitLLamaForValue(CustomSplitLLamaPreTrainedModel):
     """A critic: the split model with a scalar value head on the last hidden state of each token.
+
+    Registered for ``AutoModelForTokenClassification`` (veRL loads critics so); the head has one
+    output whatever ``config.num_labels`` says.
 
     Loaded from a causal-LM checkpoint (which has no ``value_head``), the head starts at zero,
     a logged, deterministic initialisation; the LM head is dropped.
@@ -419,9 +424,10 @@ class CustomSplitLLamaForValue(CustomSplitLLamaPreTrainedModel):
             output_hidden_states=output_hidden_states,
             **kwargs,
         )
-        values = self.value_head(outputs.last_hidden_state).squeeze(-1)
+        logits = self.value_head(outputs.last_hidden_state)
         return SplitLlamaValueOutput(
-            values=values,
+            values=logits.squeeze(-1),
+            logits=logits,
             last_hidden_state=outputs.last_hidden_state,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,

@@ -42,6 +42,8 @@ LARGE = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_ke
 WIDE_KV = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, head_dim=64)
 
 ENGINE = {"dtype": "float32", "max_model_len": 128, "kv_cache_memory_bytes": 32 << 20}
+#: An engine started as a trainer starts its rollout engine: dummy weights, the real ones synced in.
+DUMMY_ENGINE = {**ENGINE, "load_format": "dummy"}
 PROMPTS = [[1, 17], [1, 5, 9, 33, 7], [1, 200, 3, 99, 42, 42, 8, 150, 77], [1]]
 NEW_TOKENS = 16
 
@@ -76,6 +78,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                     p.normal_(0.0, p.shape[-1] ** -0.5, generator=torch.Generator().manual_seed(7))
         model.save_pretrained(root / name)
         out[name] = root / name
+    # "linear" after a training step, as a weight sync delivers it: every tensor moved
+    trained = AutoModelForCausalLM.from_pretrained(out["linear"], dtype=torch.float32)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    trained.save_pretrained(root / "linear_trained")
+    out["linear_trained"] = root / "linear_trained"
     return out
 
 
@@ -241,6 +250,51 @@ def test_plain_vllm_llm_refuses_an_incomplete_checkpoint(models: dict[str, Path]
     broken = _copy_without(models["mlp"], tmp_path / "broken", drop="model.layers_first.1.mlp.gate_proj.weight")
     with pytest.raises(EngineError, match=r"model\.layers_first\.1\.mlp\.gate_proj\.weight"):
         engines.call("llm_generate", broken, engine={**ENGINE, "skip_tokenizer_init": True}, prompts=PROMPTS[:1], max_new_tokens=2)
+
+
+@pytest.mark.vllm
+def test_weights_synced_in_buckets_equal_the_disk_load(models: dict[str, Path], engines: EngineHost) -> None:
+    """veRL's rollout sync (an engine on dummy weights, then one ``load_weights`` call per bucket of
+    the actor's HF-named state dict) and TRL's (one call per tensor), twice on one engine."""
+    texts = [p for p in PROMPTS if len(p) > 1]
+
+    def outputs(model: Path, engine: dict) -> tuple[list[list[int]], list[list[float]]]:
+        got = engines.call("generate", model, engine=engine, prompts=PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        return [g["token_ids"] for g in got], engines.call("token_logprobs", model, engine=engine, texts=texts)
+
+    want_tokens, want_logprobs = outputs(models["linear"], ENGINE)
+    dummy_tokens, _ = outputs(models["linear"], DUMMY_ENGINE)
+    assert dummy_tokens != want_tokens, "degenerate test: dummy weights already give the disk load's output"
+
+    buckets = engines.call("sync_weights", models["linear"], engine=DUMMY_ENGINE, source=str(models["linear"]),
+                           bucket_bytes=96 << 10)
+    assert len(buckets) > 5 and max(buckets) > 1, buckets  # several buckets, some of several tensors
+    tokens, logprobs = outputs(models["linear"], DUMMY_ENGINE)
+    assert tokens == want_tokens
+    for got_row, want_row in zip(logprobs, want_logprobs, strict=True):
+        assert got_row == pytest.approx(want_row, abs=1e-6)
+
+    # the next step's weights, one tensor per call in reverse order, into the same engine
+    buckets = engines.call("sync_weights", models["linear"], engine=DUMMY_ENGINE, source=str(models["linear_trained"]),
+                           bucket_bytes=1, reverse=True)
+    assert set(buckets[:-1]) == {1}
+    tokens, logprobs = outputs(models["linear"], DUMMY_ENGINE)
+    assert tokens == hf_greedy(models["linear_trained"], PROMPTS) != want_tokens
+    for got_row, want_row in zip(logprobs, hf_token_logprobs(models["linear_trained"], texts), strict=True):
+        assert got_row == pytest.approx(want_row, abs=1e-4)
+
+
+@pytest.mark.vllm
+def test_a_sync_that_misses_a_tensor_names_it(models: dict[str, Path], engines: EngineHost) -> None:
+    """Checked once, at the end of the sync: by hand, or else before the next logits."""
+    sync = dict(engine=DUMMY_ENGINE, source=str(models["linear"]), bucket_bytes=96 << 10,
+                drop="model.layers_last.2.mlp.down_proj.weight")
+    missing = r"1 tensor\(s\) not in the weights loaded since the last check \['model\.layers_last\.2\.mlp\.down_proj\.weight'\]"
+    with pytest.raises(EngineError, match=missing):
+        engines.call("sync_weights", models["linear"], check=True, **sync)
+    engines.call("sync_weights", models["linear"], **sync)
+    with pytest.raises(EngineError, match=missing):
+        engines.call("generate", models["linear"], engine=DUMMY_ENGINE, prompts=PROMPTS[:1], max_new_tokens=2)
 
 
 @pytest.mark.vllm

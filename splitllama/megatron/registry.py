@@ -4,6 +4,9 @@
 causal-LM (actor) class, the pipeline-parallel value (critic) class, and the packed causal-LM
 class. Construct a model with ``model_cls(config=split_config, megatron_config=megatron_config)``.
 Nothing here imports megatron-core until a class is asked for.
+
+For veRL versions that still read ``verl/models/registry.py``; veRL 0.9.1 no longer calls it and builds
+Megatron models only through Megatron-Bridge / mbridge (see the README's "RL post-training").
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
     kind, init = cfg.adapter.kind, cfg.adapter.init
     if kind == AdapterKind.mlp and init in (AdapterInit.identity, AdapterInit.lstsq):
         raise RunConfigError(f"adapter.init={init.name}: applies to the linear and lowrank adapters; the mlp adapter takes random")
-    if cfg.task.model_dir is not None and cfg.task.name.name in ("eval", "generate"):
+    if cfg.task.model_dir is not None and cfg.task.name.name in ("eval", "generate", "grpo"):
         from ..modeling_split_llama import saved_model_problem
 
         model_dir = os.path.expanduser(cfg.task.model_dir)

@@ -30,6 +30,7 @@ class TaskName(Enum):
     assemble = "assemble"
     eval = "eval"
     generate = "generate"
+    grpo = "grpo"
 
 
 class AdapterKind(Enum):
@@ -87,10 +88,34 @@ TRAINABLE_PARTS = ("adapter", "first", "last", "embeddings", "norm", "head", "al
 
 
 @dataclass
+class GrpoConfig:
+    """``task=grpo``: TRL's GRPOTrainer on held-out function headers (:mod:`splitllama.training.grpo`).
+    Steps: ``trainer.max_steps``; optimiser: ``optim``; what trains: ``finetune``."""
+
+    #: reward functions, summed (:data:`splitllama.training.grpo.REWARDS`)
+    rewards: List[str] = field(default_factory=lambda: ["header_parses", "parameter_match"])
+    #: their weights (empty: 1 each)
+    reward_weights: List[float] = field(default_factory=list)
+    #: held-out headers to train on, and others to evaluate on
+    prompts: int = 256
+    eval_prompts: int = 32
+    #: completions sampled per prompt (the group whose rewards are compared)
+    num_generations: int = 8
+    prompts_per_step: int = 4
+    max_completion_length: int = 16
+    temperature: float = 1.0
+    #: weight of the KL penalty to the starting model (0: no reference model, no KL logged)
+    beta: float = 0.04
+    #: evaluate on the eval prompts every this many steps (and before the first; 0: never)
+    eval_every: int = 10
+
+
+@dataclass
 class TaskConfig:
     """What run.py does. ``train``: assemble, train, evaluate, export. ``assemble``: build and save
     without training. ``eval``: score a saved split model (``model_dir``) or a fresh assembly.
-    ``generate``: sample from ``model_dir`` (or a fresh assembly) with vLLM or transformers."""
+    ``generate``: sample from ``model_dir`` (or a fresh assembly) with vLLM or transformers.
+    ``grpo``: RL post-training of ``model_dir`` (or a fresh assembly) with TRL, then export."""
 
     name: TaskName = TaskName.train
     eval_before: bool = True
@@ -103,6 +128,7 @@ class TaskConfig:
     temperature: float = 0.0
     # debugging: stop training after this many steps, as an interrupted run would (resume with ckpt_path)
     stop_after_steps: Optional[int] = None
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
 
 
 def _typed_view(recipe_cls: type, name: str, doc: str, defaults: dict[str, Any], nested: dict[str, Any]) -> type:
@@ -570,6 +596,8 @@ def validate_run_settings(cfg: Any) -> None:
     if cfg.sweep.objective == SweepObjective.penalised:
         _check(cfg.sweep.flops_budget is not None and cfg.sweep.flops_budget > 0, "sweep.flops_budget", cfg.sweep.flops_budget,
                "must be > 0 (training FLOPs per token) for sweep.objective=penalised")
+    if cfg.task.name == TaskName.grpo:
+        _validate_grpo(cfg)
     _validate_parallel(cfg)
     _validate_extra_callbacks(cfg)
     _validate_embedded_recipe(cfg.donors.embedded)
@@ -586,7 +614,7 @@ def validate_run_settings(cfg: Any) -> None:
     _check(cfg.sweep.penalty >= 0, "sweep.penalty", cfg.sweep.penalty, "must be >= 0")
     if cfg.task.stop_after_steps is not None:
         _check(cfg.task.stop_after_steps >= 1, "task.stop_after_steps", cfg.task.stop_after_steps, "must be >= 1")
-    if cfg.task.name in (TaskName.eval, TaskName.generate) and cfg.task.model_dir is not None:
+    if cfg.task.name in (TaskName.eval, TaskName.generate, TaskName.grpo) and cfg.task.model_dir is not None:
         from pathlib import Path
 
         _check(Path(cfg.task.model_dir).expanduser().is_dir(), "task.model_dir", cfg.task.model_dir, "is not a directory")
@@ -596,6 +624,31 @@ def validate_run_settings(cfg: Any) -> None:
             from pathlib import Path
 
             _check(Path(value).expanduser().is_dir(), f"donors.{key}", value, "is not a directory (a Hugging Face LLaMA checkpoint)")
+
+
+def _validate_grpo(cfg: Any) -> None:
+    """``task.grpo`` and what GRPO takes of the rest (the HF backend, one device)."""
+    from .grpo import REWARDS
+
+    grpo = cfg.task.grpo
+    for name in grpo.rewards:
+        _check(name in REWARDS, "task.grpo.rewards", list(grpo.rewards), f"{name!r} is not one of {', '.join(REWARDS)}")
+    _check(len(grpo.rewards) > 0, "task.grpo.rewards", [], f"list at least one of {', '.join(REWARDS)}")
+    _check(not grpo.reward_weights or len(grpo.reward_weights) == len(grpo.rewards), "task.grpo.reward_weights",
+           list(grpo.reward_weights), f"must be empty or give one weight per reward ({len(grpo.rewards)})")
+    _check(grpo.prompts >= grpo.prompts_per_step, "task.grpo.prompts", grpo.prompts,
+           f"must be >= task.grpo.prompts_per_step={grpo.prompts_per_step}")
+    _check(grpo.prompts_per_step >= 1, "task.grpo.prompts_per_step", grpo.prompts_per_step, "must be >= 1")
+    _check(grpo.eval_prompts >= 0, "task.grpo.eval_prompts", grpo.eval_prompts, "must be >= 0")
+    _check(grpo.num_generations >= 2, "task.grpo.num_generations", grpo.num_generations,
+           "must be >= 2 (GRPO compares the rewards of a prompt's completions)")
+    _check(grpo.max_completion_length >= 1, "task.grpo.max_completion_length", grpo.max_completion_length, "must be >= 1")
+    _check(grpo.temperature > 0, "task.grpo.temperature", grpo.temperature, "must be > 0 (GRPO samples)")
+    _check(grpo.beta >= 0, "task.grpo.beta", grpo.beta, "must be >= 0")
+    _check(grpo.eval_every >= 0, "task.grpo.eval_every", grpo.eval_every, "must be >= 0 (0: no evaluation)")
+    _check(cfg.backend.name == "hf", "backend", cfg.backend.name, "task=grpo runs the HF model (backend=hf)")
+    _check(cfg.parallel.devices == 1 and cfg.parallel.num_nodes == 1 and cfg.parallel.strategy == "auto", "parallel",
+           cfg.parallel.name, "task=grpo runs in one process on one device (parallel=single)")
 
 
 def _validate_parallel(cfg: Any) -> None:
@@ -644,6 +697,7 @@ __all__ = [
     "AdapterInit",
     "AdapterKind",
     "EvalConfig",
+    "GrpoConfig",
     "HarnessEngine",
     "RunConfig",
     "RunConfigError",

@@ -50,6 +50,7 @@ from ..checkpoint import CheckpointError
 from ..configuration_split_llama import SplitConfigError, SplitLlamaConfig
 from .loading import (
     VLLM_LAYER_NAMES,
+    VllmTarget,
     adapter_layer_index,
     check_split_checkpoint,
     check_vllm_compatible,
@@ -225,6 +226,10 @@ class CustomSplitLLamaForCausalLM(nn.Module, SupportsPP):
         else:
             self.lm_head = PPMissingLayer()
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        #: The load in progress (``None`` between loads): see :meth:`load_weights`.
+        self._load: WeightLoad | None = None
+        #: Whether vLLM's disk loader is still to call :meth:`load_weights` (with the whole checkpoint).
+        self._disk_load_pending = load_format != "dummy"
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
@@ -243,62 +248,59 @@ class CustomSplitLLamaForCausalLM(nn.Module, SupportsPP):
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        if self._load is not None:  # a load (sync) ended without a check: no logits from partial weights
+            self.check_weights_loaded()
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load a saved split checkpoint, fusing q/k/v and gate/up, strictly.
+        """Load split-checkpoint tensors, fusing q/k/v and gate/up; one call or many, in any grouping.
+
+        vLLM's disk loader calls this once with the whole checkpoint; a trainer syncing a rollout
+        engine (veRL: one call per bucket of HF-named tensors; TRL: one call per parameter) calls
+        it many times. Every call adds to the current *load*; :meth:`check_weights_loaded` closes it
+        and raises :class:`CheckpointError` naming each tensor the load lacks. It runs at the end
+        of the disk load (the first call when the engine did not start from dummy weights), by
+        hand after a sync, and by itself before the next logits are computed, so a sync that
+        misses a tensor never leaves stale or dummy values in place silently.
 
         Names map through :func:`splitllama.vllm.loading.vllm_target`. Tensors of layers that live
         on another pipeline stage are skipped; tensors the model has no place for are skipped
-        with a warning. Afterwards every parameter of this stage (every part of each packed one)
-        must have been filled, and every tensor the config needs must have been seen, or
-        :class:`CheckpointError` names the missing ones. Returns the loaded parameter names.
+        with a warning. Returns the vLLM parameters filled so far in this load.
         """
-        params = dict(self.named_parameters())
-        needed_parts = _needed_parts(params)
-        filled: dict[str, set[str | int | None]] = {name: set() for name in params}
-        seen: set[str] = set()
-        unknown: list[str] = []
-        skipped = 0
+        params: dict[str, nn.Parameter] = {}
         for name, tensor in weights:
-            seen.add(name)
+            load = self._open_load()  # opened by a tensor: an empty call (veRL's last bucket may be one) opens none
+            # looked up per call: vLLM's layerwise reload swaps parameters for buffering ones and back
+            params = params or dict(self.named_parameters())
             target = vllm_target(self.config, name)
-            if target is None:
-                unknown.append(name)
+            if target is not None and target.param not in params:
+                if not self._on_other_stage(target.param, target.layer):
+                    raise CheckpointError(f"tensor {name}: the vLLM model has no parameter {target.param}")
+                load.skip_other_stage(name)
                 continue
-            if target.param not in params:
-                if self._on_other_stage(target.param, target.layer):
-                    skipped += 1
-                    continue
-                raise CheckpointError(f"tensor {name}: the vLLM model has no parameter {target.param}")
-            param = params[target.param]
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if target.shard is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, target.shard)
-            filled[target.param].add(target.shard)
+            load.add(name, tensor, target, params)
+        if self._disk_load_pending:  # vLLM's loader hands over the whole checkpoint in this one call
+            self._disk_load_pending = False
+            loaded = self._open_load().loaded_params()
+            self.check_weights_loaded(source="the checkpoint")
+            return loaded
+        return self._load.loaded_params() if self._load is not None else set()
 
-        absent = [n for n in expected_checkpoint_tensors(self.config) if n not in seen]
-        unfilled = sorted(
-            f"{n}{'' if parts == {None} else ' ' + str(sorted(map(str, parts - filled[n])))}"
-            for n, parts in needed_parts.items()
-            if parts - filled[n]
-        )
-        if absent or unfilled:
-            raise CheckpointError(
-                f"split checkpoint incomplete: {len(absent)} tensor(s) not in the checkpoint {absent[:10]}; "
-                f"{len(unfilled)} vLLM parameter(s) not filled {unfilled[:10]}"
-            )
-        if unknown:
-            logger.warning("split model: skipped %d checkpoint tensor(s) it has no place for: %s", len(unknown), unknown[:8])
-        loaded = {n for n, parts in filled.items() if parts}
-        logger.info(
-            "split model: loaded %d checkpoint tensors into %d vLLM parameters; skipped %d on other pipeline "
-            "stages and %d unknown",
-            len(seen) - skipped - len(unknown), len(loaded), skipped, len(unknown),
-        )
-        return loaded
+    def _open_load(self) -> WeightLoad:
+        if self._load is None:
+            self._load = WeightLoad([name for name, _ in self.named_parameters()])
+        return self._load
+
+    def check_weights_loaded(self, source: str = "the weights loaded since the last check") -> None:
+        """Close the current load; raise :class:`CheckpointError` naming what it lacks.
+
+        Call it after a weight sync (``llm.apply_model(lambda m: m.check_weights_loaded())``);
+        :meth:`compute_logits` calls it before the first logits after a load. A no-op when no
+        load is open.
+        """
+        load, self._load = self._load, None
+        if load is not None:
+            load.check_complete(expected_checkpoint_tensors(self.config), source)
 
     def _on_other_stage(self, param: str, layer: int | None) -> bool:
         """Whether ``param`` belongs to a module this pipeline stage does not hold."""
@@ -310,18 +312,71 @@ class CustomSplitLLamaForCausalLM(nn.Module, SupportsPP):
             return False
 
 
-def _needed_parts(params: dict[str, nn.Parameter]) -> dict[str, set[str | int | None]]:
+class WeightLoad:
+    """What one load (vLLM's disk load, or one weight sync of many ``load_weights`` calls) filled."""
+
+    def __init__(self, param_names: list[str]) -> None:
+        self.needed_parts = _needed_parts(param_names)
+        self.filled: dict[str, set[str | int | None]] = {name: set() for name in param_names}
+        self.seen: set[str] = set()
+        self.unknown: list[str] = []
+        self.skipped = 0
+
+    def skip_other_stage(self, name: str) -> None:
+        self.seen.add(name)
+        self.skipped += 1
+
+    def add(self, name: str, tensor: torch.Tensor, target: VllmTarget | None, params: dict[str, nn.Parameter]) -> None:
+        """Copy ``tensor`` into its place (``target`` among ``params``; ``None``: the model has none)."""
+        self.seen.add(name)
+        if target is None:
+            self.unknown.append(name)
+            return
+        param = params[target.param]
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        if target.shard is None:
+            loader(param, tensor)
+        else:
+            loader(param, tensor, target.shard)
+        self.filled[target.param].add(target.shard)
+
+    def loaded_params(self) -> set[str]:
+        return {n for n, parts in self.filled.items() if parts}
+
+    def check_complete(self, expected: list[str], source: str) -> None:
+        """Raise :class:`CheckpointError` unless every tensor of ``expected`` came and every part
+        of every parameter of this stage was filled; else log what was loaded and skipped."""
+        absent = [n for n in expected if n not in self.seen]
+        unfilled = sorted(
+            f"{n}{'' if parts == {None} else ' ' + str(sorted(map(str, parts - self.filled[n])))}"
+            for n, parts in self.needed_parts.items()
+            if parts - self.filled[n]
+        )
+        if absent or unfilled:
+            raise CheckpointError(
+                f"split model weights incomplete: {len(absent)} tensor(s) not in {source} {absent[:10]}; "
+                f"{len(unfilled)} vLLM parameter(s) not filled {unfilled[:10]}"
+            )
+        if self.unknown:
+            logger.warning("split model: skipped %d tensor(s) it has no place for: %s", len(self.unknown), self.unknown[:8])
+        logger.info(
+            "split model: loaded %d tensors into %d vLLM parameters; skipped %d on other pipeline stages and %d unknown",
+            len(self.seen) - self.skipped - len(self.unknown), len(self.loaded_params()), self.skipped, len(self.unknown),
+        )
+
+
+def _needed_parts(param_names: list[str]) -> dict[str, set[str | int | None]]:
     """For each parameter, the shard ids a checkpoint must fill (``{None}`` for unpacked ones)."""
     packed: dict[str, set[str | int | None]] = {}
     for relative, shard in VLLM_LAYER_NAMES.values():
         if shard is not None:
             packed.setdefault(relative, set()).add(shard)
     needed: dict[str, set[str | int | None]] = {}
-    for name in params:
+    for name in param_names:
         _, _, tail = name.partition("model.layers.")
         relative = tail.split(".", 1)[1] if tail else ""
         needed[name] = packed.get(relative, {None})
     return needed
 
 
-__all__ = ["CustomSplitLLamaForCausalLM", "SplitAdapterLayer", "SplitLlamaModel"]
+__all__ = ["CustomSplitLLamaForCausalLM", "SplitAdapterLayer", "SplitLlamaModel", "WeightLoad"]

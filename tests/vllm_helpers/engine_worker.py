@@ -14,6 +14,7 @@ given as ``argv[1]`` (stdout and stderr carry vLLM's logs). A request names an `
   request names the same model and engine arguments),
 - ``llm_generate``: plain ``vllm.LLM(model=..., **engine)`` and ``LLM.generate`` on token ids,
   bypassing splitllama's helpers (what a user who relies on the plugin alone does),
+- ``sync_weights``: a trainer's weight sync into the engine (see :func:`sync_weights`),
 
 with optional ``env`` (environment variables set while the engine runs). Response:
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "...", "traceback": "..."}``.
@@ -27,7 +28,66 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+
+def verl_buckets(named_tensors: Iterable[tuple[str, Any]], bucket_bytes: int) -> Iterator[list[tuple[str, Any]]]:
+    """Group tensors into buckets as veRL 0.9.1's ``BucketedWeightSender.async_send_weights`` packs
+    its buffer (``verl/workers/rollout/vllm_rollout/bucketed_weight_transfer.py``): each tensor at
+    an offset aligned to its element size; a bucket is sent when the next tensor would overflow
+    it; a tensor larger than a bucket goes alone. (Written out here: ``import verl`` needs ray and
+    tensordict, which the vLLM environment does not hold.)"""
+    bucket: list[tuple[str, Any]] = []
+    offset = 0
+    for name, tensor in named_tensors:
+        alignment = tensor.element_size()
+        offset = (offset + alignment - 1) // alignment * alignment
+        if offset + tensor.nbytes > bucket_bytes and bucket:
+            yield bucket
+            bucket, offset = [], 0
+        if tensor.nbytes > bucket_bytes:
+            yield [(name, tensor)]
+            continue
+        bucket.append((name, tensor))
+        offset += tensor.nbytes
+    yield bucket  # veRL sends the last bucket (is_last) even when it is empty
+
+
+def sync_weights(llm: Any, source: str, bucket_bytes: int, reverse: bool = False, drop: str | None = None,
+                 check: bool = False) -> list[int]:
+    """Sync an actor's weights into a running engine, one ``load_weights`` call per bucket.
+
+    The actor is the HF model saved in ``source``; its ``state_dict()`` (HF names), optionally in
+    reverse order and without tensor ``drop``, goes through :func:`verl_buckets`. The calls run
+    inside vLLM's layerwise reload (``initialize_layerwise_reload`` ... ``finalize_layerwise_reload``,
+    what vLLM's own weight-transfer engines do around their ``load_weights`` calls): on the CPU,
+    vLLM repacks each linear layer's weight after loading and drops the original parameter, so
+    a bare ``load_weights`` into a running CPU engine fails for any model. (veRL 0.9.1 calls
+    ``load_weights`` per bucket, then ``process_weights_after_loading``: on CUDA, where that
+    repacking does not happen.) Then ``check_weights_loaded()`` if ``check``; the prefix cache is
+    reset, as trainers do after a sync. Returns the number of tensors in each bucket.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    actor = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    named = [(n, t) for n, t in actor.state_dict().items() if n != drop]
+    buckets = list(verl_buckets(reversed(named) if reverse else named, bucket_bytes))
+    model_config = llm.llm_engine.model_config
+
+    def receive(model: Any) -> None:
+        initialize_layerwise_reload(model)
+        for bucket in buckets:
+            model.load_weights(bucket)
+        finalize_layerwise_reload(model, model_config)
+        if check:
+            model.check_weights_loaded()
+
+    llm.apply_model(receive)
+    llm.reset_prefix_cache()
+    return [len(b) for b in buckets]
 
 
 def _jsonable(value: Any) -> Any:
@@ -94,6 +154,8 @@ class Host:
 
             llm = self.engine(request, plain=False)
             return _jsonable(getattr(splitllama.vllm, op)(llm, **kwargs))
+        if op == "sync_weights":
+            return sync_weights(self.engine(request, plain=False), **kwargs)
         raise ValueError(f"unknown op {op!r}")
 
 
