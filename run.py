@@ -11,7 +11,8 @@
 Each run writes ``results.json`` in its run directory (``outputs/<date>/<time>-<random>/``, or
 ``outputs/slurm-<job id>-<command hash>/`` in a SLURM job), also when it fails or is interrupted (Ctrl-C, SIGTERM:
 training stops with a checkpoint; a requeued SLURM job resumes from it). A used run directory is
-refused unless the run resumes it (``ckpt_path=last``). The return value (validation loss) is
+refused unless the run resumes it (``ckpt_path=last``), and only by the task that made it; each attempt's
+composed config is kept (``.hydra/``, then ``.hydra/attempt-<n>/``). The return value (validation loss) is
 what a Hydra sweeper optimises.
 """
 
@@ -237,6 +238,13 @@ def _is_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _config_subdir() -> str:
+    """Where Hydra wrote this attempt's composed config (``.hydra``, or ``.hydra/attempt-<n>`` on a resume)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().output_subdir)
+
+
 def _resumes(cfg: DictConfig) -> bool:
     return resumes_run(cfg.ckpt_path)
 
@@ -271,6 +279,7 @@ def main(cfg: DictConfig) -> float | None:
             raise SystemExit(f"error: {exc}") from None
         SIGNALS.install()
     try:
+        record.update("paths", {"hydra_config": str(Path(cfg.paths.output_dir) / _config_subdir())})
         threads = apply_cpu_threads(cfg)
         if threads is not None:
             record.data["cpu_threads"] = threads

@@ -230,3 +230,85 @@ def test_malformed_jsonl_names_the_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=re.escape(f"data.files: {path}:2 is not valid JSON (Expecting ',' delimiter, column 15); "
                                                    "a .jsonl file holds one JSON object per line")):
         read_text_files([str(path)])
+
+
+# ------------------------------------------------------------------ a used run directory belongs to its run
+def run_main(monkeypatch: pytest.MonkeyPatch, *overrides: str) -> int | str | None:
+    """``python run.py <overrides>`` in this process (Hydra, the run-dir guard, ``main``): its exit code or message.
+
+    For runs refused or failing before anything heavy; the signal handlers ``main`` installs are put back.
+    """
+    import runpy
+    import signal
+    import sys
+
+    from tests.conftest import REPO
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sys, "argv", ["run.py", *overrides])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    try:
+        runpy.run_path(str(REPO / "run.py"), run_name="__main__")
+        return 0
+    except SystemExit as exc:
+        return exc.code
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def finished_training_run(run_dir: Path) -> dict[str, bytes]:
+    """A run directory as a finished ``task=train`` run leaves it (results.json, .hydra/, hf_model/, last.ckpt);
+    returns every file's bytes."""
+    from splitllama.results import RunRecord
+
+    record = RunRecord(run_dir, task="train", config={"optim": {"lr": 0.001}})
+    record.claim(resume=False)
+    record.update("metrics", {"val_loss": 5.0, "steps": 8})
+    record.write("ok")
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text("optim:\n  lr: 0.001\n")
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- debug=quick\n")
+    (run_dir / "hf_model").mkdir()
+    (run_dir / "hf_model" / "model.safetensors").write_bytes(b"trained weights")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"checkpoint")
+    return tree_bytes(run_dir)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("task", ["assemble", "eval"])
+def test_another_task_may_not_resume_a_training_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: str) -> None:
+    """Before: ``task=assemble ckpt_path=last`` into a finished training run exited 0, its trained hf_model/ overwritten
+    by an untrained assembly and results.json's top record the assemble. Refused now, before anything is written."""
+    run_dir = tmp_path / "run"
+    before = finished_training_run(run_dir)
+    code = run_main(monkeypatch, "debug=quick", f"task={task}", "ckpt_path=last", "logger=none", f"hydra.run.dir={run_dir}",
+                    f"paths.cache_dir={tmp_path / 'cache'}")
+    assert isinstance(code, str) and code.startswith(f"error: run directory {run_dir} belongs to a task=train run with status 'ok' "), code
+    assert f"task={task} may not resume it (only task=train may, with ckpt_path=last)" in code
+    assert tree_bytes(run_dir) == before
+    assert not (tmp_path / "cache").exists()  # nothing heavy started
+
+
+def test_every_attempt_keeps_its_composed_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: a resume replaced .hydra/config.yaml and overrides.yaml, so the ok run showed the failed attempt's optim.lr=-1."""
+    from splitllama.results import read_results
+
+    run_dir = tmp_path / "run"
+    before = finished_training_run(run_dir)
+    for attempt in (2, 3):
+        code = run_main(monkeypatch, "debug=quick", "ckpt_path=last", f"optim.lr=-{attempt}", "logger=none", f"hydra.run.dir={run_dir}")
+        assert code == f"error: optim.lr=-{attempt}.0: must be > 0"
+        overrides = (run_dir / ".hydra" / f"attempt-{attempt}" / "overrides.yaml").read_text()
+        assert f"optim.lr=-{attempt}" in overrides and "ckpt_path=last" in overrides
+        assert (run_dir / ".hydra" / f"attempt-{attempt}" / "config.yaml").is_file()
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml"):
+        assert (run_dir / name).read_bytes() == before[name]
+    kept = read_results(run_dir)
+    assert kept["status"] == "ok" and [a["status"] for a in kept["attempts"]] == ["failed", "failed"]
+    assert [read_results(run_dir / a["record"])["paths"]["hydra_config"] for a in kept["attempts"]] == [
+        str(run_dir / ".hydra" / "attempt-2"), str(run_dir / ".hydra" / "attempt-3")]
