@@ -41,16 +41,23 @@ def train(cfg: DictConfig, record) -> float:
     """Build (or reuse) donors, assemble, train what the config says, evaluate, export."""
     from splitllama.training import pipeline as P
 
+    from splitllama.training.callbacks import RecordTrainedResult
+
     run = P.check(cfg, record)
     ckpt_path = P.resolve_ckpt_path(cfg) or _requeued_checkpoint(cfg)
+    if ckpt_path is not None:  # the settings first, before donors or data are loaded
+        P.check_resume(cfg, ckpt_path, P.trained_result(cfg, run.split), record)
     P.seed_everything(cfg.seed)
     run = P.load(cfg, record, run, stage="fit")
+    trained = P.trained_result(cfg, run.split, run.donors, run.data)
+    if ckpt_path is not None:  # and the donors' and the data's content
+        P.check_resume(cfg, ckpt_path, trained, record)
     donors, data, references, tokenizer = run.donors, run.data, run.references, run.tokenizer
     record.update("donors", {"path8b": donors.path8b, "path70b": donors.path70b, "built_now": donors.built_now,
                              "embedded_metrics": (donors.manifest or {}).get("metrics")})
     module = P.make_module(cfg, run.spec(cfg), teacher_path=donors.path70b)
     loggers = P.make_loggers(cfg, record, group=_sweep_group(cfg))
-    trainer = P.make_trainer(cfg, loggers, P.make_callbacks(cfg, SIGNALS))
+    trainer = P.make_trainer(cfg, loggers, [*P.make_callbacks(cfg, SIGNALS), RecordTrainedResult(trained, P.CHECKPOINT_RESULT_KEY)])
 
     def record_model() -> None:
         record.update("params", module.parameter_counts())

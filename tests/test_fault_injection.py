@@ -312,3 +312,50 @@ def test_every_attempt_keeps_its_composed_config(tmp_path: Path, monkeypatch: py
     assert kept["status"] == "ok" and [a["status"] for a in kept["attempts"]] == ["failed", "failed"]
     assert [read_results(run_dir / a["record"])["paths"]["hydra_config"] for a in kept["attempts"]] == [
         str(run_dir / ".hydra" / "attempt-2"), str(run_dir / ".hydra" / "attempt-3")]
+
+
+# ------------------------------------------------------------------ a resume continues the same run
+def test_a_resume_continues_the_same_run(embedded_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: resuming with layers.n70=2 trained layers [6, 7] from a checkpoint of [4, 5, 6, 7], and a resume with
+    another trainer.max_steps silently ran another schedule. Each change is refused, naming it old -> new; extending
+    is asked for (task.extend=true), and results.json records it with what the schedule does."""
+    from splitllama.results import read_results
+
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    common = ("debug=quick", "logger=none", "eval.references=false", f"paths.cache_dir={embedded_cache}", f"hydra.run.dir={run_dir}")
+    assert run_main(monkeypatch, *common, "task.stop_after_steps=2") == 0
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["splitllama_trained_result"]
+    assert saved["layers.list70"] == [4, 5, 6, 7] and saved["trainer.max_steps"] == 8 and len(saved["donors.large"]) == 16
+
+    refused = f"error: ckpt_path=last: the checkpoint {ckpt} (step 2) was trained with other settings, and a resume continues the same run: "
+    code = run_main(monkeypatch, *common, "ckpt_path=last", "layers.n70=2", "optim.lr=0.002")
+    assert code == refused + ("optim.lr: 0.001 -> 0.002; layers.list70: [4, 5, 6, 7] -> [6, 7]. Start a new run for new settings "
+                              "(no ckpt_path, a new run directory)")
+    code = run_main(monkeypatch, *common, "ckpt_path=last", "trainer.max_steps=12")
+    assert code == refused + ("trainer.max_steps: 8 -> 12. Start a new run for new settings (no ckpt_path, a new run directory); "
+                              "to train past trainer.max_steps=8, resume with task.extend=true (nothing else changed)")
+
+    assert run_main(monkeypatch, *common, "ckpt_path=last", "trainer.max_steps=12", "task.extend=true") == 0
+    results = read_results(run_dir)
+    assert results["status"] == "ok" and results["metrics"]["steps"] == 12
+    assert [a["status"] for a in results["attempts"]] == ["interrupted", "failed", "failed"]
+    resume = results["resume"]
+    assert resume["from_step"] == 2 and resume["checked"] and resume["extended"] == {"trainer.max_steps": [8, 12]}
+    assert resume["schedule"].startswith("warmup then cosine recomputed over the new 12 steps: at step 2 the learning rate is ")
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["splitllama_trained_result"]["trainer.max_steps"] == 12
+
+
+def test_the_donor_fingerprint_follows_the_weights_not_the_files(tmp_path: Path, large_donor: Path) -> None:
+    """A resume compares the donors by content: a copy is the same donor, a changed tensor another."""
+    from splitllama.checkpoint import weights_fingerprint
+
+    copy = copy_donor(large_donor, tmp_path / "copy")
+    assert weights_fingerprint(copy) == weights_fingerprint(large_donor)
+
+    def nudge(state: dict[str, torch.Tensor]) -> None:
+        state["model.layers.7.mlp.down_proj.weight"][0, 0] += 1e-3
+
+    changed = rewrite_donor(large_donor, tmp_path / "changed", nudge)
+    same = rewrite_donor(large_donor, tmp_path / "same", lambda state: None)
+    assert weights_fingerprint(changed) != weights_fingerprint(same)

@@ -59,6 +59,17 @@ class GracefulStop(pl.Callback):
             self.signals.checkpoint, self.signals.step = self.checkpoint_path, trainer.global_step
 
 
+class RecordTrainedResult(pl.Callback):
+    """Save what decides the run's result (:func:`~splitllama.training.pipeline.trained_result`) in every
+    checkpoint, under ``key``, so a resume can be checked against it (:func:`~splitllama.training.pipeline.check_resume`)."""
+
+    def __init__(self, values: dict[str, Any], key: str) -> None:
+        self.values, self.key = values, key
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[self.key] = self.values
+
+
 class HangWatchdog(pl.Callback):
     """Fail a stuck run with every thread's stack instead of letting it wait forever.
 
@@ -175,4 +186,4 @@ def wandb_run_file(loggers: list[Logger]) -> str | None:
     return None
 
 
-__all__ = ["GracefulStop", "csv_metrics_file", "make_loggers", "wandb_run_file"]
+__all__ = ["GracefulStop", "RecordTrainedResult", "csv_metrics_file", "make_loggers", "wandb_run_file"]

@@ -88,6 +88,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> str | None:
     return hashlib.sha256(ident.encode("utf-8")).hexdigest()
 
 
+def documents_fingerprint(documents: Sequence[str]) -> str:
+    """SHA-256 of a corpus: each document's text, in order (what a run's data is, wherever its files lie)."""
+    digest = hashlib.sha256()
+    for doc in documents:
+        data = doc.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
 def packed_splits(
     tokenizer: Any, documents: Sequence[str], seq_len: int, val_fraction: float, *, cache_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,12 +113,8 @@ def packed_splits(
     fingerprint = tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
     path: Path | None = None
     if fingerprint is not None:
-        digest = hashlib.sha256(json.dumps([PACKING_VERSION, fingerprint, seq_len, val_fraction, len(documents)]).encode())
-        for doc in documents:
-            data = doc.encode("utf-8")
-            digest.update(len(data).to_bytes(8, "little"))
-            digest.update(data)
-        path = Path(os.path.expanduser(cache_dir)) / "blocks" / f"{digest.hexdigest()[:24]}.pt"  # type: ignore[arg-type]
+        key = json.dumps([PACKING_VERSION, fingerprint, seq_len, val_fraction, len(documents), documents_fingerprint(documents)])
+        path = Path(os.path.expanduser(cache_dir)) / "blocks" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"  # type: ignore[arg-type]
         if path.is_file():
             try:
                 cached = torch.load(path, map_location="cpu", weights_only=True)
@@ -323,6 +329,7 @@ __all__ = [
     "BlockDataset",
     "ResumableBlockSampler",
     "SplitTextDataModule",
+    "documents_fingerprint",
     "in_validation",
     "pack_documents",
     "read_text_files",

@@ -100,6 +100,8 @@ class TaskConfig:
     temperature: float = 0.0
     # debugging: stop training after this many steps, as an interrupted run would (resume with ckpt_path)
     stop_after_steps: Optional[int] = None
+    #: a resume (ckpt_path) that raises trainer.max_steps: train on to the new count (else any change is refused)
+    extend: bool = False
 
 
 def _typed_view(recipe_cls: type, name: str, doc: str, defaults: dict[str, Any], nested: dict[str, Any]) -> type:
@@ -347,6 +349,9 @@ class ModelCheckpointConfig:
     every_n_train_steps: int = II("trainer.checkpoint_every_n_steps")
     save_last: bool = True
     save_top_k: int = 1
+    #: false: a resumed run overwrites last.ckpt (with Lightning's counter it wrote last-v1.ckpt beside the
+    #: interrupted attempt's, and the next ckpt_path=last resumed from that stale one)
+    enable_version_counter: bool = False
 
 
 @dataclass
