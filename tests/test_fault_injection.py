@@ -359,3 +359,97 @@ def test_the_donor_fingerprint_follows_the_weights_not_the_files(tmp_path: Path,
     changed = rewrite_donor(large_donor, tmp_path / "changed", nudge)
     same = rewrite_donor(large_donor, tmp_path / "same", lambda state: None)
     assert weights_fingerprint(changed) != weights_fingerprint(same)
+
+
+# ------------------------------------------------------------------ every override is checked
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["+layers.n_70=1"], "+layers.n_70=1: layers has no key 'n_70'; did you mean layers.n70? its keys: n8, n70, list8, list70"),
+    (["+donors.embedded.small.hiden_size=64"], "+donors.embedded.small.hiden_size=64: donors.embedded.small has no key 'hiden_size'; "
+                                               "did you mean donors.embedded.small.hidden_size?"),
+    (["+seeds=3"], "+seeds=3: the config has no key 'seeds'; did you mean seed?"),
+    (["data.seq_len=4096"], "data.seq_len=4096: above the donors' max_position_embeddings (small 2048, large 2048); must be <= 2048"),
+    (["data.val_batch_size=0"], "data.val_batch_size=0: must be >= 1, or null for the default"),
+    (["data.max_val_blocks=0"], "data.max_val_blocks=0: must be >= 1, or null for the default"),
+    (["backend.micro_batch_size=0"], "backend.micro_batch_size=0: must be >= 1, or null for the default"),
+], ids=["misspelt + key", "misspelt nested + key", "misspelt top-level + key", "seq_len past the positions", "val batch 0",
+        "val blocks 0", "micro batch 0"])
+def test_overrides_outside_what_the_run_reads_are_refused(overrides: list[str], message: str) -> None:
+    """Before: each ran with exit 0, the key ignored (the model had 4 large layers, not 1) or the value replaced
+    (validation at batch 4 while results.json recorded 0), or trained at positions the donors never saw."""
+    from splitllama.training.pipeline import validate
+    from splitllama.training.schema import RunConfigError
+
+    with pytest.raises(RunConfigError, match="^" + re.escape(message)):
+        validate(compose_run_config("debug=quick", *overrides))
+
+
+def test_free_form_nodes_take_new_keys() -> None:
+    from splitllama.training.pipeline import validate
+
+    validate(compose_run_config("debug=quick", "+backend.options.use_cache=false",
+                                "+callbacks.extra.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor"))
+
+
+# ------------------------------------------------------------------ data files: every error names the file
+@pytest.mark.parametrize(("content", "message"), [
+    (b'{"text": "one"}\n{"text": null}\n', ":2: its 'text' is null, not text; each row's data.text_field must be a JSON string"),
+    (b'{"text": "one"}\n\n{"text": 12345}\n', ":3: its 'text' is 12345, not text; each row's data.text_field must be a JSON string"),
+    (b'{"text": "caf\xc3\xa9"}\n{"text": "caf\xe9"}\n', ":2 is not UTF-8 text (byte 0xe9 at offset 31); convert the file to UTF-8"),
+    (b"", " holds no documents (an empty file)"),
+    (b"\n \n", " holds no documents (only whitespace)"),
+], ids=["null text", "number text", "not UTF-8", "empty", "blank"])
+def test_bad_data_files_name_the_file_and_line(tmp_path: Path, content: bytes, message: str) -> None:
+    """Before: null and 12345 were trained on as the documents "None" and "12345"; a non-UTF-8 or empty file
+    failed with an error that named no file."""
+    from splitllama.training.data import read_text_files
+    from splitllama.training.schema import RunConfigError
+
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(RunConfigError, match="^" + re.escape(f"data.files: {path}{message}")):
+        read_text_files([str(tmp_path / "docs.jsonl")])
+
+
+def test_a_directory_is_not_a_data_file(tmp_path: Path) -> None:
+    from splitllama.training.data import read_text_files
+    from splitllama.training.schema import RunConfigError
+
+    with pytest.raises(RunConfigError, match="^" + re.escape(f"data.files: {tmp_path} is a directory; list the .txt or .jsonl files in it")):
+        read_text_files([str(tmp_path)])
+
+
+def test_too_small_a_corpus_names_its_files(embedded_cache: Path, tmp_path: Path) -> None:
+    from splitllama.results import RunRecord
+    from splitllama.training import pipeline as P
+    from splitllama.training.schema import RunConfigError
+
+    path = tmp_path / "docs.txt"
+    path.write_text("one short document")
+    cfg = compose_run_config("debug=quick", "data=files", f"data.files=[{path}]", f"paths.cache_dir={embedded_cache}",
+                             f"paths.output_dir={tmp_path}")
+    record = RunRecord(tmp_path, task="train", config={})
+    with pytest.raises(RunConfigError, match=re.escape(f"(data.files=['{path}'])")):
+        P.load(cfg, record, P.check(cfg, record), stage="fit", references=False)
+
+
+def test_a_run_directory_as_model_dir_points_at_its_model(tmp_path: Path) -> None:
+    """Before: an error about a config.json that does not exist in the run directory."""
+    from splitllama.training.pipeline import validate
+    from splitllama.training.schema import RunConfigError
+
+    run_dir = tmp_path / "run"
+    finished_training_run(run_dir)
+    cfg = compose_run_config("debug=quick", "task=eval", f"task.model_dir={run_dir}")
+    with pytest.raises(RunConfigError, match="^" + re.escape(
+            f"task.model_dir={run_dir}: {run_dir} is a run directory, not a saved split model; its task saved no model (paths.export_dir)")):
+        validate(cfg)
+    from splitllama.results import RunRecord, read_results
+
+    record = RunRecord(run_dir, task="train", config={})
+    record.previous = read_results(run_dir)
+    record.update("paths", {"export_dir": str(run_dir / "hf_model")})
+    record.write("ok")
+    with pytest.raises(RunConfigError, match=re.escape(f"its saved model is task.model_dir={run_dir / 'hf_model'}")):
+        validate(cfg)
+    with pytest.raises(RunConfigError, match=re.escape(f"task.model_dir={tmp_path}: {tmp_path} has no config.json: not a saved split model")):
+        validate(compose_run_config("debug=quick", "task=eval", f"task.model_dir={tmp_path}"))

@@ -111,6 +111,8 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
         from ..modeling_split_llama import saved_model_problem
 
         model_dir = os.path.expanduser(cfg.task.model_dir)
+        if not (Path(model_dir) / "config.json").is_file():
+            raise RunConfigError(f"task.model_dir={cfg.task.model_dir}: {saved_model_missing(Path(model_dir))}")
         try:
             config = SplitLlamaConfig.from_pretrained(model_dir)
         except Exception as exc:  # noqa: BLE001
@@ -118,6 +120,7 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
         problem = saved_model_problem(model_dir)
         if problem:
             raise RunConfigError(f"task.model_dir={cfg.task.model_dir}: {problem}")
+        check_positions(cfg, config)
         return config
     fields: dict[str, Any] = {
         **layer_selection(cfg),
@@ -135,10 +138,36 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
         split = SplitLlamaConfig(**fields)
     except SplitConfigError as exc:
         raise RunConfigError(explain_split_error(str(exc), cfg)) from None
+    check_positions(cfg, split)
     from .backend_spec import backend_spec
 
     backend_spec(cfg).check_split(split, cfg)
     return split
+
+
+def check_positions(cfg: DictConfig, split: SplitLlamaConfig) -> None:
+    """``data.seq_len`` within both donors' ``max_position_embeddings``: positions past it were never trained
+    (and RoPE scaling, where a donor has one, is defined up to it)."""
+    limits = {which: getattr(getattr(split, f"config_{key}", None), "max_position_embeddings", None)
+              for which, key in (("small", "8b"), ("large", "70b"))}
+    known = {which: n for which, n in limits.items() if n}
+    if known and cfg.data.seq_len > min(known.values()):
+        raise RunConfigError(f"data.seq_len={cfg.data.seq_len}: above the donors' max_position_embeddings "
+                             f"({', '.join(f'{w} {n}' for w, n in known.items())}); must be <= {min(known.values())}")
+
+
+def saved_model_missing(path: Path) -> str:
+    """Why ``path``, which has no ``config.json``, is not a saved split model (a run directory: where its model is)."""
+    from ..results import RESULTS_FILE, read_results
+
+    if (path / RESULTS_FILE).is_file():
+        try:
+            export = read_results(path).get("paths", {}).get("export_dir")
+        except (OSError, ValueError):
+            export = None
+        saved = f"its saved model is task.model_dir={export}" if export else "its task saved no model (paths.export_dir)"
+        return f"{path} is a run directory, not a saved split model; {saved}"
+    return f"{path} has no config.json: not a saved split model (task=train or task=assemble save one in <run dir>/hf_model)"
 
 
 #: the donor fields a preset's ``expect8b`` / ``expect70b`` pins, as ``LlamaConfig`` reads them (``rope_parameters``
@@ -376,7 +405,11 @@ def load(cfg: DictConfig, record: Any, setup: RunSetup, *, stage: str | None, re
     if stage is not None or plain(cfg.adapter.init) == "lstsq":
         with record.timed("data"):
             setup.data = make_datamodule(cfg, setup.tokenizer)
-            setup.data.setup(stage or "fit")
+            try:
+                setup.data.setup(stage or "fit")
+            except ValueError as exc:  # too few documents or tokens for the split and the blocks: name the corpus
+                origin = f"data.files={list(cfg.data.files)}" if plain(cfg.data.source) == "files" else f"data.source={plain(cfg.data.source)}"
+                raise RunConfigError(f"{exc} ({origin})") from None
         setup.calibration = setup.data.train_blocks[: cfg.adapter.calibration_blocks]
     if references:
         # a saved split model is compared with the donors it was assembled from, where they still are
