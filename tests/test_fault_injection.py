@@ -453,3 +453,35 @@ def test_a_run_directory_as_model_dir_points_at_its_model(tmp_path: Path) -> Non
         validate(cfg)
     with pytest.raises(RunConfigError, match=re.escape(f"task.model_dir={tmp_path}: {tmp_path} has no config.json: not a saved split model")):
         validate(compose_run_config("debug=quick", "task=eval", f"task.model_dir={tmp_path}"))
+
+
+# ------------------------------------------------------------------ two donors share one tokenizer
+def test_donors_with_permuted_tokenizers_are_refused(embedded_cache: Path, tmp_path: Path) -> None:
+    """Before: a large donor whose tokenizer.json gives two tokens each other's ids (same vocabulary size) trained
+    without a word. Refused now, naming what differs; allowed only when asked for, and recorded."""
+    from splitllama.results import RunRecord
+    from splitllama.training import pipeline as P
+    from splitllama.training.schema import RunConfigError
+
+    built = P.resolve_donors(compose_run_config("debug=quick", f"paths.cache_dir={embedded_cache}"))
+    small, large = copy_donor(Path(built.path8b), tmp_path / "small"), copy_donor(Path(built.path70b), tmp_path / "large")
+    tokenizer = json.loads((large / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (large / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    def load(*overrides: str) -> RunRecord:
+        cfg = compose_run_config("debug=quick", f"donors.path8b={small}", f"donors.path70b={large}", f"paths.cache_dir={embedded_cache}",
+                                 f"paths.output_dir={tmp_path}", *overrides)
+        record = RunRecord(tmp_path, task="train", config={})
+        P.load(cfg, record, P.check(cfg, record, harness=False), stage=None, references=False)
+        return record
+
+    with pytest.raises(RunConfigError, match="^" + re.escape(
+            f"donors: the large donor's tokenizer ({large}) differs from the small donor's ({small}), which the split model reads "
+            "with, in: vocabulary (2 of 2048 tokens have another id or none); a token id would mean one thing")):
+        load()
+    assert load("donors.allow_tokenizer_mismatch=true").data["donors"]["tokenizers"]["mismatch_allowed"] == ["vocabulary"]
+    shutil.copy(small / "tokenizer.json", large / "tokenizer.json")
+    assert load().data["donors"]["tokenizers"] == "same"

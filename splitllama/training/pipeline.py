@@ -290,6 +290,40 @@ def load_tokenizer(path: str) -> Any:
         raise RunConfigError(f"{path}: cannot load the tokenizer ({exc}); the small donor must ship its tokenizer") from exc
 
 
+def check_donor_tokenizers(cfg: DictConfig, donors: Donors, tokenizer: Any, record: Any) -> None:
+    """The large donor's tokenizer (where it ships one) maps text to the same ids as the small donor's, which
+    the split model reads with: same vocabulary, merges, special tokens and normalization
+    (:func:`~splitllama.training.data.tokenizer_mapping`); a shared vocabulary size is not enough (a permuted
+    vocabulary gives each id another meaning in the large donor's layers and head). A mismatch is an error
+    naming each part that differs, or, with ``donors.allow_tokenizer_mismatch=true``, a warning recorded in
+    results.json (``donors.tokenizers``)."""
+    from .data import tokenizer_mapping
+
+    large_dir = Path(donors.path70b)
+    if not any((large_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        record.update("donors", {"tokenizers": "not compared: the large donor ships no tokenizer"})
+        return
+    small, large = tokenizer_mapping(tokenizer), tokenizer_mapping(load_tokenizer(str(large_dir)))
+    if small is None or large is None:
+        record.update("donors", {"tokenizers": "not compared: a donor's tokenizer is not a fast (serialisable) tokenizer"})
+        return
+    differ = [part for part in small if small[part] != large[part]]
+    if not differ:
+        record.update("donors", {"tokenizers": "same"})
+        return
+    moved = sum(1 for token, index in small["vocabulary"].items() if large["vocabulary"].get(token) != index)
+    parts = ", ".join(f"vocabulary ({moved} of {len(small['vocabulary'])} tokens have another id or none)" if p == "vocabulary" else p
+                      for p in differ)
+    message = (f"the large donor's tokenizer ({large_dir}) differs from the small donor's ({donors.path8b}), which the split "
+               f"model reads with, in: {parts}; a token id would mean one thing in the small donor's layers and another in "
+               "the large donor's")
+    if not cfg.donors.allow_tokenizer_mismatch:
+        raise RunConfigError(f"donors: {message}. Give donors that share a tokenizer, or donors.allow_tokenizer_mismatch=true "
+                             "to run anyway (results.json records it)")
+    logger.warning("donors.allow_tokenizer_mismatch=true: %s", message)
+    record.update("donors", {"tokenizers": {"mismatch_allowed": differ, "message": message}})
+
+
 def load_documents(source: Any, *, files: Sequence[str] = (), text_field: str = "text", min_doc_chars: int = 80,
                    cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> list[str]:
     """The documents of ``data.source``: a standard-library corpus (cached under ``cache_dir``) or ``files``."""
@@ -402,6 +436,8 @@ def load(cfg: DictConfig, record: Any, setup: RunSetup, *, stage: str | None, re
         if uses_embedded_donors(cfg):  # validated from their recipe, before they were built
             setup.split = with_built_donors(setup.split, setup.donors)
     setup.tokenizer = load_tokenizer(model_dir or setup.donors.path8b)
+    if model_dir is None:
+        check_donor_tokenizers(cfg, setup.donors, setup.tokenizer, record)
     if stage is not None or plain(cfg.adapter.init) == "lstsq":
         with record.timed("data"):
             setup.data = make_datamodule(cfg, setup.tokenizer)
@@ -772,6 +808,7 @@ __all__ = [
     "check",
     "load",
     "check_donor_expectations",
+    "check_donor_tokenizers",
     "check_resume",
     "config_dict",
     "donor_references",

@@ -166,6 +166,8 @@ class DonorsConfig:
     #: ``rope_scaling``, ...); a checkpoint that differs fails before any weights are read. None: no check
     expect8b: Optional[Dict[str, Any]] = None
     expect70b: Optional[Dict[str, Any]] = None
+    #: run although the large donor's tokenizer maps text to other ids than the small donor's (recorded in results.json)
+    allow_tokenizer_mismatch: bool = False
 
 
 @dataclass
