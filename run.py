@@ -96,7 +96,8 @@ def train(cfg: DictConfig, record) -> float:
         # a model-parallel backend gathers its shards: every rank takes part, rank 0 writes
         if cfg.task.export and not record.data["interrupted"] and (trainer.is_global_zero or module.backend.collective_export):
             with record.timed("export"):
-                record.update("paths", {"export_dir": str(module.backend.export_hf(cfg.paths.export_dir, tokenizer))})
+                export = P.export_model(module.backend, cfg.paths.export_dir, tokenizer, writer=trainer.is_global_zero)
+                record.update("paths", {"export_dir": str(export)})
         if run.harness is not None and not record.data["interrupted"] and trainer.is_global_zero:
             # a sharded model (model parallel, FSDP2) is scored through its gathered export (see splitllama.harness)
             export_dir = record.data["paths"].get("export_dir")
@@ -118,7 +119,7 @@ def assemble(cfg: DictConfig, record) -> float | None:
     with record.timed("assemble"):
         backend = backend_spec(cfg).build(run.spec(cfg), dict(cfg.backend.options))
     with record.timed("export"):
-        out = backend.export_hf(cfg.paths.export_dir, run.tokenizer)
+        out = P.export_model(backend, cfg.paths.export_dir, run.tokenizer)
     params = sum(p.numel() for p in backend.model.parameters())
     record.update("params", {"total": params, "trainable": 0})
     record.update("flops", count_flops_per_token(backend.config, cfg.data.seq_len))
@@ -311,7 +312,10 @@ def main(cfg: DictConfig) -> float | None:
             raise SystemExit(143 if SIGNALS.received == "SIGTERM" else 130) from None
         record.fail(exc)
         if rank_zero:
-            record.write()
+            try:
+                record.write()
+            except OSError as write_error:  # a full disk: the temporary file is gone, the error is in the log
+                log.error("could not write results.json (%s) to record: %s: %s", write_error, type(exc).__name__, exc)
         if not isinstance(exc, Exception):
             raise
         if _is_multirun():  # record the failure and let the sweep go on

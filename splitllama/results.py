@@ -370,11 +370,29 @@ class RunRecord:
         return {**summary, "metrics": record.get("metrics", {}), "record": name}
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write then rename: a reader (or a crash) never sees half a file."""
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[Any]:
+    """A binary file to write ``path`` through: a temporary file beside it, flushed to disk and renamed to
+    ``path`` when complete, so a reader (or a crash) never sees half a file. On any failure (a full disk:
+    ENOSPC, at a write or at the flush) the temporary file is removed: nothing partial or stray is left,
+    and the space it took is free again (for results.json to record the failure)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with atomic_write(path) as f:
+        f.write(json.dumps(_jsonable(data), indent=2).encode())
 
 
 def _versions() -> dict[str, str]:
@@ -403,5 +421,5 @@ def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads((path / RESULTS_FILE if path.is_dir() else path).read_text())
 
 
-__all__ = ["CLAIM_FILE", "HISTORY_DIR", "HYDRA_SUBDIR", "RESULTS_FILE", "attempt_config_subdir", "resume_refusal", "RunDirInUse", "RunInterrupted", "RunRecord", "RunSignals", "git_info", "read_results",
+__all__ = ["CLAIM_FILE", "HISTORY_DIR", "HYDRA_SUBDIR", "RESULTS_FILE", "atomic_write", "attempt_config_subdir", "resume_refusal", "RunDirInUse", "RunInterrupted", "RunRecord", "RunSignals", "git_info", "read_results",
            "register_run_dir_resolver", "run_id", "split_summary"]

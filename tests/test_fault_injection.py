@@ -485,3 +485,77 @@ def test_donors_with_permuted_tokenizers_are_refused(embedded_cache: Path, tmp_p
     assert load("donors.allow_tokenizer_mismatch=true").data["donors"]["tokenizers"]["mismatch_allowed"] == ["vocabulary"]
     shutil.copy(small / "tokenizer.json", large / "tokenizer.json")
     assert load().data["donors"]["tokenizers"] == "same"
+
+
+# ------------------------------------------------------------------ disk full
+class FillDisk:
+    """A training callback that fills the file system of ``path`` up to ``free`` bytes, after ``step`` steps or
+    at the end of training (``step=null``): the next large write (a checkpoint, the export) hits a real ENOSPC."""
+
+    def __new__(cls, path: str, step: int | None = None, free: int = 64 << 10):  # noqa: ANN204
+        import lightning.pytorch as pl
+
+        def fill(trainer) -> None:  # noqa: ANN001
+            stat = os.statvfs(path)
+            with open(Path(path) / "filler", "ab") as f:
+                f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - free))
+
+        class _Fill(pl.Callback):
+            def on_train_batch_end(self, trainer, *args) -> None:  # noqa: ANN001
+                if step is not None and trainer.global_step == step:
+                    fill(trainer)
+
+            def on_train_end(self, trainer, *args) -> None:  # noqa: ANN001
+                if step is None:
+                    fill(trainer)
+
+        return _Fill()
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):  # noqa: ANN201
+    """A 64 MiB tmpfs of its own (needs root, as the test machines run)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize(("fill", "where", "last_step"), [("step=6", "the step-8 checkpoint", 4), ("step=null", "the export", 8)],
+                         ids=["checkpoint", "export"])
+def test_a_full_disk_is_recorded_and_leaves_nothing_partial(embedded_cache: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            fill: str, where: str, last_step: int) -> None:
+    """Before: a full disk while writing a checkpoint left half of it under its real name (and Lightning's staged copy),
+    which kept the space, so no results.json was written at all. Now the partial file or export is removed and
+    results.json records the failure; last.ckpt is the last complete checkpoint."""
+    from splitllama.results import read_results
+
+    run_dir = small_disk / "run"
+    code = run_main(monkeypatch, "debug=quick", "logger=none", "eval.references=false", f"paths.cache_dir={embedded_cache}",
+                    f"hydra.run.dir={run_dir}", "+callbacks.extra.fill._target_=tests.test_fault_injection.FillDisk",
+                    f"+callbacks.extra.fill.path={small_disk}", f"+callbacks.extra.fill.{fill}")
+    assert code not in (0, None), where
+    results = read_results(run_dir)
+    # the writer's own error: OSError (a checkpoint), SafetensorError (the export's weights)
+    assert results["status"] == "failed" and "No space left on device" in results["error"]["message"], results.get("error")
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == [".hydra", ".run_claim"]
+    assert not (run_dir / "hf_model").exists()
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == [f"epoch=0-step={last_step}.ckpt", "last.ckpt"]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == last_step
+
+
+def test_results_json_on_a_full_disk_leaves_no_temporary_file(small_disk: Path) -> None:
+    from splitllama.results import RunRecord
+
+    record = RunRecord(small_disk / "run", task="train", config={"big": "x" * (1 << 20)})
+    record.claim(resume=False)
+    FillDisk(str(small_disk), step=None, free=0).on_train_end(None)
+    with pytest.raises(OSError, match="No space left on device"):
+        record.write("failed")
+    assert sorted(p.name for p in (small_disk / "run").iterdir()) == [".run_claim"]

@@ -564,7 +564,7 @@ def final_val_loss(trainer: Any, module: Any, data: Any) -> float:
 def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> Any:
     import lightning.pytorch as pl
 
-    from .callbacks import HangWatchdog
+    from .callbacks import AtomicCheckpointIO, HangWatchdog
 
     t = cfg.trainer
     interval = t.val_check_interval
@@ -595,7 +595,34 @@ def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> A
         # FSDP2 keeps gathered weights between a forward and its backward: gathered under
         # inference_mode (validation) they could not enter autograd afterwards
         inference_mode=cfg.parallel.strategy != "fsdp",
+        # FSDP2 writes its sharded checkpoints through torch.distributed.checkpoint, not a CheckpointIO
+        plugins=[AtomicCheckpointIO()] if cfg.parallel.strategy != "fsdp" else None,
     )
+
+
+def export_model(backend: Any, export_dir: str | os.PathLike[str], tokenizer: Any, *, writer: bool = True) -> Path:
+    """``backend.export_hf`` into ``.<name>.partial`` beside ``export_dir``, renamed to ``export_dir`` once
+    complete (replacing an earlier export of the run); on a failure (a full disk) the partial directory is
+    removed, so no half-saved model is left under the export's name. ``writer``: this process writes (rank 0;
+    the other ranks of a collective export only take part in the gather)."""
+    import shutil
+
+    out = Path(export_dir)
+    partial, old = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.old")
+    if writer:
+        shutil.rmtree(partial, ignore_errors=True)
+    try:
+        backend.export_hf(partial, tokenizer)
+    except BaseException:
+        if writer:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if writer:
+        if out.exists():
+            os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
@@ -823,6 +850,7 @@ __all__ = [
     "builds_per_rank",
     "runs_own_schedule",
     "make_trainer",
+    "export_model",
     "model_spec",
     "harness_donor_paths",
     "prepare_harness",
