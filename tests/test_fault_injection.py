@@ -559,3 +559,124 @@ def test_results_json_on_a_full_disk_leaves_no_temporary_file(small_disk: Path) 
     with pytest.raises(OSError, match="No space left on device"):
         record.write("failed")
     assert sorted(p.name for p in (small_disk / "run").iterdir()) == [".run_claim"]
+
+
+# ------------------------------------------------------------------ a checkpoint's metadata agrees with its tensors
+def raw_safetensors(path: Path, header: object, data: bytes, *, header_bytes: bytes | None = None) -> Path:
+    """A safetensors file written byte by byte (so it can break the format in one chosen way)."""
+    import struct
+
+    raw = header_bytes if header_bytes is not None else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def f32(shape: list[int], start: int) -> dict:
+    import math
+
+    return {"dtype": "F32", "shape": shape, "data_offsets": [start, start + 4 * math.prod(shape)]}
+
+
+#: each way a safetensors file can disagree with the format, as (file builder, our message after "<file>: ")
+SAFETENSORS_CLASSES = {
+    "shorter than its length field": (lambda p: p.write_bytes(b"\x08\0\0") and p, "not a safetensors file (only 3 bytes)"),
+    "header past the end": (lambda p: raw_safetensors(p, {"a": f32([2], 0)}, b"")
+                            .write_bytes(p.read_bytes()[:20]) and p, "truncated or corrupt (header of "),
+    "header not JSON": (lambda p: raw_safetensors(p, None, b"", header_bytes=b"{not json"), "cannot read safetensors header: not UTF-8 JSON"),
+    "header not UTF-8": (lambda p: raw_safetensors(p, None, b"", header_bytes=b'{"\xff": 1}'), "cannot read safetensors header: not UTF-8 JSON"),
+    "header not an object": (lambda p: raw_safetensors(p, [1, 2], b""), "safetensors header is a JSON list, not an object of tensors"),
+    "metadata not strings": (lambda p: raw_safetensors(p, {"__metadata__": {"format": 1}, "a": f32([2], 0)}, bytes(8)),
+                             "safetensors __metadata__ must map strings to strings"),
+    "unknown dtype": (lambda p: raw_safetensors(p, {"a": {**f32([2], 0), "dtype": "F99"}}, bytes(8)),
+                      "tensor 'a' has dtype 'F99', not a safetensors dtype"),
+    "negative dimension": (lambda p: raw_safetensors(p, {"a": {**f32([2], 0), "shape": [-2]}}, bytes(8)),
+                           "tensor 'a' has shape [-2]: must be a list of non-negative integers"),
+    "offsets reversed": (lambda p: raw_safetensors(p, {"a": {**f32([0], 0), "data_offsets": [8, 0]}}, bytes(8)),
+                         "tensor 'a' has data_offsets [8, 0]: must be [start, end] with 0 <= start <= end"),
+    "bytes not the shape's": (lambda p: raw_safetensors(p, {"a": {**f32([2], 0), "shape": [3]}}, bytes(8)),
+                              "tensor 'a': F32 of shape [3] takes 12 bytes, but its data_offsets [0, 8] span 8"),
+    "gap between tensors": (lambda p: raw_safetensors(p, {"a": f32([2], 0), "b": f32([1], 12)}, bytes(16)),
+                            "tensor 'b' starts at byte 12 of the data, where the tensors before it end at 8: it leaves 4 bytes"),
+    "overlapping tensors": (lambda p: raw_safetensors(p, {"a": f32([2], 0), "b": f32([1], 4)}, bytes(8)),
+                            "tensor 'b' starts at byte 4 of the data, where the tensors before it end at 8: it overlaps"),
+    "first tensor not at 0": (lambda p: raw_safetensors(p, {"a": f32([2], 4)}, bytes(12)),
+                              "tensor 'a' starts at byte 4 of the data, where the tensors before it end at 0"),
+    "data shorter (truncated)": (lambda p: raw_safetensors(p, {"a": f32([4], 0)}, bytes(8)),
+                                 "truncated: tensors need 16 bytes of data but the file holds 8"),
+    "data longer (trailing bytes)": (lambda p: raw_safetensors(p, {"a": f32([2], 0)}, bytes(12)),
+                                     "4 bytes after the last tensor that no header entry describes"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAFETENSORS_CLASSES))
+def test_a_safetensors_file_is_valid_as_the_format_defines_it(tmp_path: Path, case: str) -> None:
+    """Each class the reference reader (safetensors.safe_open) refuses is refused by ours, naming the file. Before,
+    a gap, an overlap, trailing bytes, a wrong byte count or an unknown dtype went through (or failed later with a KeyError)."""
+    from safetensors import safe_open
+
+    from splitllama.checkpoint import LazyCheckpoint
+
+    build, message = SAFETENSORS_CLASSES[case]
+    path = build(tmp_path / "model.safetensors")
+    with pytest.raises(Exception):  # noqa: B017,PT011 - the reference's own error type
+        with safe_open(str(path), "pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"{path}: {message}")):
+        LazyCheckpoint(tmp_path)
+
+
+def test_a_header_above_the_formats_limit_is_refused(tmp_path: Path) -> None:
+    import struct
+
+    from splitllama.checkpoint import MAX_HEADER_BYTES, LazyCheckpoint
+
+    path = tmp_path / "model.safetensors"
+    with open(path, "wb") as f:  # sparse: nothing written past the length field
+        f.write(struct.pack("<Q", MAX_HEADER_BYTES + 1))
+        f.truncate(MAX_HEADER_BYTES + 16)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: a header of {MAX_HEADER_BYTES + 1} bytes, above the format's limit")):
+        LazyCheckpoint(tmp_path)
+
+
+def test_a_shard_holding_a_tensor_its_index_does_not_list_is_refused(tmp_path: Path, large_donor: Path) -> None:
+    from splitllama.checkpoint import INDEX_FILE, LazyCheckpoint
+
+    large = copy_donor(large_donor, tmp_path / "large")
+    index = json.loads((large / INDEX_FILE).read_text())
+    weight_map = index["weight_map"]
+    name = next(n for n, shard in weight_map.items() if list(weight_map.values()).count(shard) > 1)
+    shard = weight_map.pop(name)
+    (large / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=re.escape(f"path70b: {large / shard} holds {name!r}, but {INDEX_FILE} does not list it")):
+        LazyCheckpoint(large, role="path70b")
+    # a whole shard the index does not list (a leftover file, or one the index lost)
+    for other in [n for n, s in weight_map.items() if s == shard]:
+        del weight_map[other]
+    (large / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=re.escape(f"path70b: {large} holds [{shard!r}], which {INDEX_FILE} does not list")):
+        LazyCheckpoint(large, role="path70b")
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda s: s.update({"model.layers.8.input_layernorm.weight": torch.ones(128)}),
+     "{config} has num_hidden_layers=8, but the tensors hold layers [8] too"),
+    (lambda s: s.update({"model.layers.2.self_attn.q_proj.bias": torch.zeros(128)}),
+     "1 tensor(s) that a LLaMA of {config} does not have: ['model.layers.2.self_attn.q_proj.bias']"),
+    (lambda s: s.update({"model.embed_tokens.weight": torch.zeros(300, 128)}),
+     "tensor 'model.embed_tokens.weight' has shape [300, 128], but {config} gives [256, 128]"),
+], ids=["a layer past num_hidden_layers", "a tensor LLaMA has not", "a shape the config does not give"])
+def test_a_donors_config_agrees_with_every_tensor_present(tmp_path: Path, small_donor: Path, large_donor: Path, edit, message: str) -> None:  # noqa: ANN001
+    """Before: these built and trained without a word (the split reads neither layer 8, nor a bias, nor the large
+    donor's embedding), though the checkpoint is not what its config.json says."""
+    large = rewrite_donor(large_donor, tmp_path / "large", edit)
+    with pytest.raises(CheckpointError, match=re.escape(f"path70b: " + message.format(config=large / "config.json"))):
+        build(small_donor, large)
+
+
+def test_a_saved_split_model_holding_tensors_its_config_has_no_place_for_is_refused(saved_split_model: Path) -> None:
+    """Before: a layer past num_layers_70 in model.safetensors was dropped silently on loading."""
+    state = load_file(saved_split_model / "model.safetensors")
+    extra = {k.replace("layers_last.2.", "layers_last.3."): v.clone() for k, v in state.items() if "layers_last.2." in k}
+    save_file({**state, **extra}, saved_split_model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"{saved_split_model}: checkpoint holds {len(extra)} tensor(s) its config.json has no place for")):
+        AutoModelForCausalLM.from_pretrained(saved_split_model)
