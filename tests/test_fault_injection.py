@@ -335,11 +335,14 @@ def test_a_resume_continues_the_same_run(embedded_cache: Path, tmp_path: Path, m
     code = run_main(monkeypatch, *common, "ckpt_path=last", "trainer.max_steps=12")
     assert code == refused + ("trainer.max_steps: 8 -> 12. Start a new run for new settings (no ckpt_path, a new run directory); "
                               "to train past trainer.max_steps=8, resume with task.extend=true (nothing else changed)")
+    code = run_main(monkeypatch, *common, "ckpt_path=last", "trainer.max_steps=4", "task.extend=true")
+    assert code == refused + ("trainer.max_steps: 8 -> 4. Start a new run for new settings (no ckpt_path, a new run directory); "
+                              "a run is not shortened on resume (trainer.max_steps=8: task.extend only lengthens it)")
 
     assert run_main(monkeypatch, *common, "ckpt_path=last", "trainer.max_steps=12", "task.extend=true") == 0
     results = read_results(run_dir)
     assert results["status"] == "ok" and results["metrics"]["steps"] == 12
-    assert [a["status"] for a in results["attempts"]] == ["interrupted", "failed", "failed"]
+    assert [a["status"] for a in results["attempts"]] == ["interrupted", "failed", "failed", "failed"]
     resume = results["resume"]
     assert resume["from_step"] == 2 and resume["checked"] and resume["extended"] == {"trainer.max_steps": [8, 12]}
     assert resume["schedule"].startswith("warmup then cosine recomputed over the new 12 steps: at step 2 the learning rate is ")

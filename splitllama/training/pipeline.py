@@ -709,11 +709,16 @@ def trained_result(cfg: DictConfig, split: SplitLlamaConfig, donors: Donors | No
 def saved_trained_result(ckpt_path: str) -> tuple[dict[str, Any] | None, int]:
     """The :func:`trained_result` a training checkpoint was saved with (``None``: a checkpoint of an older
     version, which did not record it) and its step; only its small entries are read (memory-mapped)."""
+    import pickle
+
     import torch
 
     path = Path(ckpt_path)
     archive = path / "meta.pt" if is_sharded_checkpoint(path) else path
-    checkpoint = torch.load(archive, map_location="cpu", mmap=True, weights_only=True)
+    try:
+        checkpoint = torch.load(archive, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:  # an object the weights-only reader refuses: read it as Lightning's resume will
+        checkpoint = torch.load(archive, map_location="cpu", mmap=True, weights_only=False)
     return checkpoint.get(CHECKPOINT_RESULT_KEY), int(checkpoint.get("global_step", 0))
 
 
