@@ -12,7 +12,8 @@
 Each run writes ``results.json`` in its run directory (``outputs/<date>/<time>-<random>/``, or
 ``outputs/slurm-<job id>-<command hash>/`` in a SLURM job), also when it fails or is interrupted (Ctrl-C, SIGTERM:
 training stops with a checkpoint; a requeued SLURM job resumes from it). A used run directory is
-refused unless the run resumes it (``ckpt_path=last``). The return value (validation loss) is
+refused unless the run resumes it (``ckpt_path=last``), and only by the task that made it; each attempt's
+composed config is kept (``.hydra/``, then ``.hydra/attempt-<n>/``). The return value (validation loss) is
 what a Hydra sweeper optimises.
 """
 
@@ -41,16 +42,23 @@ def train(cfg: DictConfig, record) -> float:
     """Build (or reuse) donors, assemble, train what the config says, evaluate, export."""
     from splitllama.training import pipeline as P
 
+    from splitllama.training.callbacks import RecordTrainedResult
+
     run = P.check(cfg, record)
     ckpt_path = P.resolve_ckpt_path(cfg) or _requeued_checkpoint(cfg)
+    if ckpt_path is not None:  # the settings first, before donors or data are loaded
+        P.check_resume(cfg, ckpt_path, P.trained_result(cfg, run.split), record)
     P.seed_everything(cfg.seed)
     run = P.load(cfg, record, run, stage="fit")
+    trained = P.trained_result(cfg, run.split, run.donors, run.data)
+    if ckpt_path is not None:  # and the donors' and the data's content
+        P.check_resume(cfg, ckpt_path, trained, record)
     donors, data, references, tokenizer = run.donors, run.data, run.references, run.tokenizer
     record.update("donors", {"path8b": donors.path8b, "path70b": donors.path70b, "built_now": donors.built_now,
                              "embedded_metrics": (donors.manifest or {}).get("metrics")})
     module = P.make_module(cfg, run.spec(cfg), teacher_path=donors.path70b)
     loggers = P.make_loggers(cfg, record, group=_sweep_group(cfg))
-    trainer = P.make_trainer(cfg, loggers, P.make_callbacks(cfg, SIGNALS))
+    trainer = P.make_trainer(cfg, loggers, [*P.make_callbacks(cfg, SIGNALS), RecordTrainedResult(trained, P.CHECKPOINT_RESULT_KEY)])
 
     def record_model() -> None:
         record.update("params", module.parameter_counts())
@@ -89,7 +97,8 @@ def train(cfg: DictConfig, record) -> float:
         # a model-parallel backend gathers its shards: every rank takes part, rank 0 writes
         if cfg.task.export and not record.data["interrupted"] and (trainer.is_global_zero or module.backend.collective_export):
             with record.timed("export"):
-                record.update("paths", {"export_dir": str(module.backend.export_hf(cfg.paths.export_dir, tokenizer))})
+                export = P.export_model(module.backend, cfg.paths.export_dir, tokenizer, writer=trainer.is_global_zero)
+                record.update("paths", {"export_dir": str(export)})
         if run.harness is not None and not record.data["interrupted"] and trainer.is_global_zero:
             # a sharded model (model parallel, FSDP2) is scored through its gathered export (see splitllama.harness)
             export_dir = record.data["paths"].get("export_dir")
@@ -111,7 +120,7 @@ def assemble(cfg: DictConfig, record) -> float | None:
     with record.timed("assemble"):
         backend = backend_spec(cfg).build(run.spec(cfg), dict(cfg.backend.options))
     with record.timed("export"):
-        out = backend.export_hf(cfg.paths.export_dir, run.tokenizer)
+        out = P.export_model(backend, cfg.paths.export_dir, run.tokenizer)
     params = sum(p.numel() for p in backend.model.parameters())
     record.update("params", {"total": params, "trainable": 0})
     record.update("flops", count_flops_per_token(backend.config, cfg.data.seq_len))
@@ -297,6 +306,13 @@ def _is_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _config_subdir() -> str:
+    """Where Hydra wrote this attempt's composed config (``.hydra``, or ``.hydra/attempt-<n>`` on a resume)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().output_subdir)
+
+
 def _resumes(cfg: DictConfig) -> bool:
     return resumes_run(cfg.ckpt_path)
 
@@ -331,6 +347,7 @@ def main(cfg: DictConfig) -> float | None:
             raise SystemExit(f"error: {exc}") from None
         SIGNALS.install()
     try:
+        record.update("paths", {"hydra_config": str(Path(cfg.paths.output_dir) / _config_subdir())})
         threads = apply_cpu_threads(cfg)
         if threads is not None:
             record.data["cpu_threads"] = threads
@@ -358,7 +375,10 @@ def main(cfg: DictConfig) -> float | None:
             raise SystemExit(143 if SIGNALS.received == "SIGTERM" else 130) from None
         record.fail(exc)
         if rank_zero:
-            record.write()
+            try:
+                record.write()
+            except OSError as write_error:  # a full disk: the temporary file is gone, the error is in the log
+                log.error("could not write results.json (%s) to record: %s: %s", write_error, type(exc).__name__, exc)
         if not isinstance(exc, Exception):
             raise
         if _is_multirun():  # record the failure and let the sweep go on

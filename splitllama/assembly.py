@@ -127,6 +127,51 @@ def _resolve_adapter_init(config: SplitLlamaConfig, adapter_init: str | None, ha
     return init
 
 
+def donor_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a LLaMA checkpoint of ``config`` holds, with its shape: transformers' own ``LlamaForCausalLM``
+    built on the meta device with one layer (nothing allocated), its layer renumbered ``num_hidden_layers``
+    times. ``lm_head.weight`` is listed whether or not the head is tied."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        template = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "num_hidden_layers": 1}))
+    shapes: dict[str, tuple[int, ...]] = {"lm_head.weight": (config.vocab_size, config.hidden_size)}
+    for name, tensor in template.state_dict().items():
+        if ".layers.0." not in name:
+            shapes[name] = tuple(tensor.shape)
+            continue
+        for index in range(config.num_hidden_layers):
+            shapes[name.replace(".layers.0.", f".layers.{index}.")] = tuple(tensor.shape)
+    return shapes
+
+
+def donor_layout_problems(ckpt: LazyCheckpoint, config: LlamaConfig) -> list[str]:
+    """Where a donor's ``config.json`` and the tensors present disagree (none read): a tensor of a layer the config
+    does not have (its ``num_hidden_layers`` would pick the wrong last layers), a tensor a LLaMA of that config has
+    not (a fused or biased projection, another model's weights), a tensor of another shape than the config gives
+    (``vocab_size``, ``intermediate_size``, heads...). Layers the checkpoint lacks are left to the plan: a split
+    reads only its own."""
+    import re
+
+    expected = donor_tensor_shapes(config)
+    config_file = ckpt.path / "config.json"
+    problems = []
+    layers = sorted({int(m.group(1)) for n in ckpt.names() if (m := re.match(r"model\.layers\.(\d+)\.", n))})
+    beyond = [i for i in layers if i >= config.num_hidden_layers]
+    if beyond:
+        problems.append(f"{ckpt.role}: {config_file} has num_hidden_layers={config.num_hidden_layers}, but the tensors hold "
+                        f"layers {beyond[:8]}{' ...' if len(beyond) > 8 else ''} too")
+    unknown = sorted(n for n in ckpt.names() if n not in expected and not n.endswith("rotary_emb.inv_freq")
+                     and not (re.match(r"model\.layers\.(\d+)\.", n) and int(n.split(".")[2]) >= config.num_hidden_layers))
+    if unknown:
+        problems.append(f"{ckpt.role}: {len(unknown)} tensor(s) that a LLaMA of {config_file} does not have: {unknown[:5]}"
+                        f"{' ...' if len(unknown) > 5 else ''}")
+    for name in sorted(n for n in ckpt.names() if n in expected and ckpt.shape(n) != expected[n]):
+        problems.append(f"{ckpt.role}: tensor {name!r} has shape {list(ckpt.shape(name))}, but {config_file} gives "
+                        f"{list(expected[name])}")
+    return problems
+
+
 def check_plan(
     config: SplitLlamaConfig,
     small: LazyCheckpoint,
@@ -146,6 +191,8 @@ def check_plan(
             not_llama.add(ckpt.role)
             problems.append(f"{ckpt.role}: {ckpt.path} is not a LLaMA checkpoint: no {LLAMA_EMBEDDING!r} or 'model.layers.*' "
                             f"tensors (it holds e.g. {sorted(ckpt.names())[:3]})")
+        else:
+            problems.extend(donor_layout_problems(ckpt, config.config_8b if ckpt is small else config.config_70b))
     for src in plan_weights(config):
         if src.target not in expected:
             continue  # e.g. lm_head of a value model

@@ -17,7 +17,9 @@ gives 0.72 s vs 1.07 s and a peak RSS of 0.71 vs 1.51 GiB, within 1.1x of the ra
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -41,8 +43,70 @@ class CheckpointError(ValueError):
     """A checkpoint directory or file is missing, malformed, or lacks a tensor; names the file."""
 
 
+#: the largest header the format allows (the reference reader's ``MAX_HEADER_SIZE``)
+MAX_HEADER_BYTES = 100_000_000
+#: bits per element of every dtype the safetensors format defines (the reference reader's ``Dtype``)
+SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+    "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse_safetensors_header(path: Path, raw: bytes, data_size: int) -> dict[str, Any]:
+    """The tensor entries of a safetensors header, checked as the format defines it (what the reference reader
+    refuses, refused here too, naming the file and tensor): UTF-8 JSON object; ``__metadata__`` a map of
+    strings; each entry a known dtype, a shape of non-negative integers and ``data_offsets`` ``[start, end]``
+    spanning exactly the shape's bytes; the entries packed back to back from byte 0 (no gap, no overlap)
+    and covering the data region exactly (``data_size`` bytes: shorter is a truncated file, longer has
+    bytes no header describes)."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read safetensors header: not UTF-8 JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object of tensors")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path}: safetensors __metadata__ must map strings to strings, not {json.dumps(metadata)[:80]}")
+    spans = []
+    for name, entry in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where}: its header entry is {json.dumps(entry)[:80]}, not {{dtype, shape, data_offsets}}")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPE_BITS:
+            raise CheckpointError(f"{where} has dtype {dtype!r}, not a safetensors dtype ({', '.join(SAFETENSORS_DTYPE_BITS)})")
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+            raise CheckpointError(f"{where} has shape {shape!r}: must be a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets) and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where} has data_offsets {offsets!r}: must be [start, end] with 0 <= start <= end")
+        bits = math.prod(shape) * SAFETENSORS_DTYPE_BITS[dtype]
+        if bits % 8 or offsets[1] - offsets[0] != bits // 8:
+            raise CheckpointError(f"{where}: {dtype} of shape {shape} takes {bits / 8:g} bytes, but its data_offsets "
+                                  f"{offsets} span {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], name))
+    position = 0
+    for start, end, name in sorted(spans):
+        if start != position:
+            how = "overlaps the tensor before it" if start < position else f"leaves {start - position} bytes before it unused"
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {start} of the data, where the tensors before it end at "
+                                  f"{position}: it {how} (the format packs tensors back to back)")
+        position = end
+    if position > data_size:
+        raise CheckpointError(f"{path}: truncated: tensors need {position} bytes of data but the file holds {data_size}")
+    if position < data_size:
+        raise CheckpointError(f"{path}: {data_size - position} bytes after the last tensor that no header entry describes "
+                              f"(tensors need {position} bytes of data, the file holds {data_size}): a corrupt or appended file")
+    return header
+
+
 class _ShardHeader:
-    """Parsed header of one safetensors file, checked against the file's size."""
+    """Parsed header of one safetensors file, checked as the format defines it (:func:`parse_safetensors_header`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -55,26 +119,24 @@ class _ShardHeader:
                 (header_len,) = struct.unpack("<Q", raw_len)
                 if header_len > size - 8:
                     raise CheckpointError(f"{path}: truncated or corrupt (header of {header_len} bytes, file of {size})")
-                header: dict[str, Any] = json.loads(f.read(header_len))
+                if header_len > MAX_HEADER_BYTES:
+                    raise CheckpointError(f"{path}: a header of {header_len} bytes, above the format's limit of {MAX_HEADER_BYTES}")
+                raw = f.read(header_len)
         except CheckpointError:
             raise
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
+        except OSError as exc:
             raise CheckpointError(f"{path}: cannot read safetensors header: {exc}") from exc
-        header.pop("__metadata__", None)
-        data_size = size - 8 - header_len
-        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-        if end > data_size:
-            raise CheckpointError(
-                f"{path}: truncated: tensors need {end} bytes of data but the file holds {data_size}"
-            )
-        self.entries = header
+        self.entries = parse_safetensors_header(path, raw, size - 8 - header_len)
         self.data_start = 8 + header_len
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
-        return _ST_DTYPES[self.entries[name]["dtype"]]
+        dtype = self.entries[name]["dtype"]
+        if dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {dtype}, which splitllama does not read ({', '.join(_ST_DTYPES)})")
+        return _ST_DTYPES[dtype]
 
     def nbytes(self, name: str) -> int:
         start, end = self.entries[name]["data_offsets"]
@@ -108,6 +170,12 @@ class LazyCheckpoint:
             for name, shard in self._weight_map.items():
                 if name not in self._headers[shard].entries:
                     raise CheckpointError(f"{role}: {INDEX_FILE} puts {name!r} in {shard.name}, which does not hold it")
+            for shard, header in sorted(self._headers.items()):
+                for name in header.entries:
+                    if self._weight_map.get(name) != shard:
+                        listed = f"puts it in {self._weight_map[name].name}" if name in self._weight_map else "does not list it"
+                        raise CheckpointError(f"{role}: {shard} holds {name!r}, but {INDEX_FILE} {listed}: the index and "
+                                              "the shards disagree")
         self._handles: dict[Path, Any] = {}
 
     def _discover(self) -> tuple[dict[Any, Path], dict[str, Path] | None]:
@@ -121,6 +189,10 @@ class LazyCheckpoint:
             for shard, p in sorted(shards.items()):
                 if not p.is_file():
                     raise CheckpointError(f"{self.role}: shard {p} listed in {INDEX_FILE} is missing")
+            unlisted = sorted(p.name for p in self.path.glob("*.safetensors") if p.name not in shards)
+            if unlisted:
+                raise CheckpointError(f"{self.role}: {self.path} holds {unlisted[:3]}, which {INDEX_FILE} does not list: the "
+                                      "index and the files disagree (a leftover or a shard missing from the index)")
             return shards, {name: shards[shard] for name, shard in weight_map.items()}
         single = self.path / SINGLE_FILE
         if single.is_file():
@@ -213,6 +285,37 @@ class LazyCheckpoint:
         self.close()
 
 
+#: :func:`weights_fingerprint` reads weight files up to this size whole; of a larger one, this many evenly
+#: spaced stretches of this size (a real donor's multi-GB shards: 4 MiB each)
+FINGERPRINT_WHOLE_BYTES, FINGERPRINT_SAMPLES, FINGERPRINT_SAMPLE_BYTES = 64 << 20, 16, 256 << 10
+
+
+def weights_fingerprint(path: str | os.PathLike[str]) -> str:
+    """SHA-256 identifying a checkpoint directory's content wherever it lies: its ``config.json``, its
+    safetensors index, and each weight file (``*.safetensors``, ``*.bin``, ``*.pt``) by name, size and
+    content: whole up to :data:`FINGERPRINT_WHOLE_BYTES`, else :data:`FINGERPRINT_SAMPLES` stretches spread
+    from its first byte (where the safetensors header is) to its last. Reading a few MiB of a multi-GB
+    shard, not its weights, it tells a retrained or replaced donor from the one a run started with (a
+    change confined to a few bytes of a large shard can pass: the sample is the price of not hashing
+    70B weights); a copy elsewhere, or with other file times, is the same donor.
+    """
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(root.iterdir()):
+        if not file.is_file() or not (file.name in ("config.json", INDEX_FILE) or file.suffix in (".safetensors", ".bin", ".pt")):
+            continue
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            if size <= FINGERPRINT_WHOLE_BYTES:
+                digest.update(f.read())
+                continue
+            for i in range(FINGERPRINT_SAMPLES):
+                f.seek((size - FINGERPRINT_SAMPLE_BYTES) * i // (FINGERPRINT_SAMPLES - 1))
+                digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
 def load_adapter_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read an adapter checkpoint: ``.safetensors`` or a ``.pt``/``.bin`` read with ``weights_only=True``.
 
@@ -246,4 +349,4 @@ def load_adapter_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-__all__ = ["CheckpointError", "INDEX_FILE", "SINGLE_FILE", "LazyCheckpoint", "load_adapter_state"]
+__all__ = ["CheckpointError", "INDEX_FILE", "MAX_HEADER_BYTES", "SAFETENSORS_DTYPE_BITS", "SINGLE_FILE", "parse_safetensors_header", "LazyCheckpoint", "load_adapter_state", "weights_fingerprint"]

@@ -141,6 +141,8 @@ class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
     #: Parameters that may be absent from a checkpoint because they have a named, logged
     #: initialisation (the value head of a critic made from a causal LM starts at zero).
     _initialised_if_missing: tuple[str, ...] = ()
+    #: checkpoint tensors this class drops on purpose (any other unexpected tensor is an error)
+    _ignored_if_unexpected: tuple[str, ...] = ()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], *model_args: Any, **kwargs: Any):
@@ -166,6 +168,13 @@ class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"{path}: checkpoint lacks {len(missing)} parameter(s) of {cls.__name__}: {sorted(missing)[:10]}"
                 f"{' ...' if len(missing) > 10 else ''}; refusing to initialise them randomly"
+            )
+        # a tensor the config has no place for (a layer past num_layers_70, another adapter's) would be dropped silently
+        unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(cls._ignored_if_unexpected or ("\0",))]
+        if unexpected:
+            raise ValueError(
+                f"{path}: checkpoint holds {len(unexpected)} tensor(s) its config.json has no place for: {sorted(unexpected)[:10]}"
+                f"{' ...' if len(unexpected) > 10 else ''}; the config and the weights disagree"
             )
         mismatched = info.get("mismatched_keys", [])
         if mismatched:
@@ -385,6 +394,7 @@ class CustomSplitLLamaForValue(CustomSplitLLamaPreTrainedModel):
     """
 
     _initialised_if_missing = ("value_head.",)
+    _ignored_if_unexpected = ("lm_head.",)
 
     def __init__(self, config: SplitLlamaConfig) -> None:
         super().__init__(config)

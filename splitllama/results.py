@@ -14,9 +14,12 @@ file under ``results_history/`` that keeps each one's full record).
 
 A run directory belongs to one run: :meth:`RunRecord.claim` takes it atomically (``.run_claim``,
 created with ``O_EXCL``), so a second run into a used directory is refused unless it resumes it
-deliberately (``ckpt_path``, or a SLURM requeue of an interrupted run). A resumed attempt keeps
-the history: a record with ``status: ok`` is never replaced by a failed or interrupted attempt
-(that attempt is listed in ``attempts`` and kept in ``results_history/``).
+deliberately (``ckpt_path``, or a SLURM requeue of an interrupted run), and only the task that made
+the directory may resume it (:func:`resume_refusal`: ``task=assemble ckpt_path=last`` on a training
+run would overwrite its trained export). A resumed attempt keeps the history: a record with
+``status: ok`` is never replaced by a failed or interrupted attempt (that attempt is listed in
+``attempts`` and kept in ``results_history/``), and its composed config goes beside the first
+attempt's (``.hydra/attempt-<n>/``, :func:`attempt_config_subdir`), which stays as it was.
 """
 
 from __future__ import annotations
@@ -87,6 +90,52 @@ def in_use_message(run_dir: Path, hint: str = "") -> str:
     return f"run directory {run_dir} is in use: {who}. A new run needs its own directory (leave hydra.run.dir to its default){hint}"
 
 
+def recorded_task(run_dir: Path) -> tuple[str | None, str]:
+    """The task a used run directory belongs to (from its results.json, else its claim file) and a
+    description of that run for messages; ``None`` when neither says (a claim of an older version)."""
+    results, claim = run_dir / RESULTS_FILE, run_dir / CLAIM_FILE
+    if results.exists():
+        try:
+            holder = read_results(results)
+        except (OSError, ValueError):
+            holder = {}
+        return holder.get("task"), f"a task={holder.get('task')} run with status {holder.get('status')!r} started {holder.get('started')}"
+    try:
+        stamp = json.loads(claim.read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    return stamp.get("task"), f"a task={stamp.get('task')} run started {stamp.get('started')}"
+
+
+def resume_refusal(run_dir: Path, task: str) -> str | None:
+    """Why ``task`` may not resume the used ``run_dir`` (``None``: it may): a run directory belongs to
+    the task that made it; another task would write its own outputs (an untrained ``hf_model/``, its
+    results.json) over that run's."""
+    if not ((run_dir / RESULTS_FILE).exists() or (run_dir / CLAIM_FILE).exists()):
+        return None
+    owner, who = recorded_task(run_dir)
+    if owner is None or owner == task:
+        return None
+    return (f"run directory {run_dir} belongs to {who}; task={task} may not resume it (only task={owner} may, with "
+            f"ckpt_path=last). Run task={task} in a new directory (leave hydra.run.dir to its default)")
+
+
+#: where a resumed attempt's composed config goes, under the run directory (the first attempt's stays in ``.hydra/``)
+HYDRA_SUBDIR = ".hydra"
+
+
+def attempt_config_subdir(run_dir: Path) -> str:
+    """``hydra.output_subdir`` for an attempt in ``run_dir``: ``.hydra`` for the first, ``.hydra/attempt-<n>``
+    (n = 2, 3, ...) for each later one, so every attempt keeps the config and overrides it ran with."""
+    first = run_dir / HYDRA_SUBDIR
+    if not (first / "config.yaml").exists():
+        return HYDRA_SUBDIR
+    n = 2
+    while (first / f"attempt-{n}").exists():
+        n += 1
+    return f"{HYDRA_SUBDIR}/attempt-{n}"
+
+
 def resumes_run(ckpt_path: Any) -> bool:
     """Whether a run may take a used run directory: a deliberate resume (``ckpt_path``), or a SLURM
     job requeued after preemption, rerunning the same command into the same directory."""
@@ -101,17 +150,30 @@ def _hydra_callback_base() -> type:
 
 class RunDirGuard(_hydra_callback_base()):  # type: ignore[misc]
     """Hydra callback (``conf/hydra/default.yaml``): refuse a used run directory before Hydra writes
-    its ``.hydra/`` files and ``run.log`` into it, so a refused run leaves the directory as it was.
-    ``run.py`` still claims the directory atomically (two runs racing for a fresh one)."""
+    its ``.hydra/`` files and ``run.log`` into it, so a refused run leaves the directory as it was; a
+    resume (of the task that made it) writes its composed config to ``.hydra/attempt-<n>/``
+    (:func:`attempt_config_subdir`). ``run.py`` still claims the directory atomically (two runs racing
+    for a fresh one)."""
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        from omegaconf import read_write
+
         run_dir = Path(config.hydra.run.dir)
-        if not is_first_rank() or resumes_run(config.get("ckpt_path")):
+        if not is_first_rank():
             return
-        if (run_dir / RESULTS_FILE).exists() or (run_dir / CLAIM_FILE).exists():
-            task = str(config.get("task", {}).get("name", ""))
-            hint = ", or resume it with ckpt_path=last" if task.endswith("train") else ""
-            raise SystemExit(f"error: {in_use_message(run_dir, hint)}")
+        name = config.task.name
+        task = getattr(name, "name", str(name))  # the schema's TaskName
+        if not resumes_run(config.get("ckpt_path")):
+            if (run_dir / RESULTS_FILE).exists() or (run_dir / CLAIM_FILE).exists():
+                hint = ", or resume it with ckpt_path=last" if task == "train" else ""
+                raise SystemExit(f"error: {in_use_message(run_dir, hint)}")
+            return
+        refusal = resume_refusal(run_dir, task)
+        if refusal:
+            raise SystemExit(f"error: {refusal}")
+        if config.hydra.output_subdir == HYDRA_SUBDIR:
+            with read_write(config.hydra):
+                config.hydra.output_subdir = attempt_config_subdir(run_dir)
 
 
 def is_first_rank() -> bool:
@@ -258,7 +320,7 @@ class RunRecord:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         claim = self.run_dir / CLAIM_FILE
         results = self.run_dir / RESULTS_FILE
-        stamp = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": self.data["started"]})
+        stamp = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": self.data["started"], "task": self.data["task"]})
         try:
             fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
@@ -272,6 +334,9 @@ class RunRecord:
         holder = results.exists() and read_results(results)
         if not resume:
             raise RunDirInUse(in_use_message(self.run_dir, hint))
+        refusal = resume_refusal(self.run_dir, self.data["task"])
+        if refusal:
+            raise RunDirInUse(refusal)
         claim.write_text(stamp)
         if holder:
             self.previous = holder
@@ -331,11 +396,29 @@ class RunRecord:
         return {**summary, "metrics": record.get("metrics", {}), "record": name}
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write then rename: a reader (or a crash) never sees half a file."""
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[Any]:
+    """A binary file to write ``path`` through: a temporary file beside it, flushed to disk and renamed to
+    ``path`` when complete, so a reader (or a crash) never sees half a file. On any failure (a full disk:
+    ENOSPC, at a write or at the flush) the temporary file is removed: nothing partial or stray is left,
+    and the space it took is free again (for results.json to record the failure)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with atomic_write(path) as f:
+        f.write(json.dumps(_jsonable(data), indent=2).encode())
 
 
 def _versions() -> dict[str, str]:
@@ -364,5 +447,5 @@ def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads((path / RESULTS_FILE if path.is_dir() else path).read_text())
 
 
-__all__ = ["CLAIM_FILE", "HISTORY_DIR", "RESULTS_FILE", "RunDirInUse", "outcome_line", "RunInterrupted", "RunRecord", "RunSignals", "git_info", "read_results",
+__all__ = ["CLAIM_FILE", "HISTORY_DIR", "HYDRA_SUBDIR", "RESULTS_FILE", "atomic_write", "attempt_config_subdir", "outcome_line", "resume_refusal", "RunDirInUse", "RunInterrupted", "RunRecord", "RunSignals", "git_info", "read_results",
            "register_run_dir_resolver", "run_id", "split_summary"]

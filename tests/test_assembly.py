@@ -130,8 +130,13 @@ def test_missing_tensor(tmp_path: Path, small_donor: Path, large_donor: Path) ->
     donor = copy_donor(large_donor, tmp_path / "large")
     index_path = donor / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    del index["weight_map"]["model.layers.7.mlp.up_proj.weight"]
+    shard = donor / index["weight_map"].pop("model.layers.7.mlp.up_proj.weight")
     index_path.write_text(json.dumps(index))
+    # the tensor gone from its shard too (an index without it and a shard with it disagree: refused as such)
+    from safetensors.torch import load_file, save_file
+
+    rest = {k: v for k, v in load_file(shard).items() if k != "model.layers.7.mlp.up_proj.weight"}
+    save_file(rest, shard) if rest else shard.unlink()
     with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.7.mlp.up_proj.weight' in path70b"):
         build_split_model(small_donor, donor, 1, 1)
     build_split_model(small_donor, donor, 1, 1, layers_70=[6])  # a selection that does not need it still works

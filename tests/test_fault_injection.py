@@ -230,3 +230,456 @@ def test_malformed_jsonl_names_the_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=re.escape(f"data.files: {path}:2 is not valid JSON (Expecting ',' delimiter, column 15); "
                                                    "a .jsonl file holds one JSON object per line")):
         read_text_files([str(path)])
+
+
+# ------------------------------------------------------------------ a used run directory belongs to its run
+def run_main(monkeypatch: pytest.MonkeyPatch, *overrides: str) -> int | str | None:
+    """``python run.py <overrides>`` in this process (Hydra, the run-dir guard, ``main``): its exit code or message.
+
+    For runs refused or failing before anything heavy; the signal handlers ``main`` installs are put back.
+    """
+    import runpy
+    import signal
+    import sys
+
+    from tests.conftest import REPO
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sys, "argv", ["run.py", *overrides])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    try:
+        runpy.run_path(str(REPO / "run.py"), run_name="__main__")
+        return 0
+    except SystemExit as exc:
+        return exc.code
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def finished_training_run(run_dir: Path) -> dict[str, bytes]:
+    """A run directory as a finished ``task=train`` run leaves it (results.json, .hydra/, hf_model/, last.ckpt);
+    returns every file's bytes."""
+    from splitllama.results import RunRecord
+
+    record = RunRecord(run_dir, task="train", config={"optim": {"lr": 0.001}})
+    record.claim(resume=False)
+    record.update("metrics", {"val_loss": 5.0, "steps": 8})
+    record.write("ok")
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text("optim:\n  lr: 0.001\n")
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- debug=quick\n")
+    (run_dir / "hf_model").mkdir()
+    (run_dir / "hf_model" / "model.safetensors").write_bytes(b"trained weights")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"checkpoint")
+    return tree_bytes(run_dir)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("task", ["assemble", "eval"])
+def test_another_task_may_not_resume_a_training_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: str) -> None:
+    """Before: ``task=assemble ckpt_path=last`` into a finished training run exited 0, its trained hf_model/ overwritten
+    by an untrained assembly and results.json's top record the assemble. Refused now, before anything is written."""
+    run_dir = tmp_path / "run"
+    before = finished_training_run(run_dir)
+    code = run_main(monkeypatch, "debug=quick", f"task={task}", "ckpt_path=last", "logger=none", f"hydra.run.dir={run_dir}",
+                    f"paths.cache_dir={tmp_path / 'cache'}")
+    assert isinstance(code, str) and code.startswith(f"error: run directory {run_dir} belongs to a task=train run with status 'ok' "), code
+    assert f"task={task} may not resume it (only task=train may, with ckpt_path=last)" in code
+    assert tree_bytes(run_dir) == before
+    assert not (tmp_path / "cache").exists()  # nothing heavy started
+
+
+def test_every_attempt_keeps_its_composed_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: a resume replaced .hydra/config.yaml and overrides.yaml, so the ok run showed the failed attempt's optim.lr=-1."""
+    from splitllama.results import read_results
+
+    run_dir = tmp_path / "run"
+    before = finished_training_run(run_dir)
+    for attempt in (2, 3):
+        code = run_main(monkeypatch, "debug=quick", "ckpt_path=last", f"optim.lr=-{attempt}", "logger=none", f"hydra.run.dir={run_dir}")
+        assert code == f"error: optim.lr=-{attempt}.0: must be > 0"
+        overrides = (run_dir / ".hydra" / f"attempt-{attempt}" / "overrides.yaml").read_text()
+        assert f"optim.lr=-{attempt}" in overrides and "ckpt_path=last" in overrides
+        assert (run_dir / ".hydra" / f"attempt-{attempt}" / "config.yaml").is_file()
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml"):
+        assert (run_dir / name).read_bytes() == before[name]
+    kept = read_results(run_dir)
+    assert kept["status"] == "ok" and [a["status"] for a in kept["attempts"]] == ["failed", "failed"]
+    assert [read_results(run_dir / a["record"])["paths"]["hydra_config"] for a in kept["attempts"]] == [
+        str(run_dir / ".hydra" / "attempt-2"), str(run_dir / ".hydra" / "attempt-3")]
+
+
+# ------------------------------------------------------------------ a resume continues the same run
+def test_a_resume_continues_the_same_run(embedded_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: resuming with layers.n70=2 trained layers [6, 7] from a checkpoint of [4, 5, 6, 7], and a resume with
+    another trainer.max_steps silently ran another schedule. Each change is refused, naming it old -> new; extending
+    is asked for (task.extend=true), and results.json records it with what the schedule does."""
+    from splitllama.results import read_results
+
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    common = ("debug=quick", "logger=none", "eval.references=false", f"paths.cache_dir={embedded_cache}", f"hydra.run.dir={run_dir}")
+    assert run_main(monkeypatch, *common, "task.stop_after_steps=2") == 0
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["splitllama_trained_result"]
+    assert saved["layers.list70"] == [4, 5, 6, 7] and saved["trainer.max_steps"] == 8 and len(saved["donors.large"]) == 16
+
+    refused = f"error: ckpt_path=last: the checkpoint {ckpt} (step 2) was trained with other settings, and a resume continues the same run: "
+    code = run_main(monkeypatch, *common, "ckpt_path=last", "layers.n70=2", "optim.lr=0.002")
+    assert code == refused + ("optim.lr: 0.001 -> 0.002; layers.list70: [4, 5, 6, 7] -> [6, 7]. Start a new run for new settings "
+                              "(no ckpt_path, a new run directory)")
+    code = run_main(monkeypatch, *common, "ckpt_path=last", "trainer.max_steps=12")
+    assert code == refused + ("trainer.max_steps: 8 -> 12. Start a new run for new settings (no ckpt_path, a new run directory); "
+                              "to train past trainer.max_steps=8, resume with task.extend=true (nothing else changed)")
+    code = run_main(monkeypatch, *common, "ckpt_path=last", "trainer.max_steps=4", "task.extend=true")
+    assert code == refused + ("trainer.max_steps: 8 -> 4. Start a new run for new settings (no ckpt_path, a new run directory); "
+                              "a run is not shortened on resume (trainer.max_steps=8: task.extend only lengthens it)")
+
+    assert run_main(monkeypatch, *common, "ckpt_path=last", "trainer.max_steps=12", "task.extend=true") == 0
+    results = read_results(run_dir)
+    assert results["status"] == "ok" and results["metrics"]["steps"] == 12
+    assert [a["status"] for a in results["attempts"]] == ["interrupted", "failed", "failed", "failed"]
+    resume = results["resume"]
+    assert resume["from_step"] == 2 and resume["checked"] and resume["extended"] == {"trainer.max_steps": [8, 12]}
+    assert resume["schedule"].startswith("warmup then cosine recomputed over the new 12 steps: at step 2 the learning rate is ")
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["splitllama_trained_result"]["trainer.max_steps"] == 12
+
+
+def test_the_donor_fingerprint_follows_the_weights_not_the_files(tmp_path: Path, large_donor: Path) -> None:
+    """A resume compares the donors by content: a copy is the same donor, a changed tensor another."""
+    from splitllama.checkpoint import weights_fingerprint
+
+    copy = copy_donor(large_donor, tmp_path / "copy")
+    assert weights_fingerprint(copy) == weights_fingerprint(large_donor)
+
+    def nudge(state: dict[str, torch.Tensor]) -> None:
+        state["model.layers.7.mlp.down_proj.weight"][0, 0] += 1e-3
+
+    changed = rewrite_donor(large_donor, tmp_path / "changed", nudge)
+    same = rewrite_donor(large_donor, tmp_path / "same", lambda state: None)
+    assert weights_fingerprint(changed) != weights_fingerprint(same)
+
+
+# ------------------------------------------------------------------ every override is checked
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["+layers.n_70=1"], "+layers.n_70=1: layers has no key 'n_70'; did you mean layers.n70? its keys: n8, n70, list8, list70"),
+    (["+donors.embedded.small.hiden_size=64"], "+donors.embedded.small.hiden_size=64: donors.embedded.small has no key 'hiden_size'; "
+                                               "did you mean donors.embedded.small.hidden_size?"),
+    (["+seeds=3"], "+seeds=3: the config has no key 'seeds'; did you mean seed?"),
+    (["data.seq_len=4096"], "data.seq_len=4096: above the donors' max_position_embeddings (small 2048, large 2048); must be <= 2048"),
+    (["data.val_batch_size=0"], "data.val_batch_size=0: must be >= 1, or null for the default"),
+    (["data.max_val_blocks=0"], "data.max_val_blocks=0: must be >= 1, or null for the default"),
+    (["backend.micro_batch_size=0"], "backend.micro_batch_size=0: must be >= 1, or null for the default"),
+], ids=["misspelt + key", "misspelt nested + key", "misspelt top-level + key", "seq_len past the positions", "val batch 0",
+        "val blocks 0", "micro batch 0"])
+def test_overrides_outside_what_the_run_reads_are_refused(overrides: list[str], message: str) -> None:
+    """Before: each ran with exit 0, the key ignored (the model had 4 large layers, not 1) or the value replaced
+    (validation at batch 4 while results.json recorded 0), or trained at positions the donors never saw."""
+    from splitllama.training.pipeline import validate
+    from splitllama.training.schema import RunConfigError
+
+    with pytest.raises(RunConfigError, match="^" + re.escape(message)):
+        validate(compose_run_config("debug=quick", *overrides))
+
+
+def test_free_form_nodes_take_new_keys() -> None:
+    from splitllama.training.pipeline import validate
+
+    validate(compose_run_config("debug=quick", "+backend.options.use_cache=false",
+                                "+callbacks.extra.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor"))
+
+
+# ------------------------------------------------------------------ data files: every error names the file
+@pytest.mark.parametrize(("content", "message"), [
+    (b'{"text": "one"}\n{"text": null}\n', ":2: its 'text' is null, not text; each row's data.text_field must be a JSON string"),
+    (b'{"text": "one"}\n\n{"text": 12345}\n', ":3: its 'text' is 12345, not text; each row's data.text_field must be a JSON string"),
+    (b'{"text": "caf\xc3\xa9"}\n{"text": "caf\xe9"}\n', ":2 is not UTF-8 text (byte 0xe9 at offset 31); convert the file to UTF-8"),
+    (b"", " holds no documents (an empty file)"),
+    (b"\n \n", " holds no documents (only whitespace)"),
+], ids=["null text", "number text", "not UTF-8", "empty", "blank"])
+def test_bad_data_files_name_the_file_and_line(tmp_path: Path, content: bytes, message: str) -> None:
+    """Before: null and 12345 were trained on as the documents "None" and "12345"; a non-UTF-8 or empty file
+    failed with an error that named no file."""
+    from splitllama.training.data import read_text_files
+    from splitllama.training.schema import RunConfigError
+
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(RunConfigError, match="^" + re.escape(f"data.files: {path}{message}")):
+        read_text_files([str(tmp_path / "docs.jsonl")])
+
+
+def test_a_directory_is_not_a_data_file(tmp_path: Path) -> None:
+    from splitllama.training.data import read_text_files
+    from splitllama.training.schema import RunConfigError
+
+    with pytest.raises(RunConfigError, match="^" + re.escape(f"data.files: {tmp_path} is a directory; list the .txt or .jsonl files in it")):
+        read_text_files([str(tmp_path)])
+
+
+def test_too_small_a_corpus_names_its_files(embedded_cache: Path, tmp_path: Path) -> None:
+    from splitllama.results import RunRecord
+    from splitllama.training import pipeline as P
+    from splitllama.training.schema import RunConfigError
+
+    path = tmp_path / "docs.txt"
+    path.write_text("one short document")
+    cfg = compose_run_config("debug=quick", "data=files", f"data.files=[{path}]", f"paths.cache_dir={embedded_cache}",
+                             f"paths.output_dir={tmp_path}")
+    record = RunRecord(tmp_path, task="train", config={})
+    with pytest.raises(RunConfigError, match=re.escape(f"(data.files=['{path}'])")):
+        P.load(cfg, record, P.check(cfg, record), stage="fit", references=False)
+
+
+def test_a_run_directory_as_model_dir_points_at_its_model(tmp_path: Path) -> None:
+    """Before: an error about a config.json that does not exist in the run directory."""
+    from splitllama.training.pipeline import validate
+    from splitllama.training.schema import RunConfigError
+
+    run_dir = tmp_path / "run"
+    finished_training_run(run_dir)
+    cfg = compose_run_config("debug=quick", "task=eval", f"task.model_dir={run_dir}")
+    with pytest.raises(RunConfigError, match="^" + re.escape(
+            f"task.model_dir={run_dir}: {run_dir} is a run directory, not a saved split model; its task saved no model (paths.export_dir)")):
+        validate(cfg)
+    from splitllama.results import RunRecord, read_results
+
+    record = RunRecord(run_dir, task="train", config={})
+    record.previous = read_results(run_dir)
+    record.update("paths", {"export_dir": str(run_dir / "hf_model")})
+    record.write("ok")
+    with pytest.raises(RunConfigError, match=re.escape(f"its saved model is task.model_dir={run_dir / 'hf_model'}")):
+        validate(cfg)
+    with pytest.raises(RunConfigError, match=re.escape(f"task.model_dir={tmp_path}: {tmp_path} has no config.json: not a saved split model")):
+        validate(compose_run_config("debug=quick", "task=eval", f"task.model_dir={tmp_path}"))
+
+
+# ------------------------------------------------------------------ two donors share one tokenizer
+def test_donors_with_permuted_tokenizers_are_refused(embedded_cache: Path, tmp_path: Path) -> None:
+    """Before: a large donor whose tokenizer.json gives two tokens each other's ids (same vocabulary size) trained
+    without a word. Refused now, naming what differs; allowed only when asked for, and recorded."""
+    from splitllama.results import RunRecord
+    from splitllama.training import pipeline as P
+    from splitllama.training.schema import RunConfigError
+
+    built = P.resolve_donors(compose_run_config("debug=quick", f"paths.cache_dir={embedded_cache}"))
+    small, large = copy_donor(Path(built.path8b), tmp_path / "small"), copy_donor(Path(built.path70b), tmp_path / "large")
+    tokenizer = json.loads((large / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (large / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    def load(*overrides: str) -> RunRecord:
+        cfg = compose_run_config("debug=quick", f"donors.path8b={small}", f"donors.path70b={large}", f"paths.cache_dir={embedded_cache}",
+                                 f"paths.output_dir={tmp_path}", *overrides)
+        record = RunRecord(tmp_path, task="train", config={})
+        P.load(cfg, record, P.check(cfg, record, harness=False), stage=None, references=False)
+        return record
+
+    with pytest.raises(RunConfigError, match="^" + re.escape(
+            f"donors: the large donor's tokenizer ({large}) differs from the small donor's ({small}), which the split model reads "
+            "with, in: vocabulary (2 of 2048 tokens have another id or none); a token id would mean one thing")):
+        load()
+    assert load("donors.allow_tokenizer_mismatch=true").data["donors"]["tokenizers"]["mismatch_allowed"] == ["vocabulary"]
+    shutil.copy(small / "tokenizer.json", large / "tokenizer.json")
+    assert load().data["donors"]["tokenizers"] == "same"
+
+
+# ------------------------------------------------------------------ disk full
+class FillDisk:
+    """A training callback that fills the file system of ``path`` up to ``free`` bytes, after ``step`` steps or
+    at the end of training (``step=null``): the next large write (a checkpoint, the export) hits a real ENOSPC."""
+
+    def __new__(cls, path: str, step: int | None = None, free: int = 64 << 10):  # noqa: ANN204
+        import lightning.pytorch as pl
+
+        def fill(trainer) -> None:  # noqa: ANN001
+            stat = os.statvfs(path)
+            with open(Path(path) / "filler", "ab") as f:
+                f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - free))
+
+        class _Fill(pl.Callback):
+            def on_train_batch_end(self, trainer, *args) -> None:  # noqa: ANN001
+                if step is not None and trainer.global_step == step:
+                    fill(trainer)
+
+            def on_train_end(self, trainer, *args) -> None:  # noqa: ANN001
+                if step is None:
+                    fill(trainer)
+
+        return _Fill()
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):  # noqa: ANN201
+    """A 64 MiB tmpfs of its own (needs root, as the test machines run)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize(("fill", "where", "last_step"), [("step=6", "the step-8 checkpoint", 4), ("step=null", "the export", 8)],
+                         ids=["checkpoint", "export"])
+def test_a_full_disk_is_recorded_and_leaves_nothing_partial(embedded_cache: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            fill: str, where: str, last_step: int) -> None:
+    """Before: a full disk while writing a checkpoint left half of it under its real name (and Lightning's staged copy),
+    which kept the space, so no results.json was written at all. Now the partial file or export is removed and
+    results.json records the failure; last.ckpt is the last complete checkpoint."""
+    from splitllama.results import read_results
+
+    run_dir = small_disk / "run"
+    code = run_main(monkeypatch, "debug=quick", "logger=none", "eval.references=false", f"paths.cache_dir={embedded_cache}",
+                    f"hydra.run.dir={run_dir}", "+callbacks.extra.fill._target_=tests.test_fault_injection.FillDisk",
+                    f"+callbacks.extra.fill.path={small_disk}", f"+callbacks.extra.fill.{fill}")
+    assert code not in (0, None), where
+    results = read_results(run_dir)
+    # the writer's own error: OSError (a checkpoint), SafetensorError (the export's weights)
+    assert results["status"] == "failed" and "No space left on device" in results["error"]["message"], results.get("error")
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == [".hydra", ".run_claim"]
+    assert not (run_dir / "hf_model").exists()
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == [f"epoch=0-step={last_step}.ckpt", "last.ckpt"]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == last_step
+
+
+def test_results_json_on_a_full_disk_leaves_no_temporary_file(small_disk: Path) -> None:
+    from splitllama.results import RunRecord
+
+    record = RunRecord(small_disk / "run", task="train", config={"big": "x" * (1 << 20)})
+    record.claim(resume=False)
+    FillDisk(str(small_disk), step=None, free=0).on_train_end(None)
+    with pytest.raises(OSError, match="No space left on device"):
+        record.write("failed")
+    assert sorted(p.name for p in (small_disk / "run").iterdir()) == [".run_claim"]
+
+
+# ------------------------------------------------------------------ a checkpoint's metadata agrees with its tensors
+def raw_safetensors(path: Path, header: object, data: bytes, *, header_bytes: bytes | None = None) -> Path:
+    """A safetensors file written byte by byte (so it can break the format in one chosen way)."""
+    import struct
+
+    raw = header_bytes if header_bytes is not None else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def f32(shape: list[int], start: int) -> dict:
+    import math
+
+    return {"dtype": "F32", "shape": shape, "data_offsets": [start, start + 4 * math.prod(shape)]}
+
+
+#: each way a safetensors file can disagree with the format, as (file builder, our message after "<file>: ")
+SAFETENSORS_CLASSES = {
+    "shorter than its length field": (lambda p: p.write_bytes(b"\x08\0\0") and p, "not a safetensors file (only 3 bytes)"),
+    "header past the end": (lambda p: raw_safetensors(p, {"a": f32([2], 0)}, b"")
+                            .write_bytes(p.read_bytes()[:20]) and p, "truncated or corrupt (header of "),
+    "header not JSON": (lambda p: raw_safetensors(p, None, b"", header_bytes=b"{not json"), "cannot read safetensors header: not UTF-8 JSON"),
+    "header not UTF-8": (lambda p: raw_safetensors(p, None, b"", header_bytes=b'{"\xff": 1}'), "cannot read safetensors header: not UTF-8 JSON"),
+    "header not an object": (lambda p: raw_safetensors(p, [1, 2], b""), "safetensors header is a JSON list, not an object of tensors"),
+    "metadata not strings": (lambda p: raw_safetensors(p, {"__metadata__": {"format": 1}, "a": f32([2], 0)}, bytes(8)),
+                             "safetensors __metadata__ must map strings to strings"),
+    "unknown dtype": (lambda p: raw_safetensors(p, {"a": {**f32([2], 0), "dtype": "F99"}}, bytes(8)),
+                      "tensor 'a' has dtype 'F99', not a safetensors dtype"),
+    "negative dimension": (lambda p: raw_safetensors(p, {"a": {**f32([2], 0), "shape": [-2]}}, bytes(8)),
+                           "tensor 'a' has shape [-2]: must be a list of non-negative integers"),
+    "offsets reversed": (lambda p: raw_safetensors(p, {"a": {**f32([0], 0), "data_offsets": [8, 0]}}, bytes(8)),
+                         "tensor 'a' has data_offsets [8, 0]: must be [start, end] with 0 <= start <= end"),
+    "bytes not the shape's": (lambda p: raw_safetensors(p, {"a": {**f32([2], 0), "shape": [3]}}, bytes(8)),
+                              "tensor 'a': F32 of shape [3] takes 12 bytes, but its data_offsets [0, 8] span 8"),
+    "gap between tensors": (lambda p: raw_safetensors(p, {"a": f32([2], 0), "b": f32([1], 12)}, bytes(16)),
+                            "tensor 'b' starts at byte 12 of the data, where the tensors before it end at 8: it leaves 4 bytes"),
+    "overlapping tensors": (lambda p: raw_safetensors(p, {"a": f32([2], 0), "b": f32([1], 4)}, bytes(8)),
+                            "tensor 'b' starts at byte 4 of the data, where the tensors before it end at 8: it overlaps"),
+    "first tensor not at 0": (lambda p: raw_safetensors(p, {"a": f32([2], 4)}, bytes(12)),
+                              "tensor 'a' starts at byte 4 of the data, where the tensors before it end at 0"),
+    "data shorter (truncated)": (lambda p: raw_safetensors(p, {"a": f32([4], 0)}, bytes(8)),
+                                 "truncated: tensors need 16 bytes of data but the file holds 8"),
+    "data longer (trailing bytes)": (lambda p: raw_safetensors(p, {"a": f32([2], 0)}, bytes(12)),
+                                     "4 bytes after the last tensor that no header entry describes"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAFETENSORS_CLASSES))
+def test_a_safetensors_file_is_valid_as_the_format_defines_it(tmp_path: Path, case: str) -> None:
+    """Each class the reference reader (safetensors.safe_open) refuses is refused by ours, naming the file. Before,
+    a gap, an overlap, trailing bytes, a wrong byte count or an unknown dtype went through (or failed later with a KeyError)."""
+    from safetensors import safe_open
+
+    from splitllama.checkpoint import LazyCheckpoint
+
+    build, message = SAFETENSORS_CLASSES[case]
+    path = build(tmp_path / "model.safetensors")
+    with pytest.raises(Exception):  # noqa: B017,PT011 - the reference's own error type
+        with safe_open(str(path), "pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"{path}: {message}")):
+        LazyCheckpoint(tmp_path)
+
+
+def test_a_header_above_the_formats_limit_is_refused(tmp_path: Path) -> None:
+    import struct
+
+    from splitllama.checkpoint import MAX_HEADER_BYTES, LazyCheckpoint
+
+    path = tmp_path / "model.safetensors"
+    with open(path, "wb") as f:  # sparse: nothing written past the length field
+        f.write(struct.pack("<Q", MAX_HEADER_BYTES + 1))
+        f.truncate(MAX_HEADER_BYTES + 16)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: a header of {MAX_HEADER_BYTES + 1} bytes, above the format's limit")):
+        LazyCheckpoint(tmp_path)
+
+
+def test_a_shard_holding_a_tensor_its_index_does_not_list_is_refused(tmp_path: Path, large_donor: Path) -> None:
+    from splitllama.checkpoint import INDEX_FILE, LazyCheckpoint
+
+    large = copy_donor(large_donor, tmp_path / "large")
+    index = json.loads((large / INDEX_FILE).read_text())
+    weight_map = index["weight_map"]
+    name = next(n for n, shard in weight_map.items() if list(weight_map.values()).count(shard) > 1)
+    shard = weight_map.pop(name)
+    (large / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=re.escape(f"path70b: {large / shard} holds {name!r}, but {INDEX_FILE} does not list it")):
+        LazyCheckpoint(large, role="path70b")
+    # a whole shard the index does not list (a leftover file, or one the index lost)
+    for other in [n for n, s in weight_map.items() if s == shard]:
+        del weight_map[other]
+    (large / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=re.escape(f"path70b: {large} holds [{shard!r}], which {INDEX_FILE} does not list")):
+        LazyCheckpoint(large, role="path70b")
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda s: s.update({"model.layers.8.input_layernorm.weight": torch.ones(128)}),
+     "{config} has num_hidden_layers=8, but the tensors hold layers [8] too"),
+    (lambda s: s.update({"model.layers.2.self_attn.q_proj.bias": torch.zeros(128)}),
+     "1 tensor(s) that a LLaMA of {config} does not have: ['model.layers.2.self_attn.q_proj.bias']"),
+    (lambda s: s.update({"model.embed_tokens.weight": torch.zeros(300, 128)}),
+     "tensor 'model.embed_tokens.weight' has shape [300, 128], but {config} gives [256, 128]"),
+], ids=["a layer past num_hidden_layers", "a tensor LLaMA has not", "a shape the config does not give"])
+def test_a_donors_config_agrees_with_every_tensor_present(tmp_path: Path, small_donor: Path, large_donor: Path, edit, message: str) -> None:  # noqa: ANN001
+    """Before: these built and trained without a word (the split reads neither layer 8, nor a bias, nor the large
+    donor's embedding), though the checkpoint is not what its config.json says."""
+    large = rewrite_donor(large_donor, tmp_path / "large", edit)
+    with pytest.raises(CheckpointError, match=re.escape(f"path70b: " + message.format(config=large / "config.json"))):
+        build(small_donor, large)
+
+
+def test_a_saved_split_model_holding_tensors_its_config_has_no_place_for_is_refused(saved_split_model: Path) -> None:
+    """Before: a layer past num_layers_70 in model.safetensors was dropped silently on loading."""
+    state = load_file(saved_split_model / "model.safetensors")
+    extra = {k.replace("layers_last.2.", "layers_last.3."): v.clone() for k, v in state.items() if "layers_last.2." in k}
+    save_file({**state, **extra}, saved_split_model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"{saved_split_model}: checkpoint holds {len(extra)} tensor(s) its config.json has no place for")):
+        AutoModelForCausalLM.from_pretrained(saved_split_model)

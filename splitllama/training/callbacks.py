@@ -10,9 +10,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ..results import RunInterrupted, RunSignals
+from ..results import RunInterrupted, RunSignals, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,39 @@ class GracefulStop(pl.Callback):
         trainer.save_checkpoint(self.checkpoint_path)
         if self.signals is not None:
             self.signals.checkpoint, self.signals.step = self.checkpoint_path, trainer.global_step
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint writer, safe on a full disk: each checkpoint is written beside its name and
+    renamed when complete (:func:`~splitllama.results.atomic_write`). Lightning's own writer staged it in the
+    system's temporary directory and copied it over, so an ENOSPC left half a checkpoint under its real name
+    and the staged copy behind, and the space they took kept results.json from recording the failure."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        import io
+
+        import torch
+
+        # serialised in memory first, as Lightning does: torch's zip writer turns a failed write into a
+        # RuntimeError ("unexpected pos"), while a plain write raises the OSError (ENOSPC) that happened
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
+            f.write(buffer.getbuffer())
+
+
+class RecordTrainedResult(pl.Callback):
+    """Save what decides the run's result (:func:`~splitllama.training.pipeline.trained_result`) in every
+    checkpoint, under ``key``, so a resume can be checked against it (:func:`~splitllama.training.pipeline.check_resume`)."""
+
+    def __init__(self, values: dict[str, Any], key: str) -> None:
+        self.values, self.key = values, key
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[self.key] = self.values
 
 
 class HangWatchdog(pl.Callback):
@@ -175,4 +209,4 @@ def wandb_run_file(loggers: list[Logger]) -> str | None:
     return None
 
 
-__all__ = ["GracefulStop", "csv_metrics_file", "make_loggers", "wandb_run_file"]
+__all__ = ["AtomicCheckpointIO", "GracefulStop", "RecordTrainedResult", "csv_metrics_file", "make_loggers", "wandb_run_file"]

@@ -24,6 +24,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .errors import RunConfigError
+
 logger = logging.getLogger(__name__)
 
 VALIDATION_SALT = "splitllama-validation"
@@ -88,6 +90,39 @@ def tokenizer_fingerprint(tokenizer: Any) -> str | None:
     return hashlib.sha256(ident.encode("utf-8")).hexdigest()
 
 
+def tokenizer_mapping(tokenizer: Any) -> dict[str, Any] | None:
+    """What decides which id a fast tokenizer gives to which text, in parts that can be compared across two
+    tokenizers: ``vocabulary`` (token -> id, added tokens included), ``merges`` (a BPE model's), ``special
+    tokens`` (bos/eos/pad/unk and every added special token, with their ids) and ``normalization`` (the
+    normalizer and pre-tokenizer). ``None`` for a tokenizer that cannot be serialised. Settings that do not
+    change the mapping (padding, truncation, the decoder) are left out."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    pipeline = json.loads(backend.to_str())
+    model = pipeline.get("model") or {}
+    specials = {name: (getattr(tokenizer, f"{name}_token", None), getattr(tokenizer, f"{name}_token_id", None))
+                for name in ("bos", "eos", "pad", "unk")}
+    added = sorted((t["content"], t["id"]) for t in pipeline.get("added_tokens") or [] if t.get("special"))
+    return {
+        "vocabulary": tokenizer.get_vocab(),
+        "merges": [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []],
+        "special tokens": {"named": specials, "added": added},
+        "normalization": {"normalizer": pipeline.get("normalizer"), "pre_tokenizer": pipeline.get("pre_tokenizer"),
+                          "model": {k: v for k, v in model.items() if k not in ("vocab", "merges")}},
+    }
+
+
+def documents_fingerprint(documents: Sequence[str]) -> str:
+    """SHA-256 of a corpus: each document's text, in order (what a run's data is, wherever its files lie)."""
+    digest = hashlib.sha256()
+    for doc in documents:
+        data = doc.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
 def packed_splits(
     tokenizer: Any, documents: Sequence[str], seq_len: int, val_fraction: float, *, cache_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,12 +138,8 @@ def packed_splits(
     fingerprint = tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
     path: Path | None = None
     if fingerprint is not None:
-        digest = hashlib.sha256(json.dumps([PACKING_VERSION, fingerprint, seq_len, val_fraction, len(documents)]).encode())
-        for doc in documents:
-            data = doc.encode("utf-8")
-            digest.update(len(data).to_bytes(8, "little"))
-            digest.update(data)
-        path = Path(os.path.expanduser(cache_dir)) / "blocks" / f"{digest.hexdigest()[:24]}.pt"  # type: ignore[arg-type]
+        key = json.dumps([PACKING_VERSION, fingerprint, seq_len, val_fraction, len(documents), documents_fingerprint(documents)])
+        path = Path(os.path.expanduser(cache_dir)) / "blocks" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"  # type: ignore[arg-type]
         if path.is_file():
             try:
                 cached = torch.load(path, map_location="cpu", weights_only=True)
@@ -130,27 +161,49 @@ def packed_splits(
 
 
 def read_text_files(files: Sequence[str], text_field: str = "text") -> list[str]:
-    """Documents from user files: ``.jsonl`` (one JSON object per line, ``text_field``) or plain text
-    (documents separated by blank lines)."""
+    """Documents from user files: ``.jsonl`` (one JSON object per line, its ``text_field`` a string) or plain
+    text (documents separated by blank lines), UTF-8. Every error names the file (and the line where there
+    is one): a missing file or a directory, bytes that are not UTF-8, a file without documents, a row that
+    is not JSON, lacks the field, or holds something other than text (null, a number: never stringified)."""
     documents: list[str] = []
     for name in files:
         path = Path(os.path.expanduser(name))
+        if path.is_dir():
+            raise RunConfigError(f"data.files: {path} is a directory; list the .txt or .jsonl files in it")
         if not path.is_file():
-            raise FileNotFoundError(f"data.files: {path} does not exist")
-        if path.suffix == ".jsonl":
-            for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"data.files: {path}:{lineno} is not valid JSON ({exc.msg}, column {exc.colno}); "
-                                     "a .jsonl file holds one JSON object per line") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise ValueError(f"data.files: {path}:{lineno} has no field data.text_field={text_field!r}")
-                documents.append(str(record[text_field]))
-        else:
-            documents.extend(p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip())
+            raise RunConfigError(f"data.files: {path} does not exist")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise RunConfigError(f"data.files: {path}:{line} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                                 "convert the file to UTF-8 (e.g. iconv -t UTF-8)") from None
+        found = _jsonl_documents(path, text, text_field) if path.suffix == ".jsonl" else [
+            p.strip() for p in text.split("\n\n") if p.strip()]
+        if not found:
+            raise RunConfigError(f"data.files: {path} holds no documents ({'an empty file' if not raw else 'only whitespace'})")
+        documents.extend(found)
+    return documents
+
+
+def _jsonl_documents(path: Path, text: str, text_field: str) -> list[str]:
+    documents = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RunConfigError(f"data.files: {path}:{lineno} is not valid JSON ({exc.msg}, column {exc.colno}); "
+                                 "a .jsonl file holds one JSON object per line") from None
+        if not isinstance(record, dict) or text_field not in record:
+            raise RunConfigError(f"data.files: {path}:{lineno} has no field data.text_field={text_field!r}")
+        value = record[text_field]
+        if not isinstance(value, str):
+            raise RunConfigError(f"data.files: {path}:{lineno}: its {text_field!r} is {json.dumps(value)[:40]}, not text; "
+                                 "each row's data.text_field must be a JSON string")
+        documents.append(value)
     return documents
 
 
@@ -323,8 +376,10 @@ __all__ = [
     "BlockDataset",
     "ResumableBlockSampler",
     "SplitTextDataModule",
+    "documents_fingerprint",
     "in_validation",
     "pack_documents",
     "read_text_files",
     "split_documents",
+    "tokenizer_mapping",
 ]

@@ -157,6 +157,8 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
         from ..modeling_split_llama import saved_model_problem
 
         model_dir = os.path.expanduser(cfg.task.model_dir)
+        if not (Path(model_dir) / "config.json").is_file():
+            raise RunConfigError(f"task.model_dir={cfg.task.model_dir}: {saved_model_missing(Path(model_dir))}")
         try:
             config = SplitLlamaConfig.from_pretrained(model_dir)
         except Exception as exc:  # noqa: BLE001
@@ -164,6 +166,7 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
         problem = saved_model_problem(model_dir)
         if problem:
             raise RunConfigError(f"task.model_dir={cfg.task.model_dir}: {problem}")
+        check_positions(cfg, config)
         return config
     fields: dict[str, Any] = {
         **layer_selection(cfg),
@@ -181,10 +184,36 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
         split = SplitLlamaConfig(**fields)
     except SplitConfigError as exc:
         raise RunConfigError(explain_split_error(str(exc), cfg)) from None
+    check_positions(cfg, split)
     from .backend_spec import backend_spec
 
     backend_spec(cfg).check_split(split, cfg)
     return split
+
+
+def check_positions(cfg: DictConfig, split: SplitLlamaConfig) -> None:
+    """``data.seq_len`` within both donors' ``max_position_embeddings``: positions past it were never trained
+    (and RoPE scaling, where a donor has one, is defined up to it)."""
+    limits = {which: getattr(getattr(split, f"config_{key}", None), "max_position_embeddings", None)
+              for which, key in (("small", "8b"), ("large", "70b"))}
+    known = {which: n for which, n in limits.items() if n}
+    if known and cfg.data.seq_len > min(known.values()):
+        raise RunConfigError(f"data.seq_len={cfg.data.seq_len}: above the donors' max_position_embeddings "
+                             f"({', '.join(f'{w} {n}' for w, n in known.items())}); must be <= {min(known.values())}")
+
+
+def saved_model_missing(path: Path) -> str:
+    """Why ``path``, which has no ``config.json``, is not a saved split model (a run directory: where its model is)."""
+    from ..results import RESULTS_FILE, read_results
+
+    if (path / RESULTS_FILE).is_file():
+        try:
+            export = read_results(path).get("paths", {}).get("export_dir")
+        except (OSError, ValueError):
+            export = None
+        saved = f"its saved model is task.model_dir={export}" if export else "its task saved no model (paths.export_dir)"
+        return f"{path} is a run directory, not a saved split model; {saved}"
+    return f"{path} has no config.json: not a saved split model (task=train or task=assemble save one in <run dir>/hf_model)"
 
 
 #: the donor fields a preset's ``expect8b`` / ``expect70b`` pins, as ``LlamaConfig`` reads them (``rope_parameters``
@@ -305,6 +334,40 @@ def load_tokenizer(path: str) -> Any:
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001
         raise RunConfigError(f"{path}: cannot load the tokenizer ({exc}); the small donor must ship its tokenizer") from exc
+
+
+def check_donor_tokenizers(cfg: DictConfig, donors: Donors, tokenizer: Any, record: Any) -> None:
+    """The large donor's tokenizer (where it ships one) maps text to the same ids as the small donor's, which
+    the split model reads with: same vocabulary, merges, special tokens and normalization
+    (:func:`~splitllama.training.data.tokenizer_mapping`); a shared vocabulary size is not enough (a permuted
+    vocabulary gives each id another meaning in the large donor's layers and head). A mismatch is an error
+    naming each part that differs, or, with ``donors.allow_tokenizer_mismatch=true``, a warning recorded in
+    results.json (``donors.tokenizers``)."""
+    from .data import tokenizer_mapping
+
+    large_dir = Path(donors.path70b)
+    if not any((large_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        record.update("donors", {"tokenizers": "not compared: the large donor ships no tokenizer"})
+        return
+    small, large = tokenizer_mapping(tokenizer), tokenizer_mapping(load_tokenizer(str(large_dir)))
+    if small is None or large is None:
+        record.update("donors", {"tokenizers": "not compared: a donor's tokenizer is not a fast (serialisable) tokenizer"})
+        return
+    differ = [part for part in small if small[part] != large[part]]
+    if not differ:
+        record.update("donors", {"tokenizers": "same"})
+        return
+    moved = sum(1 for token, index in small["vocabulary"].items() if large["vocabulary"].get(token) != index)
+    parts = ", ".join(f"vocabulary ({moved} of {len(small['vocabulary'])} tokens have another id or none)" if p == "vocabulary" else p
+                      for p in differ)
+    message = (f"the large donor's tokenizer ({large_dir}) differs from the small donor's ({donors.path8b}), which the split "
+               f"model reads with, in: {parts}; a token id would mean one thing in the small donor's layers and another in "
+               "the large donor's")
+    if not cfg.donors.allow_tokenizer_mismatch:
+        raise RunConfigError(f"donors: {message}. Give donors that share a tokenizer, or donors.allow_tokenizer_mismatch=true "
+                             "to run anyway (results.json records it)")
+    logger.warning("donors.allow_tokenizer_mismatch=true: %s", message)
+    record.update("donors", {"tokenizers": {"mismatch_allowed": differ, "message": message}})
 
 
 def load_documents(source: Any, *, files: Sequence[str] = (), text_field: str = "text", min_doc_chars: int = 80,
@@ -430,10 +493,16 @@ def load(cfg: DictConfig, record: Any, setup: RunSetup, *, stage: str | None, re
         if uses_embedded_donors(cfg):  # validated from their recipe, before they were built
             setup.split = with_built_donors(setup.split, setup.donors)
     setup.tokenizer = load_tokenizer(model_dir or setup.donors.path8b)
+    if model_dir is None:
+        check_donor_tokenizers(cfg, setup.donors, setup.tokenizer, record)
     if stage is not None or adapter_init(cfg) == "lstsq":
         with record.timed("data"):
             setup.data = make_datamodule(cfg, setup.tokenizer)
-            setup.data.setup(stage or "fit")
+            try:
+                setup.data.setup(stage or "fit")
+            except ValueError as exc:  # too few documents or tokens for the split and the blocks: name the corpus
+                origin = f"data.files={list(cfg.data.files)}" if plain(cfg.data.source) == "files" else f"data.source={plain(cfg.data.source)}"
+                raise RunConfigError(f"{exc} ({origin})") from None
         setup.calibration = setup.data.train_blocks[: cfg.adapter.calibration_blocks]
     if references:
         # a saved split model is compared with the donors it was assembled from, where they still are
@@ -552,7 +621,7 @@ def final_val_loss(trainer: Any, module: Any, data: Any) -> float:
 def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> Any:
     import lightning.pytorch as pl
 
-    from .callbacks import HangWatchdog
+    from .callbacks import AtomicCheckpointIO, HangWatchdog
 
     t = cfg.trainer
     interval = t.val_check_interval
@@ -583,7 +652,34 @@ def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> A
         # FSDP2 keeps gathered weights between a forward and its backward: gathered under
         # inference_mode (validation) they could not enter autograd afterwards
         inference_mode=cfg.parallel.strategy != "fsdp",
+        # FSDP2 writes its sharded checkpoints through torch.distributed.checkpoint, not a CheckpointIO
+        plugins=[AtomicCheckpointIO()] if cfg.parallel.strategy != "fsdp" else None,
     )
+
+
+def export_model(backend: Any, export_dir: str | os.PathLike[str], tokenizer: Any, *, writer: bool = True) -> Path:
+    """``backend.export_hf`` into ``.<name>.partial`` beside ``export_dir``, renamed to ``export_dir`` once
+    complete (replacing an earlier export of the run); on a failure (a full disk) the partial directory is
+    removed, so no half-saved model is left under the export's name. ``writer``: this process writes (rank 0;
+    the other ranks of a collective export only take part in the gather)."""
+    import shutil
+
+    out = Path(export_dir)
+    partial, old = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.old")
+    if writer:
+        shutil.rmtree(partial, ignore_errors=True)
+    try:
+        backend.export_hf(partial, tokenizer)
+    except BaseException:
+        if writer:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if writer:
+        if out.exists():
+            os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
@@ -622,6 +718,104 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
             f"resume from another .ckpt in {path.parent} or start a new run"
         ) from None
     return str(path)
+
+
+#: the config keys whose values decide what training produces; with the resolved layers and the fingerprints of
+#: the donors, the documents and the tokenizer (:func:`trained_result`) they are saved in every checkpoint, and a
+#: resume (``ckpt_path``) must keep each (:func:`check_resume`). Where the files lie (donor and data paths) is not
+#: among them: their content is.
+TRAINED_RESULT_KEYS = (
+    "adapter.kind", "adapter.init", "adapter.hidden_size", "adapter.rank", "adapter.bias", "adapter.checkpoint",
+    "adapter.calibration_blocks", "finetune.trainable", "finetune.lora", "objective.kind", "objective.lm_weight",
+    "objective.distill_weight", "objective.temperature", "data.source", "data.text_field", "data.min_doc_chars",
+    "data.seq_len", "data.batch_size", "data.val_fraction", "seed", "trainer.max_steps", "trainer.accumulate_grad_batches",
+    "trainer.gradient_clip_val", "trainer.precision", "optim.lr", "optim.weight_decay", "optim.betas", "optim.eps",
+    "optim.warmup_steps", "optim.min_lr_ratio", "backend.name", "backend.dtype",
+)
+#: what a resume with ``task.extend=true`` may change (only upwards)
+EXTENDABLE_KEYS = ("trainer.max_steps",)
+#: the key of a checkpoint that holds :func:`trained_result` (written by :class:`~splitllama.training.callbacks.RecordTrainedResult`)
+CHECKPOINT_RESULT_KEY = "splitllama_trained_result"
+
+
+def trained_result(cfg: DictConfig, split: SplitLlamaConfig, donors: Donors | None = None, data: Any = None) -> dict[str, Any]:
+    """What decides a training run's result, as ``{key: value}``: :data:`TRAINED_RESULT_KEYS`, the resolved
+    layer lists (``layers.list8``, ``layers.list70``), and once known the donors' weights fingerprints
+    (``donors.small``, ``donors.large``; :func:`~splitllama.checkpoint.weights_fingerprint`) and the data's
+    (``data.documents``, ``data.tokenizer``)."""
+    values = config_dict(cfg)
+    result: dict[str, Any] = {}
+    for key in TRAINED_RESULT_KEYS:
+        node: Any = values
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        result[key] = node
+    result.update({"layers.list8": list(split.layers_8), "layers.list70": list(split.layers_70)})
+    if donors is not None:
+        from ..checkpoint import weights_fingerprint
+
+        result.update({"donors.small": weights_fingerprint(donors.path8b)[:16], "donors.large": weights_fingerprint(donors.path70b)[:16]})
+    if data is not None:
+        from .data import documents_fingerprint, tokenizer_fingerprint
+
+        result.update({"data.documents": documents_fingerprint(data.documents)[:16],
+                       "data.tokenizer": (tokenizer_fingerprint(data.tokenizer) or "")[:16] or None})
+    return result
+
+
+def saved_trained_result(ckpt_path: str) -> tuple[dict[str, Any] | None, int]:
+    """The :func:`trained_result` a training checkpoint was saved with (``None``: a checkpoint of an older
+    version, which did not record it) and its step; only its small entries are read (memory-mapped)."""
+    import pickle
+
+    import torch
+
+    path = Path(ckpt_path)
+    archive = path / "meta.pt" if is_sharded_checkpoint(path) else path
+    try:
+        checkpoint = torch.load(archive, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:  # an object the weights-only reader refuses: read it as Lightning's resume will
+        checkpoint = torch.load(archive, map_location="cpu", mmap=True, weights_only=False)
+    return checkpoint.get(CHECKPOINT_RESULT_KEY), int(checkpoint.get("global_step", 0))
+
+
+def check_resume(cfg: DictConfig, ckpt_path: str, current: dict[str, Any], record: Any) -> None:
+    """Refuse a resume that would not continue the checkpoint's run: every :func:`trained_result` entry of
+    ``current`` must equal the checkpoint's, the error naming each that differs (``old -> new``). With
+    ``task.extend=true`` ``trainer.max_steps`` may grow: training goes on to the new count, and
+    results.json's ``resume`` says so and what the learning-rate schedule does at the resume step.
+    Called with the config's entries before donors and data are loaded, then with all of them."""
+    saved, step = saved_trained_result(ckpt_path)
+    where = f"ckpt_path={cfg.ckpt_path}: the checkpoint {ckpt_path} (step {step})"
+    resume: dict[str, Any] = {"checkpoint": ckpt_path, "from_step": step}
+    if saved is None:
+        logger.warning("%s records no settings (saved by an older version): the resume cannot be checked", where)
+        record.update("resume", {**resume, "checked": False})
+        return
+    changed = {key: (saved[key], value) for key, value in current.items() if key in saved and saved[key] != value}
+    old_steps, new_steps = changed.get("trainer.max_steps", (None, None))
+    extends = cfg.task.extend and set(changed) <= set(EXTENDABLE_KEYS) and old_steps is not None and new_steps > old_steps
+    if changed and not extends:
+        lines = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        hint = ""
+        if old_steps is not None and new_steps > old_steps and not cfg.task.extend:
+            hint = f"; to train past trainer.max_steps={old_steps}, resume with task.extend=true (nothing else changed)"
+        elif old_steps is not None and new_steps < old_steps:
+            hint = f"; a run is not shortened on resume (trainer.max_steps={old_steps}: task.extend only lengthens it)"
+        raise RunConfigError(f"{where} was trained with other settings, and a resume continues the same run: {lines}. "
+                             f"Start a new run for new settings (no ckpt_path, a new run directory){hint}")
+    resume["checked"] = True
+    if extends:
+        from .module import warmup_cosine
+
+        o = cfg.optim
+        old_lr, new_lr = (o.lr * warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio) for total in (old_steps, new_steps))
+        resume["extended"] = {"trainer.max_steps": [old_steps, new_steps]}
+        resume["schedule"] = (f"warmup then cosine recomputed over the new {new_steps} steps: at step {step} the learning rate is "
+                              f"{new_lr:.4g} (the checkpoint's schedule over {old_steps} steps gave {old_lr:.4g}), decaying to "
+                              f"{o.lr * o.min_lr_ratio:.4g} at step {new_steps}")
+        logger.warning("task.extend: trainer.max_steps %d -> %d; %s", old_steps, new_steps, resume["schedule"])
+    record.update("resume", resume)
 
 
 def prepare_harness(cfg: DictConfig) -> Any:
@@ -703,6 +897,8 @@ __all__ = [
     "check",
     "load",
     "check_donor_expectations",
+    "check_donor_tokenizers",
+    "check_resume",
     "config_dict",
     "donor_references",
     "layer_selection",
@@ -716,6 +912,7 @@ __all__ = [
     "builds_per_rank",
     "runs_own_schedule",
     "make_trainer",
+    "export_model",
     "model_spec",
     "harness_donor_paths",
     "prepare_harness",
@@ -726,6 +923,7 @@ __all__ = [
     "saved_model_donors",
     "seed_everything",
     "text_datamodule",
+    "trained_result",
     "validate",
     "with_built_donors",
 ]

@@ -129,6 +129,8 @@ class TaskConfig:
     # debugging: stop training after this many steps, as an interrupted run would (resume with ckpt_path)
     stop_after_steps: Optional[int] = None
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    #: a resume (ckpt_path) that raises trainer.max_steps: train on to the new count (else any change is refused)
+    extend: bool = False
 
 
 def _typed_view(recipe_cls: type, name: str, doc: str, defaults: dict[str, Any], nested: dict[str, Any]) -> type:
@@ -199,6 +201,8 @@ class DonorsConfig:
     #: ``rope_scaling``, ...); a checkpoint that differs fails before any weights are read. None: no check
     expect8b: Optional[Dict[str, Any]] = None
     expect70b: Optional[Dict[str, Any]] = None
+    #: run although the large donor's tokenizer maps text to other ids than the small donor's (recorded in results.json)
+    allow_tokenizer_mismatch: bool = False
 
 
 @dataclass
@@ -384,6 +388,9 @@ class ModelCheckpointConfig:
     every_n_train_steps: int = II("trainer.checkpoint_every_n_steps")
     save_last: bool = True
     save_top_k: int = 1
+    #: false: a resumed run overwrites last.ckpt (with Lightning's counter it wrote last-v1.ckpt beside the
+    #: interrupted attempt's, and the next ckpt_path=last resumed from that stale one)
+    enable_version_counter: bool = False
 
 
 @dataclass
@@ -564,10 +571,44 @@ def _validate_extra_callbacks(cfg: Any) -> None:
             raise RunConfigError(f"{field_name}._target_={target}: no such class (module {module_name} has no {attr}, or does not import)")
 
 
+def _check_known_keys(node: Any, path: str = "") -> None:
+    """Every key of a typed node is a field of its schema. Hydra's ``+key=value`` adds a key even to a typed
+    node (``+layers.n_70=1`` would be ignored by the run); such a key is an error naming the closest field.
+    Free-form nodes (``callbacks.extra``, ``backend.options``, ``donors.expect8b``) take any key."""
+    import dataclasses
+    import difflib
+
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return
+    fields = [f.name for f in dataclasses.fields(schema)]
+    for key in node.keys():
+        name = f"{path}{key}"
+        if key == "hydra" and not path:  # Hydra's own node, where a config is composed with it
+            continue
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
+            hint = f"did you mean {path}{close[0]}? " if close else ""
+            raise RunConfigError(f"+{name}={OmegaConf.select(node, str(key))}: {path.rstrip('.') or 'the config'} has no key {key!r}; "
+                                 f"{hint}its keys: {', '.join(fields)}")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            _check_known_keys(child, f"{name}.")
+
+
 def validate_run_settings(cfg: Any) -> None:
     """Range checks of fields that need no donor (cheap; run before anything else)."""
+    _check_known_keys(cfg)
     _check(cfg.data.seq_len >= 2, "data.seq_len", cfg.data.seq_len, "must be >= 2")
     _check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1")
+    # 0 is not "unset" (null is): a zero would fall back to another value silently
+    for key, value in (("data.val_batch_size", cfg.data.val_batch_size), ("data.max_val_blocks", cfg.data.max_val_blocks),
+                       ("backend.micro_batch_size", cfg.backend.micro_batch_size)):
+        _check(value is None or value >= 1, key, value, "must be >= 1, or null for the default")
+    _check(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "must be >= 0")
+    _check(cfg.eval.harness.batch_size >= 1, "eval.harness.batch_size", cfg.eval.harness.batch_size, "must be >= 1")
     _check(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
     _check(cfg.trainer.max_steps >= 1, "trainer.max_steps", cfg.trainer.max_steps, "must be >= 1")
     _check(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches, "must be >= 1")
