@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,6 +52,33 @@ def odd_donor(donor_root: Path) -> Path:
     """A donor whose head_dim and KV heads differ from the others (hidden 96, 4 heads of 24, 4 KV heads)."""
     cfg = llama_config(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=24, vocab_size=VOCAB)
     return make_random_donor(donor_root / "odd", cfg, seed=4)
+
+
+# ---------------------------------------------------------------- optional backends
+#: set (to 1) where the install is meant to have every extra (CI, ``scripts/setup.sh --dev``): a missing one fails
+REQUIRE_EXTRAS = "SPLITLLAMA_REQUIRE_EXTRAS"
+
+
+def import_extra(module: str, distribution: str, extra: str) -> Any:
+    """Import ``module`` of an optional extra for a test file, at module level.
+
+    Not installed: the file is skipped (a plain install runs what it can), unless ``REQUIRE_EXTRAS``
+    is set. Installed (its distribution has metadata) but not importable: a failure naming the
+    import error; ``pytest.importorskip`` turned such a broken install into skips.
+    """
+    import importlib
+    import importlib.metadata
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        try:
+            version = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            if os.environ.get(REQUIRE_EXTRAS, "") not in ("", "0"):
+                pytest.fail(f"{distribution} is not installed but {REQUIRE_EXTRAS} is set: pip install -e '.[{extra}]'", pytrace=False)
+            pytest.skip(f"{distribution} is not installed (pip install -e '.[{extra}]')", allow_module_level=True)
+        pytest.fail(f"{distribution} {version} is installed but `import {module}` fails: {type(exc).__name__}: {exc}", pytrace=False)
 
 
 # ---------------------------------------------------------------- the experiment framework (run.py)

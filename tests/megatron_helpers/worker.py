@@ -224,7 +224,7 @@ def check_packed(config: Any, job: dict[str, Any], tp: int, sp: bool, dtype: tor
         for row, start, stop in spans:
             ref = hf(rows[row:row + 1, start:stop]).logits[0]
             worst = max(worst, _max_diff(out.logits[row, start:stop], ref))
-        pad_zero = float(out.logits[1, -5:].abs().max())
+        pad_zero = max(float(out.logits[1, -5:].abs().max()), float(out.logits[2, :3].abs().max()))  # right and left padding
     return {"logits": worst, "padding_logits": pad_zero}
 
 
@@ -259,8 +259,13 @@ def check_grads(model: Any, hf: Any, config: Any, ids: torch.Tensor, pp: int) ->
     model.zero_grad(set_to_none=True)
     loss = model.forward_backward([{"input_ids": m} for m in micro])
     grads = gather_hf_state(model.module, config, use_grad=True)
+    # every parameter this stage holds must have a gradient: gather_hf_state leaves out one without
+    # (frozen or disconnected by mistake), which a comparison over ``grads`` alone would not see
+    held = set(gather_hf_state(model.module, config))
     worst, scale, worst_name, worst_relative = 0.0, 0.0, None, 0.0
     for name, grad in grads.items():
+        if reference.get(name) is None:
+            continue  # reported as not_in_reference
         diff = _max_diff(grad, reference[name])
         own_scale = float(reference[name].abs().max())
         if diff > worst:
@@ -270,5 +275,6 @@ def check_grads(model: Any, hf: Any, config: Any, ids: torch.Tensor, pp: int) ->
     return {
         "loss": None if loss is None else abs(loss.item() - ref_loss.item()),
         "max_grad_diff": worst, "worst_parameter": worst_name, "grad_scale": scale, "compared": len(grads),
+        "without_grad": sorted(held - set(grads)), "not_in_reference": sorted(n for n in grads if reference.get(n) is None),
         "max_relative_grad_diff": worst_relative,  # each parameter's largest difference over its own largest gradient
     }
