@@ -54,6 +54,27 @@ def odd_donor(donor_root: Path) -> Path:
     return make_random_donor(donor_root / "odd", cfg, seed=4)
 
 
+@pytest.fixture
+def tensor_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the tensors read from safetensors checkpoints during the test, in order.
+
+    Counts the real reads (``LazyCheckpoint.get`` / ``get_slice`` still run): "fails before any
+    tensor is read" is checked by this list being empty when the error comes.
+    """
+    from splitllama.checkpoint import LazyCheckpoint
+
+    reads: list[str] = []
+    for method in ("get", "get_slice"):
+        real = getattr(LazyCheckpoint, method)
+
+        def counted(self: Any, name: str, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            reads.append(name)
+            return _real(self, name, *args, **kwargs)
+
+        monkeypatch.setattr(LazyCheckpoint, method, counted)
+    return reads
+
+
 # ---------------------------------------------------------------- optional backends
 #: set (to 1) where the install is meant to have every extra (CI, ``scripts/setup.sh --dev``): a missing one fails
 REQUIRE_EXTRAS = "SPLITLLAMA_REQUIRE_EXTRAS"

@@ -9,6 +9,7 @@ backward collectives allocate on CUDA), as do pipeline and sequence parallelism:
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,8 @@ def test_export_round_trip_loads_in_transformers(megatron_world: None, small_don
     assert (out / "configuration_split_llama.py").is_file() and (out / "modeling_split_llama.py").is_file()
 
 
-def test_bad_inputs_fail_before_reading_weights(megatron_world: None, small_donor: Path, large_donor: Path, tied_large_donor: Path, tmp_path: Path) -> None:
+def test_bad_inputs_fail_before_reading_weights(megatron_world: None, small_donor: Path, large_donor: Path, tied_large_donor: Path, tmp_path: Path,
+                                               tensor_reads: list[str]) -> None:
     from splitllama.megatron.checkpoint_utils.custom_split_llama_loader import load_custom_split_llama_weights
     from splitllama.megatron.lightning import build_megatron_split_model
 
@@ -279,6 +281,17 @@ def test_bad_inputs_fail_before_reading_weights(megatron_world: None, small_dono
         large_state.update(load_file(f))
     model = build_megatron_split_model(config, random_init=True)
     del small_state["model.layers.1.mlp.up_proj.weight"]
+    # from the donors' files: the error comes before any tensor is read from them
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "broken_small"
+    broken.mkdir()
+    save_file(small_state, str(broken / "model.safetensors"))
+    shutil.copy(small_donor / "config.json", broken / "config.json")
+    tensor_reads.clear()
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        megatron_model(config, broken, large_donor)
+    assert tensor_reads == []
     with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight' in state_dict_8b"):
         load_custom_split_llama_weights(small_state, large_state, None, [model.module], config, torch.float32)
     # an adapter of the wrong shape
@@ -292,7 +305,6 @@ def test_bad_inputs_fail_before_reading_weights(megatron_world: None, small_dono
     # a saved split model without adapter weights is refused, not randomly initialised
     hf = build_split_model(small_donor, large_donor, 2, 2)
     state = {k: v for k, v in hf.state_dict().items() if not k.startswith("model.adapter.")}
-    from safetensors.torch import save_file
 
     (tmp_path / "noadapter").mkdir()
     hf.config.save_pretrained(tmp_path / "noadapter")
