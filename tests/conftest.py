@@ -117,6 +117,18 @@ def compose_run_config(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
+def run_py_checks(*overrides: str) -> None:
+    """What ``run.py <overrides>`` checks before any heavy work, in-process (no 14 s subprocess):
+    Hydra's composition, the CPU-thread setting and ``pipeline.validate``. Raises what run.py
+    reports (a Hydra composition error, ``RunConfigError``, ``SplitConfigError``); the subprocess
+    tests in test_run.py check that run.py turns these into an exit status and a one-line error."""
+    from splitllama.training.pipeline import apply_cpu_threads, validate
+
+    cfg = compose_run_config(*overrides)
+    apply_cpu_threads(cfg)
+    validate(cfg)
+
+
 def quick_recipe():
     """The ``debug=quick`` embedded-donor recipe (a few pre-training steps: plumbing, not quality)."""
     from splitllama.training.pipeline import embedded_recipe
