@@ -1,10 +1,10 @@
 """The megatron-core backend against the HF backend on the same weights.
 
 CPU (gloo): at TP=1 in this process (logits, loss, gradients through megatron's schedule, packed
-input, value head, export, Lightning), and one 2-process TP=2 job (each rank's loaded slices,
-logits, packed input, value head, export). The backward at TP=2 needs GPUs (megatron-core's
-backward collectives allocate on CUDA), as do pipeline and sequence parallelism: those are the
-``gpu`` tests at the end (run by scripts/gpu.sh on a 2-GPU machine).
+input, value head, export, Lightning), and 2-process TP=2 jobs (each rank's loaded slices, logits,
+packed input, value head, export; and the loss, logits and every gradient through megatron's
+schedule on 1024-token micro-batches). Pipeline and sequence parallelism and bfloat16 need GPUs:
+those are the ``gpu`` tests at the end (run by scripts/gpu.sh on a 2-GPU machine).
 """
 
 from __future__ import annotations
@@ -363,7 +363,7 @@ def test_lightning_strategy_trains_only_the_adapter(megatron_world: None, small_
 
 
 # ------------------------------------------------------------------------------------------ run.py backend=megatron
-# run.py as a user calls it (a subprocess; needs hydra, so scripts/gpu.sh deselects these with -k "not run_py")
+# run.py as a user calls it (a subprocess)
 @pytest.fixture(scope="module")
 def megatron_run(run_py: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("megatron_run")
