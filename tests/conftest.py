@@ -106,15 +106,19 @@ def import_extra(module: str, distribution: str, extra: str) -> Any:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def compose_run_config(*overrides: str):
-    """run.py's configuration, composed in-process from conf/ with the given overrides."""
+def compose_run_config(*overrides: str, hydra_node: bool = False):
+    """run.py's configuration, composed in-process from conf/ with the given overrides; with
+    ``hydra_node`` also Hydra's own node (launcher, sweeper, run and sweep directories), as
+    ``run.py --cfg all`` prints it."""
     from hydra import compose, initialize_config_dir
 
+    from splitllama.results import register_run_dir_resolver
     from splitllama.training.schema import register_configs
 
     register_configs()
+    register_run_dir_resolver()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_node)
 
 
 def run_py_checks(*overrides: str) -> None:
