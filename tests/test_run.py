@@ -292,11 +292,19 @@ def test_lora_on_donor_layers_merges_into_the_export(run_py: RunPy, tmp_path: Pa
     assert not [n for n in names if "lora" in n], "LoRA is merged into the donor weights on export"
 
 
-def test_generate_with_transformers(default_run: Path, run_py: RunPy, tmp_path: Path) -> None:
-    run_py(QUICK, "task=generate", "task.engine=hf", f"task.model_dir={default_run / 'hf_model'}", "task.max_new_tokens=6",
-           "logger=none", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
-    generations = read_results(tmp_path)["generations"]
-    assert set(generations) == {"Return the number of", "This module provides"}
+GENERATE = ("task=generate", "task.max_new_tokens=8", "logger=none")
+
+
+@pytest.fixture(scope="module")
+def hf_generations(default_run: Path, run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """``task=generate task.engine=hf`` on the default run's export (greedy), shared by the vLLM comparison."""
+    run_dir = tmp_path_factory.mktemp("generate_hf")
+    run_py(QUICK, *GENERATE, "task.engine=hf", f"task.model_dir={default_run / 'hf_model'}", f"hydra.run.dir={run_dir}", cwd=run_dir)
+    return read_results(run_dir)["generations"]
+
+
+def test_generate_with_transformers(default_run: Path, hf_generations: dict[str, str]) -> None:
+    assert set(hf_generations) == {"Return the number of", "This module provides"}
     # what a user gets calling generate on the export themselves (greedy)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -304,22 +312,18 @@ def test_generate_with_transformers(default_run: Path, run_py: RunPy, tmp_path: 
 
     tokenizer = AutoTokenizer.from_pretrained(default_run / "hf_model")
     model = AutoModelForCausalLM.from_pretrained(default_run / "hf_model")
-    for prompt, text in generations.items():
+    for prompt, text in hf_generations.items():
         ids = tokenizer(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         assert text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 @pytest.mark.vllm
-def test_generate_with_vllm_matches_transformers(default_run: Path, run_py: RunPy, tmp_path: Path) -> None:
-    model = f"task.model_dir={default_run / 'hf_model'}"
-    outputs = {}
-    for engine in ("hf", "vllm"):
-        run_dir = tmp_path / engine
-        run_py(QUICK, "task=generate", f"task.engine={engine}", model, "task.max_new_tokens=8", "logger=none",
-               f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-        outputs[engine] = read_results(run_dir)["generations"]
-    assert outputs["vllm"] == outputs["hf"]  # greedy, float32, same weights
+def test_generate_with_vllm_matches_transformers(default_run: Path, hf_generations: dict[str, str], run_py: RunPy, tmp_path: Path) -> None:
+    # VLLM_CPU_CI_ENV=1: vLLM's own CPU-CI switch (Dynamo traced, run eagerly: no Inductor build of a minute)
+    run_py(QUICK, *GENERATE, "task.engine=vllm", f"task.model_dir={default_run / 'hf_model'}", f"hydra.run.dir={tmp_path}",
+           cwd=tmp_path, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_CI_ENV": "1"})
+    assert read_results(tmp_path)["generations"] == hf_generations  # greedy, float32, same weights
 
 
 # ------------------------------------------------------------------ bad input fails at composition, naming the field
