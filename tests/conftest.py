@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,19 +54,83 @@ def odd_donor(donor_root: Path) -> Path:
     return make_random_donor(donor_root / "odd", cfg, seed=4)
 
 
+@pytest.fixture
+def tensor_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the tensors read from safetensors checkpoints during the test, in order.
+
+    Counts the real reads (``LazyCheckpoint.get`` / ``get_slice`` still run): "fails before any
+    tensor is read" is checked by this list being empty when the error comes.
+    """
+    from splitllama.checkpoint import LazyCheckpoint
+
+    reads: list[str] = []
+    for method in ("get", "get_slice"):
+        real = getattr(LazyCheckpoint, method)
+
+        def counted(self: Any, name: str, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            reads.append(name)
+            return _real(self, name, *args, **kwargs)
+
+        monkeypatch.setattr(LazyCheckpoint, method, counted)
+    return reads
+
+
+# ---------------------------------------------------------------- optional backends
+#: set (to 1) where the install is meant to have every extra (CI, ``scripts/setup.sh --dev``): a missing one fails
+REQUIRE_EXTRAS = "SPLITLLAMA_REQUIRE_EXTRAS"
+
+
+def import_extra(module: str, distribution: str, extra: str) -> Any:
+    """Import ``module`` of an optional extra for a test file, at module level.
+
+    Not installed: the file is skipped (a plain install runs what it can), unless ``REQUIRE_EXTRAS``
+    is set. Installed (its distribution has metadata) but not importable: a failure naming the
+    import error; ``pytest.importorskip`` turned such a broken install into skips.
+    """
+    import importlib
+    import importlib.metadata
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        try:
+            version = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            if os.environ.get(REQUIRE_EXTRAS, "") not in ("", "0"):
+                pytest.fail(f"{distribution} is not installed but {REQUIRE_EXTRAS} is set: pip install -e '.[{extra}]'", pytrace=False)
+            pytest.skip(f"{distribution} is not installed (pip install -e '.[{extra}]')", allow_module_level=True)
+        pytest.fail(f"{distribution} {version} is installed but `import {module}` fails: {type(exc).__name__}: {exc}", pytrace=False)
+
+
 # ---------------------------------------------------------------- the experiment framework (run.py)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def compose_run_config(*overrides: str):
-    """run.py's configuration, composed in-process from conf/ with the given overrides."""
+def compose_run_config(*overrides: str, hydra_node: bool = False):
+    """run.py's configuration, composed in-process from conf/ with the given overrides; with
+    ``hydra_node`` also Hydra's own node (launcher, sweeper, run and sweep directories), as
+    ``run.py --cfg all`` prints it."""
     from hydra import compose, initialize_config_dir
 
+    from splitllama.results import register_run_dir_resolver
     from splitllama.training.schema import register_configs
 
     register_configs()
+    register_run_dir_resolver()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_node)
+
+
+def run_py_checks(*overrides: str) -> None:
+    """What ``run.py <overrides>`` checks before any heavy work, in-process (no 14 s subprocess):
+    Hydra's composition, the CPU-thread setting and ``pipeline.validate``. Raises what run.py
+    reports (a Hydra composition error, ``RunConfigError``, ``SplitConfigError``); the subprocess
+    tests in test_run.py check that run.py turns these into an exit status and a one-line error."""
+    from splitllama.training.pipeline import apply_cpu_threads, validate
+
+    cfg = compose_run_config(*overrides)
+    apply_cpu_threads(cfg)
+    validate(cfg)
 
 
 def quick_recipe():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,17 @@ from splitllama.training.schema import RunConfigError, register_configs, validat
 from splitllama.training.pipeline import make_callbacks, make_datamodule
 from tests.conftest import REPO, compose_run_config
 from tests.donors import letter_tokenizer
+
+@pytest.fixture(autouse=True)
+def environment_unchanged() -> Iterator[None]:
+    """No test here may leave the process environment changed: a variable set by the code under
+    test (``os.environ.setdefault``) reaches every later test and every subprocess it starts."""
+    before = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    yield
+    after = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    changed = {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert not changed, f"the test left the environment changed (before, after): {changed}"
+
 
 #: the groups conf/config.yaml's defaults list names
 DEFAULTS = {next(iter(entry)) for entry in OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "config.yaml").defaults)
@@ -184,7 +196,9 @@ def test_megatron_tensor_parallel_strategy_orders_kernel_launches(layout: str, o
     backward's gradient all-reduce with the weight-gradient product only then); a user's own value is kept."""
     from splitllama.training.pipeline import make_strategy
 
-    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    # set, then deleted: monkeypatch records the original state, so the value make_strategy sets is undone
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "unset")
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
     cfg = compose_run_config("backend=megatron", layout)
     strategy = make_strategy(cfg)
     assert type(strategy).__name__ == "MegatronStrategy"

@@ -55,39 +55,43 @@ def build(small: Path, large: Path) -> None:
 
 
 # ------------------------------------------------------------------ donor checkpoints
-def test_truncated_shard_names_the_file(tmp_path: Path, small_donor: Path, large_donor: Path) -> None:
+def test_truncated_shard_names_the_file(tmp_path: Path, small_donor: Path, large_donor: Path, tensor_reads: list[str]) -> None:
     large = copy_donor(large_donor, tmp_path / "large")
     shard = shards(large)[1]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(shard))}: truncated: tensors need \d+ bytes of data but the file holds \d+"):
         build(small_donor, large)
+    assert tensor_reads == []  # the error came before any tensor was read
 
 
-def test_missing_shard_names_the_file_and_the_index(tmp_path: Path, small_donor: Path, large_donor: Path) -> None:
+def test_missing_shard_names_the_file_and_the_index(tmp_path: Path, small_donor: Path, large_donor: Path, tensor_reads: list[str]) -> None:
     large = copy_donor(large_donor, tmp_path / "large")
     shard = shards(large)[0]
     shard.unlink()
     with pytest.raises(CheckpointError, match=rf"path70b: shard {re.escape(str(shard))} listed in model.safetensors.index.json is missing"):
         build(small_donor, large)
+    assert tensor_reads == []  # the error came before any tensor was read
 
 
-def test_missing_tensor_is_listed(tmp_path: Path, small_donor: Path, large_donor: Path) -> None:
+def test_missing_tensor_is_listed(tmp_path: Path, small_donor: Path, large_donor: Path, tensor_reads: list[str]) -> None:
     large = rewrite_donor(large_donor, tmp_path / "large", lambda s: s.pop("model.layers.6.mlp.up_proj.weight"))
     with pytest.raises(CheckpointError, match=rf"missing tensor 'model.layers.6.mlp.up_proj.weight' in path70b \({re.escape(str(large))}\)"):
         build(small_donor, large)
+    assert tensor_reads == []  # the error came before any tensor was read
 
 
-def test_wrong_shape_names_tensor_and_expected_shape(tmp_path: Path, small_donor: Path, large_donor: Path) -> None:
+def test_wrong_shape_names_tensor_and_expected_shape(tmp_path: Path, small_donor: Path, large_donor: Path, tensor_reads: list[str]) -> None:
     def widen(state: dict[str, torch.Tensor]) -> None:
         state["model.norm.weight"] = torch.ones(130)
 
     large = rewrite_donor(large_donor, tmp_path / "large", widen)
     with pytest.raises(CheckpointError, match=re.escape("path70b: tensor 'model.norm.weight' has shape [130], but model.norm.weight needs [128]")):
         build(small_donor, large)
+    assert tensor_reads == []  # the error came before any tensor was read
 
 
-def test_integer_tensor_is_not_cast_silently(tmp_path: Path, small_donor: Path, large_donor: Path) -> None:
+def test_integer_tensor_is_not_cast_silently(tmp_path: Path, small_donor: Path, large_donor: Path, tensor_reads: list[str]) -> None:
     def quantise(state: dict[str, torch.Tensor]) -> None:
         state["model.layers.5.input_layernorm.weight"] = state["model.layers.5.input_layernorm.weight"].to(torch.int8)
 
@@ -96,9 +100,10 @@ def test_integer_tensor_is_not_cast_silently(tmp_path: Path, small_donor: Path, 
             f"path70b: tensor 'model.layers.5.input_layernorm.weight' in {large / 'model.safetensors'} is int8; "
             "donor weights must be floating point (float32, bfloat16, float16, float64)")):
         build(small_donor, large)
+    assert tensor_reads == []  # the error came before any tensor was read
 
 
-def test_untied_donor_without_lm_head_is_refused(tmp_path: Path, small_donor: Path, large_donor: Path) -> None:
+def test_untied_donor_without_lm_head_is_refused(tmp_path: Path, small_donor: Path, large_donor: Path, tensor_reads: list[str]) -> None:
     """Its config says the head is its own tensor: the embedding must not stand in for it."""
     large = rewrite_donor(large_donor, tmp_path / "large", lambda s: s.pop("lm_head.weight"))
     assert json.loads((large / "config.json").read_text())["tie_word_embeddings"] is False
@@ -106,25 +111,31 @@ def test_untied_donor_without_lm_head_is_refused(tmp_path: Path, small_donor: Pa
             f"missing tensor 'lm_head.weight' in path70b ({large}) (its config.json has tie_word_embeddings=false, "
             "so embed_tokens is not its head)")):
         build(small_donor, large)
+    assert tensor_reads == []  # the error came before any tensor was read
 
 
-def test_tied_donor_uses_its_embedding_as_the_head(small_donor: Path, tied_large_donor: Path) -> None:
+def test_tied_donor_uses_its_embedding_as_the_head(small_donor: Path, tied_large_donor: Path, tensor_reads: list[str]) -> None:
     """The contrast to the case above: a donor whose config ties the head has no lm_head.weight."""
     from safetensors import safe_open
 
     model = build_split_model(small_donor, tied_large_donor, 2, 3)
+    # the contrast for the read counts above: a build that succeeds reads one tensor per donor parameter (the
+    # adapter is initialised); embed_tokens twice: the small donor's embedding and the large donor's tied head
+    donor_params = [n for n in model.state_dict() if not n.startswith("model.adapter.")]
+    assert len(tensor_reads) == len(donor_params) and tensor_reads.count("model.embed_tokens.weight") == 2
     with safe_open(str(tied_large_donor / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()
         assert torch.equal(model.lm_head.weight, f.get_tensor("model.embed_tokens.weight"))
 
 
-def test_config_with_another_model_type_is_not_a_llama(tmp_path: Path, small_donor: Path, large_donor: Path) -> None:
+def test_config_with_another_model_type_is_not_a_llama(tmp_path: Path, small_donor: Path, large_donor: Path, tensor_reads: list[str]) -> None:
     large = copy_donor(large_donor, tmp_path / "large")
     config = json.loads((large / "config.json").read_text())
     (large / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
     with pytest.raises(SplitConfigError, match=re.escape(
             f"SplitLlamaConfig.path70b: {large / 'config.json'} declares model_type 'gpt2': not a LLaMA checkpoint")):
         build(small_donor, large)
+    assert tensor_reads == []  # the error came before any tensor was read
 
 
 @pytest.fixture(scope="module")

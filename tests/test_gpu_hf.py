@@ -71,5 +71,7 @@ def test_fsdp_bf16_activation_checkpointing_all_layers(run_py: Any, tmp_path: Pa
         runs[name] = read_results(run_dir)
         assert runs[name]["status"] == "ok", runs[name].get("error")
     assert runs["bf16"]["metrics"]["val_loss"] == pytest.approx(runs["fp32"]["metrics"]["val_loss"], abs=0.05)
-    assert runs["bf16"]["metrics"]["val_loss"] < runs["bf16"]["metrics"]["val_loss_before"] - 1e-2
+    # trained like fp32, not barely: most of fp32's drop in validation loss (an absolute 0.01 could not tell)
+    gain = {name: run["metrics"]["val_loss_before"] - run["metrics"]["val_loss"] for name, run in runs.items()}
+    assert gain["fp32"] > 0 and gain["bf16"] > 0.75 * gain["fp32"], gain
     assert _eval_export_on_cpu(run_py, tmp_path / "bf16", tmp_path) == pytest.approx(runs["bf16"]["metrics"]["val_loss"], abs=0.05)

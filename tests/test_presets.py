@@ -12,7 +12,7 @@ What is shrunk, and why (memory and seconds on a CPU):
   their real layer counts, so the layer indices the split takes are the real ones (3B: 26..27,
   70B: 78..79);
 - SmolLM2-135M/360M and Llama-3.2-1B/3B: nothing else, every layer has its real shape;
-- Llama-3.1-8B/70B: width / 4 (hidden 4096 -> 1024 and 8192 -> 2048, intermediate 14336 -> 3584
+- Llama-3.1-8B/70B and Llama-3-8B/70B: width / 4 (hidden 4096 -> 1024 and 8192 -> 2048, intermediate 14336 -> 3584
   and 28672 -> 7168, query heads 32 -> 8 and 64 -> 16, KV heads 8 -> 2): head_dim (128), the
   query/KV head ratios (4 and 8), the FFN/hidden ratios, the widths' ratio (2) and equal KV heads in
   both donors are kept. The preset's own check (``donors.expect*``) is given the shrunk values.
@@ -33,10 +33,33 @@ from tests.conftest import compose_run_config
 SHRUNK_VOCAB = 512
 
 
+def _published(hidden: int, layers: int, heads: int, kv: int, head_dim: int, ffn: int, vocab: int, positions: int,
+               theta: float, scaling_factor: float | None, tied: bool) -> dict:
+    scaling = None if scaling_factor is None else {"rope_type": "llama3", "factor": scaling_factor, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    return {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+            "head_dim": head_dim, "intermediate_size": ffn, "vocab_size": vocab, "max_position_embeddings": positions,
+            "rms_norm_eps": 1e-5, "rope_theta": theta, "rope_scaling": scaling, "tie_word_embeddings": tied}
+
+
+#: The models' published ``config.json`` values, written out here (not read from the presets) so that a
+#: wrong value in a preset fails.
+PUBLISHED = {
+    "HuggingFaceTB/SmolLM2-135M": _published(576, 30, 9, 3, 64, 1536, 49152, 8192, 100000.0, None, True),
+    "HuggingFaceTB/SmolLM2-360M": _published(960, 32, 15, 5, 64, 2560, 49152, 8192, 100000.0, None, True),
+    "meta-llama/Llama-3.2-1B": _published(2048, 16, 32, 8, 64, 8192, 128256, 131072, 500000.0, 32.0, True),
+    "meta-llama/Llama-3.2-3B": _published(3072, 28, 24, 8, 128, 8192, 128256, 131072, 500000.0, 32.0, True),
+    "meta-llama/Llama-3.1-8B": _published(4096, 32, 32, 8, 128, 14336, 128256, 131072, 500000.0, 8.0, False),
+    "meta-llama/Llama-3.1-70B": _published(8192, 80, 64, 8, 128, 28672, 128256, 131072, 500000.0, 8.0, False),
+    "meta-llama/Meta-Llama-3-8B": _published(4096, 32, 32, 8, 128, 14336, 128256, 8192, 500000.0, None, False),
+    "meta-llama/Meta-Llama-3-70B": _published(8192, 80, 64, 8, 128, 28672, 128256, 8192, 500000.0, None, False),
+}
+
+
 def _shrink(expect: dict, preset: str) -> dict:
     """The preset's real config with the documented reductions (see the module docstring)."""
     shrunk = {**expect, "vocab_size": SHRUNK_VOCAB}
-    if preset == "llama31_8b_70b":
+    if preset in ("llama31_8b_70b", "llama3_8b_70b"):
         for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
             shrunk[key] = expect[key] // 4
     return shrunk
@@ -48,7 +71,21 @@ PRESETS = {
     "smollm2_135m_360m": (2, 2),
     "llama32_1b_3b": (1, 1),  # a Llama-3.2-3B layer alone is 100M parameters
     "llama31_8b_70b": (2, 2),
+    "llama3_8b_70b": (1, 1),  # Llama 3 (no rope scaling, 8192 positions): the same shapes as 3.1
 }
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_preset_pins_the_published_configs(preset: str) -> None:
+    """Each preset's ``expect8b`` / ``expect70b`` (what the donors' config.json is checked against) and its
+    default split are the published models' numbers."""
+    from omegaconf import OmegaConf
+
+    donors = compose_run_config(f"donors={preset}").donors
+    for key, hub in (("expect8b", donors.hub8b), ("expect70b", donors.hub70b)):
+        assert OmegaConf.to_container(donors[key]) == PUBLISHED[hub], (preset, key, hub)
+    assert donors.default_n8 < PUBLISHED[donors.hub8b]["num_hidden_layers"]
+    assert donors.default_n70 < PUBLISHED[donors.hub70b]["num_hidden_layers"]
 
 
 def _overrides(name: str, real: dict, shrunk: dict) -> list[str]:
@@ -91,8 +128,9 @@ def test_preset_assembles_real_layouts_and_trains_one_step(preset: str, tmp_path
     for key, donor in (("8b", split.config_8b), ("70b", split.config_70b)):
         for field in P.EXPECTED_DONOR_FIELDS:  # rope theta and scaling carried into the split config
             assert getattr(donor, field) == getattr(configs[key], field), (key, field)
-    if preset != "smollm2_135m_360m":
-        assert split.config_70b.rope_parameters["rope_type"] == "llama3"
+    # Llama 3.1 / 3.2: llama3 rope scaling; Llama 3 and SmolLM2: none
+    rope_type = "llama3" if PUBLISHED[base.donors.hub70b]["rope_scaling"] else "default"
+    assert split.config_70b.rope_parameters["rope_type"] == rope_type
 
     module = P.make_module(cfg, P.model_spec(cfg, P.resolve_donors(cfg)), teacher_path=None)
     trainer = P.make_trainer(cfg, [], [])

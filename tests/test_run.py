@@ -24,7 +24,7 @@ import torch
 from splitllama.results import read_results
 from tests.wandb_offline import find_run_file, read_offline_run
 
-from tests.conftest import RunPy
+from tests.conftest import RunPy, run_py_checks
 
 QUICK = "debug=quick"
 
@@ -145,19 +145,20 @@ def test_resume_reaches_the_uninterrupted_val_loss(default_run: Path, run_py: Ru
 
 
 # ------------------------------------------------------------------ run directories and records are never lost
-def test_runs_started_together_get_their_own_directories(run_py: RunPy, tmp_path: Path) -> None:
-    """Two runs started in the same second with the default run directory (Hydra's date/time alone
-    gave both the same one: one results.json and one hf_model survived)."""
-    from concurrent.futures import ThreadPoolExecutor
+def test_runs_started_in_the_same_second_get_their_own_directories(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``outputs/${run_id:}``: Hydra's date/time alone gave two runs started in the same second the same
+    directory (one results.json and one hf_model survived). Two ids made in one second differ."""
+    from splitllama.results import _run_id
 
-    with ThreadPoolExecutor(2) as pool:
-        procs = list(pool.map(lambda _: run_py(QUICK, "task=assemble", "logger=none", cwd=tmp_path, timeout=600), range(2)))
-    assert all(p.returncode == 0 for p in procs)
-    run_dirs = sorted(p.parent for p in tmp_path.glob("outputs/*/*/results.json"))
-    assert len(run_dirs) == 2, run_dirs
-    for run_dir in run_dirs:
-        assert re.fullmatch(r"\d{2}-\d{2}-\d{2}-[0-9a-f]{6}", run_dir.name), run_dir
-        assert read_results(run_dir)["status"] == "ok" and (run_dir / "hf_model" / "model.safetensors").is_file()
+    for key in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for _ in range(100):
+        first, second = _run_id.__wrapped__(), _run_id.__wrapped__()
+        if first[:19] == second[:19]:  # YYYY-MM-DD/HH-MM-SS: the same second
+            break
+    assert first[:19] == second[:19], (first, second)
+    assert first != second
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}-[0-9a-f]{6}", first), first
 
 
 def test_a_used_run_directory_is_refused_and_a_failed_resume_keeps_the_record(default_run: Path, run_py: RunPy, tmp_path: Path) -> None:
@@ -224,15 +225,25 @@ def test_slurm_preemption_resumes_by_rerunning_the_same_command(run_py: RunPy, t
     assert [(a["status"], a["metrics"]["steps"]) for a in results["attempts"]] == [("interrupted", stopped_at)]
 
 
-def test_ddp_on_two_cpu_processes(default_run: Path, run_py: RunPy, tmp_path: Path) -> None:
-    """``parallel=ddp``: two processes (gloo), each rank its own share of the data; validation reduced."""
+def test_ddp_on_two_cpu_processes(default_run: Path, run_py: RunPy, embedded_cache: Path, tmp_path: Path) -> None:
+    """``parallel=ddp``: two processes (gloo), each rank its own share of the data; validation reduced.
+
+    Rank r of 2 takes global samples 2j + r, so two ranks of batch 4 see together what one process
+    of batch 8 sees in each step, and train the same model: the loss after training says each rank
+    read its own half (two ranks reading the same batches train what one process of batch 4 does)."""
+    from tests.test_training import quick_fit
+
     run_py(QUICK, "parallel=ddp", "parallel.devices=2", "parallel.accelerator=cpu", "logger=csv",
            f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     results, single = read_results(tmp_path), read_results(default_run)
     assert results["status"] == "ok" and results["metrics"]["steps"] == 8
-    assert results["metrics"]["train_tokens_seen"] == 2 * single["metrics"]["train_tokens_seen"]
     # the held-out split scored across two ranks gives the single-process value
     assert results["metrics"]["val_loss_before"] == pytest.approx(single["metrics"]["val_loss_before"], abs=1e-5)
+    doubled, batches = quick_fit(embedded_cache, tmp_path / "batch8", "data.batch_size=8")
+    assert len(batches) == 8 and all(len(b) == 8 for b in batches)
+    assert results["metrics"]["val_loss"] == pytest.approx(doubled, abs=2e-5)
+    assert abs(results["metrics"]["val_loss"] - single["metrics"]["val_loss"]) > 1e-3
+    assert results["metrics"]["train_tokens_seen"] == 2 * single["metrics"]["train_tokens_seen"]
 
 
 # ------------------------------------------------------------------ the design card's overrides and other recipes
@@ -281,11 +292,19 @@ def test_lora_on_donor_layers_merges_into_the_export(run_py: RunPy, tmp_path: Pa
     assert not [n for n in names if "lora" in n], "LoRA is merged into the donor weights on export"
 
 
-def test_generate_with_transformers(default_run: Path, run_py: RunPy, tmp_path: Path) -> None:
-    run_py(QUICK, "task=generate", "task.engine=hf", f"task.model_dir={default_run / 'hf_model'}", "task.max_new_tokens=6",
-           "logger=none", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
-    generations = read_results(tmp_path)["generations"]
-    assert set(generations) == {"Return the number of", "This module provides"}
+GENERATE = ("task=generate", "task.max_new_tokens=8", "logger=none")
+
+
+@pytest.fixture(scope="module")
+def hf_generations(default_run: Path, run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """``task=generate task.engine=hf`` on the default run's export (greedy), shared by the vLLM comparison."""
+    run_dir = tmp_path_factory.mktemp("generate_hf")
+    run_py(QUICK, *GENERATE, "task.engine=hf", f"task.model_dir={default_run / 'hf_model'}", f"hydra.run.dir={run_dir}", cwd=run_dir)
+    return read_results(run_dir)["generations"]
+
+
+def test_generate_with_transformers(default_run: Path, hf_generations: dict[str, str]) -> None:
+    assert set(hf_generations) == {"Return the number of", "This module provides"}
     # what a user gets calling generate on the export themselves (greedy)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -293,22 +312,18 @@ def test_generate_with_transformers(default_run: Path, run_py: RunPy, tmp_path: 
 
     tokenizer = AutoTokenizer.from_pretrained(default_run / "hf_model")
     model = AutoModelForCausalLM.from_pretrained(default_run / "hf_model")
-    for prompt, text in generations.items():
+    for prompt, text in hf_generations.items():
         ids = tokenizer(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         assert text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 @pytest.mark.vllm
-def test_generate_with_vllm_matches_transformers(default_run: Path, run_py: RunPy, tmp_path: Path) -> None:
-    model = f"task.model_dir={default_run / 'hf_model'}"
-    outputs = {}
-    for engine in ("hf", "vllm"):
-        run_dir = tmp_path / engine
-        run_py(QUICK, "task=generate", f"task.engine={engine}", model, "task.max_new_tokens=8", "logger=none",
-               f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-        outputs[engine] = read_results(run_dir)["generations"]
-    assert outputs["vllm"] == outputs["hf"]  # greedy, float32, same weights
+def test_generate_with_vllm_matches_transformers(default_run: Path, hf_generations: dict[str, str], run_py: RunPy, tmp_path: Path) -> None:
+    # VLLM_CPU_CI_ENV=1: vLLM's own CPU-CI switch (Dynamo traced, run eagerly: no Inductor build of a minute)
+    run_py(QUICK, *GENERATE, "task.engine=vllm", f"task.model_dir={default_run / 'hf_model'}", f"hydra.run.dir={tmp_path}",
+           cwd=tmp_path, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_CI_ENV": "1"})
+    assert read_results(tmp_path)["generations"] == hf_generations  # greedy, float32, same weights
 
 
 # ------------------------------------------------------------------ bad input fails at composition, naming the field
@@ -326,7 +341,22 @@ BAD_OVERRIDES = [
 
 
 @pytest.mark.parametrize(("overrides", "named"), BAD_OVERRIDES, ids=[" ".join(o) for o, _ in BAD_OVERRIDES])
-def test_bad_overrides_fail_with_a_message(run_py: RunPy, tmp_path: Path, overrides: list[str], named: str) -> None:
+def test_bad_overrides_fail_naming_the_field(overrides: list[str], named: str) -> None:
+    """In-process: what run.py checks first (composition, validation) refuses them, naming the field."""
+    with pytest.raises(Exception) as refused:  # noqa: PT011 - Hydra's composition errors, RunConfigError, SplitConfigError
+        run_py_checks(*overrides)
+    assert type(refused.value).__name__ in ("MissingConfigException", "ConfigCompositionException", "RunConfigError"), refused.value
+    assert named in str(refused.value)
+
+
+# one of each kind through run.py: Hydra's composition error and a validation error end the process with a
+# non-zero status and the message, no traceback, nothing written
+RUN_PY_REFUSES = [(["adapter=transformer"], "Could not find 'adapter/transformer'"),
+                  (["layers.n70=99"], "error: layers.n70=99: must be an integer in 0..")]
+
+
+@pytest.mark.parametrize(("overrides", "named"), RUN_PY_REFUSES, ids=[" ".join(o) for o, _ in RUN_PY_REFUSES])
+def test_run_py_exits_with_the_message_and_no_traceback(run_py: RunPy, tmp_path: Path, overrides: list[str], named: str) -> None:
     proc = run_py(*overrides, f"hydra.run.dir={tmp_path}", cwd=tmp_path, ok=False, timeout=120)
     assert proc.returncode != 0
     message = proc.stdout + proc.stderr

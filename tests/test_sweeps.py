@@ -168,10 +168,10 @@ def test_submitit_local_launcher_runs_each_job_in_its_own_process(run_py: RunPy,
     assert list((tmp_path / "s" / ".submitit").glob("*/*_result.pkl"))
 
 
-def test_slurm_launcher_composes(run_py: RunPy, tmp_path: Path) -> None:
-    proc = run_py("experiment=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "--cfg", "hydra",
-                  cwd=tmp_path)
-    launcher = yaml.safe_load(proc.stdout)["hydra"]["launcher"]
+def test_slurm_launcher_composes() -> None:
+    """What ``run.py experiment=slurm ... --cfg hydra`` prints, composed in-process."""
+    launcher = compose_run_config("experiment=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
+                                  hydra_node=True).hydra.launcher
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert (launcher["partition"], launcher["gpus_per_node"], launcher["timeout_min"]) == ("gpu", 4, 240)
 
@@ -189,14 +189,16 @@ def test_wandb_sweep_files_pass_valid_overrides(name: str) -> None:
     assert cfg.logger.mode.name == "online"
 
 
-def test_stitch_grid_experiment_is_an_eight_run_grid(run_py: RunPy, tmp_path: Path) -> None:
-    proc = run_py("experiment=stitch_grid", "--cfg", "all", cwd=tmp_path)
-    cfg = yaml.safe_load(proc.stdout)
-    params = cfg["hydra"]["sweeper"]["params"]
+def test_stitch_grid_experiment_is_an_eight_run_grid() -> None:
+    """What ``run.py experiment=stitch_grid --cfg all`` prints, composed in-process."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_run_config("experiment=stitch_grid", hydra_node=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
     grid = [str(v).split(",") for v in params.values()]
     assert set(params) == {"layers.n8", "layers.n70", "adapter"} and math.prod(len(g) for g in grid) == 8
-    assert cfg["logger"]["kind"] == "csv" and cfg["trainer"]["max_steps"] == 60
-    assert cfg["hydra"]["sweep"]["dir"].startswith("multirun/stitch_grid/")
+    assert cfg.logger.kind.name == "csv" and cfg.trainer.max_steps == 60
+    assert cfg.hydra.sweep.dir.startswith("multirun/stitch_grid/")
 
 
 def test_stitching_curve_study_spans_the_embedded_donors() -> None:

@@ -10,6 +10,13 @@ transaction log, so tests and sweep analyses read the file themselves. The forma
   type byte followed by the payload;
 - each reassembled payload is a serialized ``wandb_internal_pb2.Record``.
 
+wandb-core buffers the block being filled and writes it only when it is full or when the run's
+stream closes, which happens *after* ``run.finish()`` returns (the finish notice to the service is
+not waited on). A file read in between ends at a block boundary, often inside a record whose
+FIRST fragment is written and whose LAST is not: the reader reports that (strict) instead of
+returning fewer rows. ``wandb.teardown()`` waits for the service to exit, so the file is whole;
+a ``run.py`` process that has exited has done it (its exit hook tears the service down).
+
 History rows come from ``Record.history`` items, summary updates from ``Record.summary``, the
 run's config/tags/group from ``Record.run`` and ``Record.config``. Values are JSON (``value_json``);
 nested keys (``nested_key``) are joined with ``/``.
@@ -45,14 +52,23 @@ def iter_record_bytes(path: str | os.PathLike[str], *, strict: bool = True) -> I
     """Yield the payload of every record in a ``.wandb`` file, reassembling fragments.
 
     With ``strict=False`` a damaged or truncated tail ends the iteration instead of raising
-    (a run still being written, or killed, has one).
+    (a run still being written, or killed, has one). A file that ends inside a record (its
+    FIRST fragment read, no LAST) is such a tail even when it ends exactly at a block boundary.
     """
     data = Path(path).read_bytes()
     if data[: len(HEADER)] != HEADER:
         raise WandbFileError(f"{path}: not a W&B transaction log (header {data[:7]!r}, expected {HEADER!r})")
     pos, pending = len(HEADER), bytearray()
-    in_record = False
-    while pos < len(data):
+    in_record, record_start = False, 0
+    while True:
+        if pos >= len(data):
+            if in_record and strict:
+                raise WandbFileError(
+                    f"{path}: the file ends inside the record that starts at byte {record_start} (no LAST fragment): "
+                    "it is still being written (wandb-core writes its last block when the run's stream closes, "
+                    "after run.finish() returns; wandb.teardown() waits for that) or its writer was killed"
+                )
+            return
         left_in_block = BLOCK_SIZE - pos % BLOCK_SIZE
         if left_in_block < FRAGMENT_HEADER:  # block trailer: zero padding
             pos += left_in_block
@@ -68,27 +84,32 @@ def iter_record_bytes(path: str | os.PathLike[str], *, strict: bool = True) -> I
         start, end = pos + FRAGMENT_HEADER, pos + FRAGMENT_HEADER + length
         payload = data[start:end]
         problem = None
-        if end > len(data):
+        if length > left_in_block - FRAGMENT_HEADER:
+            problem = f"the fragment at byte {pos} ({length} bytes) runs past the end of its 32 KiB block"
+        elif end > len(data):
             problem = f"truncated record at byte {pos}"
         elif zlib.crc32(payload, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
             problem = f"CRC mismatch at byte {pos}"
         elif kind not in (FULL, FIRST, MIDDLE, LAST):
             problem = f"unknown fragment type {kind} at byte {pos}"
+        elif kind in (FULL, FIRST) and in_record:
+            problem = f"a new record starts at byte {pos} before the one at byte {record_start} has its LAST fragment"
+        elif kind in (MIDDLE, LAST) and not in_record:
+            problem = f"a {'MIDDLE' if kind == MIDDLE else 'LAST'} fragment at byte {pos} follows no FIRST fragment"
         if problem:
             if strict:
                 raise WandbFileError(f"{path}: {problem}")
             return
-        pos = end
         if kind == FULL:
-            in_record = False
             yield bytes(payload)
         elif kind == FIRST:
-            pending, in_record = bytearray(payload), True
-        elif in_record:
+            pending, in_record, record_start = bytearray(payload), True, pos
+        else:
             pending += payload
             if kind == LAST:
                 in_record = False
                 yield bytes(pending)
+        pos = end
 
 
 def iter_records(path: str | os.PathLike[str], *, strict: bool = True) -> Iterator[Any]:
@@ -131,8 +152,12 @@ class OfflineRun:
         return [row[key] for row in self.history if key in row]
 
 
-def read_offline_run(path: str | os.PathLike[str], *, strict: bool = False) -> OfflineRun:
-    """Parse a ``run-<id>.wandb`` file (or a run directory holding one) into an :class:`OfflineRun`."""
+def read_offline_run(path: str | os.PathLike[str], *, strict: bool = True) -> OfflineRun:
+    """Parse a ``run-<id>.wandb`` file (or a run directory holding one) into an :class:`OfflineRun`.
+
+    Strict by default: a file read before its writer finished must fail, not lose its last rows
+    (``strict=False`` reads what a killed run left).
+    """
     path = Path(path)
     if path.is_dir():
         path = find_run_file(path)

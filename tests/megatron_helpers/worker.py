@@ -214,18 +214,33 @@ def check_packed(config: Any, job: dict[str, Any], tp: int, sp: bool, dtype: tor
     from splitllama.megatron.lightning import build_megatron_split_model
     from splitllama.megatron.modeling_split_llama_megatron import ParallelCustomSplitLLamaForCausalLMRmPad
 
+    from splitllama.megatron.layers.attention import SDPACoreAttention
+
     model = build_megatron_split_model(config, tp=tp, sp=sp, params_dtype=dtype, path8b=job["small"], path70b=job["large"])
     packed = ParallelCustomSplitLLamaForCausalLMRmPad(config, model.module.megatron_config)
     packed.load_state_dict(model.module.state_dict())
     rows, mask, spans = _padded_batch(ids)
-    with torch.no_grad():
-        out = packed(rows, attention_mask=mask)
-        worst = 0.0
-        for row, start, stop in spans:
-            ref = hf(rows[row:row + 1, start:stop]).logits[0]
-            worst = max(worst, _max_diff(out.logits[row, start:stop], ref))
-        pad_zero = float(out.logits[1, -5:].abs().max())
-    return {"logits": worst, "padding_logits": pad_zero}
+    # which attention path ran: count the flash varlen calls (the real method still runs)
+    varlen_calls, real_varlen = [0], SDPACoreAttention._varlen
+
+    def counted_varlen(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        varlen_calls[0] += 1
+        return real_varlen(self, *args, **kwargs)
+
+    SDPACoreAttention._varlen = counted_varlen
+    try:
+        with torch.no_grad():
+            out = packed(rows, attention_mask=mask)
+            worst = 0.0
+            for row, start, stop in spans:
+                ref = hf(rows[row:row + 1, start:stop]).logits[0]
+                worst = max(worst, _max_diff(out.logits[row, start:stop], ref))
+            pad_zero = max(float(out.logits[1, -5:].abs().max()), float(out.logits[2, :3].abs().max()))  # right and left padding
+            # what a masking bug gives: the left-padded row's tokens attending to its padding (HF on the whole row)
+            leak = _max_diff(hf(rows[2:3]).logits[0, 3:], hf(rows[2:3, 3:]).logits[0])
+    finally:
+        SDPACoreAttention._varlen = real_varlen
+    return {"logits": worst, "padding_logits": pad_zero, "mask_bug_logits": leak, "varlen_calls": varlen_calls[0]}
 
 
 def check_value(config: Any, job: dict[str, Any], tp: int, sp: bool, dtype: torch.dtype, hf: Any, ids: torch.Tensor, device: torch.device) -> dict[str, Any]:
@@ -259,8 +274,13 @@ def check_grads(model: Any, hf: Any, config: Any, ids: torch.Tensor, pp: int) ->
     model.zero_grad(set_to_none=True)
     loss = model.forward_backward([{"input_ids": m} for m in micro])
     grads = gather_hf_state(model.module, config, use_grad=True)
+    # every parameter this stage holds must have a gradient: gather_hf_state leaves out one without
+    # (frozen or disconnected by mistake), which a comparison over ``grads`` alone would not see
+    held = set(gather_hf_state(model.module, config))
     worst, scale, worst_name, worst_relative = 0.0, 0.0, None, 0.0
     for name, grad in grads.items():
+        if reference.get(name) is None:
+            continue  # reported as not_in_reference
         diff = _max_diff(grad, reference[name])
         own_scale = float(reference[name].abs().max())
         if diff > worst:
@@ -270,5 +290,6 @@ def check_grads(model: Any, hf: Any, config: Any, ids: torch.Tensor, pp: int) ->
     return {
         "loss": None if loss is None else abs(loss.item() - ref_loss.item()),
         "max_grad_diff": worst, "worst_parameter": worst_name, "grad_scale": scale, "compared": len(grads),
+        "without_grad": sorted(held - set(grads)), "not_in_reference": sorted(n for n in grads if reference.get(n) is None),
         "max_relative_grad_diff": worst_relative,  # each parameter's largest difference over its own largest gradient
     }
