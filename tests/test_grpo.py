@@ -80,7 +80,8 @@ def test_two_grpo_steps_through_run_py(run_py: RunPy, tmp_path: Path) -> None:
     train_rows = [r for r in history if "reward" in r]
     assert [r["step"] for r in train_rows] == [1, 2]
     assert {"kl", "rewards/header_parses/mean", "rewards/parameter_match/mean", "completions/mean_length"} <= set(train_rows[0])
-    assert results["trainable"] == {"parts": ["adapter"], "tensors": 2}
+    # the default finetune=last: the adapter's weight and bias and the 9 tensors of each of the 4 large layers
+    assert results["trainable"] == {"parts": ["adapter", "last"], "tensors": 2 + 9 * 4}
 
     with open(results["paths"]["metrics_csv"], newline="") as f:
         rows = list(csv.DictReader(f))
