@@ -430,60 +430,170 @@ def stitching_series(df: pd.DataFrame) -> pd.Series:
     return df["init"].fillna("random") + extra.map(lambda e: f" + {e}" if e else "")
 
 
+#: the donor shape keys of ``donors.embedded.<which>`` and the ``config.json`` keys they stand for
+_DONOR_SHAPE_KEYS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
+                     "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "intermediate_size": "intermediate_size"}
+
+
+def _donor_shape(results: dict[str, Any], which: str) -> dict[str, int] | None:
+    """A donor's shape (:data:`_DONOR_SHAPE_KEYS`): from the run's ``donors.embedded.<which>`` config,
+    else from the ``config.json`` at the donor path the run scored (``references.<which>.path``)."""
+    embedded = (((results.get("config") or {}).get("donors") or {}).get("embedded") or {}).get(which) or {}
+    if all(embedded.get(k) is not None for k in _DONOR_SHAPE_KEYS):
+        return {k: int(embedded[k]) for k in _DONOR_SHAPE_KEYS}
+    path = (((results.get("references") or {}).get(which)) or {}).get("path")
+    config_file = Path(path) / "config.json" if path else None
+    if config_file is None or not config_file.is_file():
+        return None
+    hf = json.loads(config_file.read_text())
+    hf.setdefault("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+    return {k: int(hf[hf_key]) for k, hf_key in _DONOR_SHAPE_KEYS.items()}
+
+
+def donor_train_flops_per_token(shape: dict[str, int], vocab_size: int, seq_len: int) -> float:
+    """Training FLOPs per token of a whole donor, counted as the split's are
+    (:func:`splitllama.training.module.count_flops_per_token`: 6 x matmul parameters with the LM head,
+    plus 6 x seq x attention width per layer), so a split's cost and each donor's share one scale."""
+    from types import SimpleNamespace
+
+    from .training.module import _layer_matmul_params
+
+    layer = SimpleNamespace(hidden_size=shape["hidden_size"], head_dim=shape["head_dim"], num_attention_heads=shape["num_heads"],
+                            num_key_value_heads=shape["num_kv_heads"], intermediate_size=shape["intermediate_size"])
+    matmul = shape["num_layers"] * _layer_matmul_params(layer) + shape["hidden_size"] * vocab_size
+    return 6.0 * matmul + 6.0 * seq_len * shape["num_layers"] * shape["num_heads"] * shape["head_dim"]
+
+
+def _run_costs(run_dir: str | os.PathLike[str]) -> dict[str, float]:
+    """One run's training FLOPs per token (``flops_fraction``) and the small donor's
+    (``small_flops_fraction``), both as fractions of the large donor's, from its ``results.json``."""
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        return {"flops_fraction": math.nan, "small_flops_fraction": math.nan, "fit_s": math.nan}
+    results = json.loads(path.read_text())
+    config, flops = results.get("config") or {}, results.get("flops") or {}
+    vocab = ((config.get("donors") or {}).get("embedded") or {}).get("vocab_size")
+    seq_len = (config.get("data") or {}).get("seq_len")
+    shapes = {which: _donor_shape(results, which) for which in ("small", "large")}
+    if vocab is None:  # not an embedded donor: the vocabulary of the donor's config.json
+        ref = ((results.get("references") or {}).get("large") or {}).get("path")
+        vocab = json.loads((Path(ref) / "config.json").read_text())["vocab_size"] if ref and (Path(ref) / "config.json").is_file() else None
+
+    def own(which: str) -> float:
+        return donor_train_flops_per_token(shapes[which], vocab, seq_len) if shapes[which] and vocab and seq_len else math.nan
+
+    large = _number(flops.get("large_donor_train_flops_per_token"))
+    large = own("large") if math.isnan(large) else large
+    return {"flops_fraction": _number(flops.get("train_flops_per_token")) / large, "small_flops_fraction": own("small") / large,
+            "fit_s": _number((results.get("timings") or {}).get("fit_s"))}
+
+
+def stitching_costs(df: pd.DataFrame) -> pd.DataFrame:
+    """Per run (rows as ``df``): ``flops_fraction``, its training FLOPs per token as a fraction of the
+    large donor's, ``small_flops_fraction``, the small donor's own as the same fraction, and ``fit_s``,
+    its training's wall time (NaN where the run's ``results.json`` is not at its ``run_dir``)."""
+    return pd.DataFrame([_run_costs(d) for d in df["run_dir"]], index=df.index, columns=["flops_fraction", "small_flops_fraction", "fit_s"])
+
+
+#: the columns of :func:`stitching_runs`
+STITCHING_RUN_COLUMNS = ["series", "n8", "n70", "seed", "val_loss_before", "val_loss", "gap_closed", "flops_fraction", "fit_s"]
+
+
+def stitching_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished run of a stitching study (:data:`STITCHING_RUN_COLUMNS`), ordered by
+    series, n8, n70 and seed: the per-run data behind :func:`stitching_curve`, e.g. for a CSV."""
+    ok = df[df["status"] == "ok"]
+    runs = ok.assign(series=stitching_series(ok), **stitching_costs(ok)[["flops_fraction", "fit_s"]])
+    return runs[STITCHING_RUN_COLUMNS].sort_values(["series", "n8", "n70", "seed"]).reset_index(drop=True)
+
+
+def donor_costs(df: pd.DataFrame) -> dict[str, float]:
+    """Each donor's training FLOPs per token as a fraction of the large donor's (the large one: 1)."""
+    small = stitching_costs(df)["small_flops_fraction"]
+    return {"small": float(small.median()) if small.notna().any() else math.nan, "large": 1.0}
+
+
 def stitching_curve(df: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over seeds of each (series, n8, n70) point of a stitching study.
 
-    Columns: ``series``, ``n8``, ``n70``, ``seeds`` (finished runs), then ``<metric>_mean`` and
-    ``<metric>_std`` for ``val_loss_before``, ``val_loss``, ``gap_closed_before`` and ``gap_closed``
-    (the std of one seed is NaN). Failed runs are left out; ``summary_table`` lists them.
+    Columns: ``series``, ``n8``, ``n70``, ``seeds`` (finished runs), ``flops_fraction`` (training
+    FLOPs per token as a fraction of the large donor's; the seeds share it), then ``<metric>_mean``
+    and ``<metric>_std`` for ``val_loss_before``, ``val_loss``, ``gap_closed_before`` and
+    ``gap_closed`` (the std of one seed is NaN). Failed runs are left out; ``summary_table`` lists them.
     """
     metrics = ["val_loss_before", "val_loss", "gap_closed_before", "gap_closed"]
     ok = df[df["status"] == "ok"].assign(series=stitching_series)
+    ok = ok.assign(flops_fraction=stitching_costs(ok)["flops_fraction"])
     grouped = ok.groupby(["series", "n8", "n70"])[metrics]
     table = grouped.agg(["mean", "std"])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table.insert(0, "flops_fraction", ok.groupby(["series", "n8", "n70"])["flops_fraction"].mean())
     table.insert(0, "seeds", ok.groupby(["series", "n8", "n70"])["seed"].nunique())
     return table.reset_index().sort_values(["n8", "series", "n70"]).reset_index(drop=True)
 
 
 def stitching_curve_table(curve: pd.DataFrame) -> str:
-    """:func:`stitching_curve` as a Markdown table of ``mean ± std`` cells."""
-    columns = ["series", "n8", "n70", "seeds", "val_loss_before", "val_loss", "gap_closed_before", "gap_closed"]
+    """:func:`stitching_curve` as a Markdown table of ``mean ± std`` cells (``flops`` is the
+    training FLOPs per token as a fraction of the large donor's)."""
+    columns = ["series", "n8", "n70", "seeds", "flops", "val_loss_before", "val_loss", "gap_closed_before", "gap_closed"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, row in curve.iterrows():
-        cells = [str(row["series"]), str(row["n8"]), str(row["n70"]), str(row["seeds"])]
-        for metric in columns[4:]:
+        cells = [str(row["series"]), str(row["n8"]), str(row["n70"]), str(row["seeds"]), _fmt(row["flops_fraction"])]
+        for metric in columns[5:]:
             mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
             cells.append(_fmt(mean) if math.isnan(std) else f"{mean:.3f} ± {std:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _draw_donor_points(ax: Any, refs: dict[str, float], costs: dict[str, float]) -> None:
+    """Each donor as a point at its own cost (x: FLOPs fraction of the large donor) and loss."""
+    for which, color in (("small", "tab:red"), ("large", "tab:green")):
+        if not (math.isnan(refs.get(which, math.nan)) or math.isnan(costs.get(which, math.nan))):
+            ax.plot([costs[which]], [refs[which]], marker="*", ms=13, color=color, ls="none",
+                    label=f"{which} donor at its cost ({costs[which]:.2f})")
+
+
 def plot_stitching_curve(df: pd.DataFrame, *, out: str | os.PathLike[str] | None = None):
-    """The split's validation loss against n70, one panel per n8, one line per series (mean over
-    seeds, bars: std); dotted, the same series before training; dashed, the two donors."""
+    """Top row: the split's validation loss against n70, one panel per n8, one line per series (mean
+    over seeds, bars: std); dotted, the same series before training; dashed, the two donors.
+    Bottom row: the same points against their training FLOPs per token as a fraction of the large
+    donor's, with each donor also a star at its own cost, so the quality/cost front shows."""
     import matplotlib.pyplot as plt
 
     curve = stitching_curve(df)
-    refs = donor_losses(df)
+    refs, costs = donor_losses(df), donor_costs(df)
     n8s = sorted(curve["n8"].unique())
-    fig, axes = plt.subplots(1, max(1, len(n8s)), figsize=(5.2 * max(1, len(n8s)), 4.2), squeeze=False, sharey=True)
-    colours = dict(zip(sorted(curve["series"].unique()), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for ax, n8 in zip(axes[0], n8s):
-        for series, sub in curve[curve["n8"] == n8].groupby("series"):
-            colour = colours[series]
-            ax.errorbar(sub["n70"], sub["val_loss_mean"], yerr=sub["val_loss_std"].fillna(0), marker="o", capsize=3,
-                        color=colour, label=f"{series}: trained")
-            if not series.endswith(" + last") or "random" in series:  # before training, the init alone
-                ax.plot(sub["n70"], sub["val_loss_before_mean"], ls=":", marker=".", color=colour, label=f"{series}: before training")
-        _draw_reference_lines(ax, refs)
-        ax.set_xticks(sorted(curve["n70"].unique()))
-        ax.set_xlabel("n70 (large-donor layers used)")
-        ax.set_title(f"n8 = {n8} small-donor layers")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation loss (nats/token)")
+    ncols = max(1, len(n8s))
+    fig, axes = plt.subplots(2, ncols, figsize=(5.6 * ncols, 8.8), squeeze=False, sharey="row")
+    # red and green are the donors'
+    colours = dict(zip(sorted(curve["series"].unique()), ["tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]))
+    for column, n8 in enumerate(n8s):
+        for row, x in ((0, "n70"), (1, "flops_fraction")):
+            ax = axes[row][column]
+            for series, sub in curve[curve["n8"] == n8].groupby("series"):
+                colour = colours[series]
+                ax.errorbar(sub[x], sub["val_loss_mean"], yerr=sub["val_loss_std"].fillna(0), marker="o", capsize=3,
+                            color=colour, label=f"{series}: trained")
+                if not series.endswith(" + last") or "random" in series:  # before training, the init alone
+                    ax.plot(sub[x], sub["val_loss_before_mean"], ls=":", marker=".", color=colour, label=f"{series}: before training")
+            _draw_reference_lines(ax, refs)
+            ax.grid(alpha=0.3)
+        axes[0][column].set_xticks(sorted(curve["n70"].unique()))
+        axes[0][column].set_xlabel("n70 (large-donor layers used)")
+        axes[0][column].set_title(f"n8 = {n8} small-donor layers")
+        _draw_donor_points(axes[1][column], refs, costs)
+        axes[1][column].set_xlim(0, 1.05 * max(1.0, float(curve["flops_fraction"].max())) if curve["flops_fraction"].notna().any() else None)
+        axes[1][column].set_xlabel("training FLOPs per token / the large donor's")
+        axes[1][column].set_title(f"n8 = {n8}: loss against cost (y: the trained losses)", fontsize=9)
+    # the cost row zooms on the trained points and the donors: the front is there, not in the random starts
+    low = min(curve["val_loss_mean"].min(), *(v for v in refs.values() if not math.isnan(v)))
+    axes[1][0].set_ylim(low - 0.15, curve["val_loss_mean"].max() + 0.3)
+    for row in axes:
+        row[0].set_ylabel("validation loss (nats/token)")
     axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.suptitle("split validation loss vs large-donor layers (mean ± std over seeds)", fontsize=10)
+    axes[1][-1].legend(fontsize=6, loc="upper right")
+    fig.suptitle("split validation loss vs large-donor layers and vs cost (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     if out is not None:
         fig.savefig(out, dpi=120)
@@ -497,5 +607,6 @@ def iter_sweep_dirs(root: str | os.PathLike[str]) -> Iterable[Path]:
 
 __all__ = ["COLUMNS", "REFERENCE_COLUMNS", "donor_losses", "harness_columns", "harness_summary_columns", "iter_sweep_dirs",
            "plot_harness_heatmaps", "load_sweep", "load_wandb", "pareto_front",
-           "plot_stitching_curve", "stitching_curve", "stitching_curve_table", "stitching_series",
+           "donor_costs", "donor_train_flops_per_token", "plot_stitching_curve", "stitching_costs", "stitching_curve",
+           "stitching_curve_table", "stitching_runs", "stitching_series", "STITCHING_RUN_COLUMNS",
            "plot_heatmaps", "plot_pareto", "reference_summary", "reference_values", "run_row", "summary_table", "write_report"]

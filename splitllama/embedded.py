@@ -174,16 +174,6 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def documents_sha256(documents: Sequence[str]) -> str:
-    """The identity of a corpus: SHA-256 over its documents in order (each length-prefixed)."""
-    digest = hashlib.sha256()
-    for doc in documents:
-        data = doc.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()
-
-
 #: corpus name -> the function that collects it (``EmbeddedRecipe.corpus``, ``data.source``)
 CORPORA = {"stdlib_source": collect_stdlib_source, "stdlib_docstrings": collect_stdlib_docstrings, "python_source": collect_python_source}
 
@@ -473,8 +463,10 @@ def _git_commit() -> str | None:
 
 def corpus_identity(recipe: EmbeddedRecipe, documents: Sequence[str]) -> dict[str, Any]:
     """What exactly a corpus was: its documents' SHA-256 and size, and where they were read (Python, packages)."""
+    from .training.data import documents_fingerprint
+
     return {
-        "corpus": recipe.corpus, "documents": len(documents), "chars": sum(map(len, documents)), "sha256": documents_sha256(documents),
+        "corpus": recipe.corpus, "documents": len(documents), "chars": sum(map(len, documents)), "sha256": documents_fingerprint(documents),
         "python": sys.version.split()[0], "packages": package_versions(recipe.packages) if recipe.packages else {},
     }
 
@@ -497,8 +489,10 @@ def read_corpus_pack(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list
 
     with lzma.open(path, "rt", encoding="utf-8") as handle:
         pack = json.load(handle)
+    from .training.data import documents_fingerprint
+
     identity, documents = pack["identity"], pack["documents"]
-    if documents_sha256(documents) != identity["sha256"]:
+    if documents_fingerprint(documents) != identity["sha256"]:
         raise ValueError(f"{path}: its documents do not match the SHA-256 its identity records (a damaged corpus pack)")
     return identity, documents
 

@@ -6,6 +6,7 @@ of the summary, :mod:`splitllama.analysis` and the notebook.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -202,19 +203,16 @@ def test_stitch_grid_experiment_is_an_eight_run_grid() -> None:
 
 
 def test_stitching_curve_study_spans_the_embedded_donors() -> None:
-    """The study's grid: n70 from 1 to all of the default large donor's layers, both n8 values of the small
-    donor, three series, three seeds (72 runs)."""
-    from hydra import compose, initialize_config_dir
-
+    """The study's grid: n70 from 1 to all of the default large donor's layers (1, 2, 3, 5, 7, 10), n8 at
+    half and all of the small donor's, three series, three seeds (108 runs)."""
     from splitllama.training.pipeline import embedded_recipe
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["experiment=stitching_curve", "hydra/sweeper=basic"], return_hydra_config=True)
-    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    cfg = compose_run_config("experiment=stitching_curve", "hydra/sweeper=basic", hydra_node=True)
+    params = {k: [int(v) if v.isdigit() else v for v in str(value).split(",")] for k, value in cfg.hydra.sweeper.params.items()}
     recipe = embedded_recipe(cfg)
-    assert params["layers.n70"] == [str(n) for n in range(1, recipe.large.num_layers + 1)]
-    assert params["layers.n8"] == [str(n) for n in range(1, recipe.small.num_layers + 1)]
-    assert len(params["seed"]) >= 3 and math.prod(len(v) for v in params.values()) == 72
+    assert params["layers.n70"] == [1, 2, 3, 5, 7, 10] and params["layers.n70"][-1] == recipe.large.num_layers
+    assert params["layers.n8"] == [2, 4] and params["layers.n8"][-1] == recipe.small.num_layers
+    assert params["seed"] == [0, 1, 2] and math.prod(len(v) for v in params.values()) == 108
 
 
 def test_stitching_curve_study_runs_side_by_side_and_reads_as_a_curve(run_py: RunPy, tmp_path: Path) -> None:
@@ -247,6 +245,69 @@ def test_stitching_curve_study_runs_side_by_side_and_reads_as_a_curve(run_py: Ru
     assert (tmp_path / "figures" / "stitching_curve.png").read_bytes().startswith(PNG)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "12 runs" in text and "donors in order" in text
+
+
+def _stitching_results(run_dir: Path, *, init: str, seed: int, n70: int, val_loss: float, train_flops: float,
+                       large_donor_flops: float | None) -> None:
+    """A hand-made ``results.json`` of a stitching run on the embedded donors (h128 x 4 -> h256 x 10)."""
+    embedded = {"vocab_size": 4096,
+                "small": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "intermediate_size": 448},
+                "large": {"hidden_size": 256, "num_layers": 10, "num_heads": 8, "num_kv_heads": 2, "head_dim": 32, "intermediate_size": 896}}
+    flops = {"train_flops_per_token": train_flops}
+    if large_donor_flops is not None:
+        flops["large_donor_train_flops_per_token"] = large_donor_flops
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps({
+        "status": "ok",
+        "config": {"adapter": {"kind": "linear", "init": init}, "finetune": {"trainable": ["adapter"]}, "seed": seed,
+                   "donors": {"embedded": embedded}, "data": {"seq_len": 128}},
+        "split": {"n8": 2, "n70": n70, "adapter": "linear"},
+        "metrics": {"val_loss_before": val_loss + 1.0, "val_loss": val_loss, "gap_closed": None},
+        "references": {"small": {"val_loss": 3.0}, "large": {"val_loss": 2.6}},
+        "flops": flops,
+        "timings": {"fit_s": 10.0 + seed},
+    }))
+
+
+def test_stitching_curve_puts_splits_and_donors_on_the_large_donors_cost_scale(tmp_path: Path) -> None:
+    """Hand-made runs: each split's training FLOPs per token as a fraction of the large donor's, the
+    large donor's own cost computed from its shape when ``results.json`` lacks it, the small donor's
+    from its shape (the 4 x h128 donor: 8,847,360 of the 10 x h256 donor's 59,375,616 FLOPs per
+    token), and the figure's cost row with the donors as points at their own cost."""
+    from splitllama.analysis import donor_costs, donor_train_flops_per_token, plot_stitching_curve, stitching_curve_table, stitching_runs
+
+    large = 59_375_616.0  # 6 x (10 x 851,968 + 256 x 4096) + 6 x 128 x 10 x 256
+    for job, (init, seed, n70, loss, flops, logged) in enumerate([
+            ("lstsq", 0, 1, 4.0, 14_647_296.0, large), ("lstsq", 1, 1, 4.2, 14_647_296.0, None),
+            ("random", 0, 5, 5.0, 35_880_960.0, large), ("random", 1, 5, 5.4, 35_880_960.0, None)]):
+        _stitching_results(tmp_path / str(job), init=init, seed=seed, n70=n70, val_loss=loss, train_flops=flops, large_donor_flops=logged)
+    df = load_sweep(tmp_path)
+    shape = {"hidden_size": 256, "num_layers": 10, "num_heads": 8, "num_kv_heads": 2, "head_dim": 32, "intermediate_size": 896}
+    assert donor_train_flops_per_token(shape, 4096, 128) == large
+    assert donor_costs(df) == pytest.approx({"small": 8_847_360 / large, "large": 1.0})
+
+    curve = stitching_curve(df).set_index("series")
+    assert curve.loc["lstsq", "flops_fraction"] == pytest.approx(14_647_296 / large)  # both seeds agree: the mean is exact
+    assert curve.loc["random", "flops_fraction"] == pytest.approx(35_880_960 / large)
+    assert curve.loc["random", "val_loss_mean"] == pytest.approx(5.2)
+    assert "| lstsq | 2 | 1 | 2 | 0.2467 | 5.100 ± 0.141 | 4.100 ± 0.141 |" in stitching_curve_table(curve.reset_index())
+
+    runs = stitching_runs(df)
+    assert runs[["series", "seed", "val_loss", "fit_s"]].values.tolist() == [
+        ["lstsq", 0, 4.0, 10.0], ["lstsq", 1, 4.2, 11.0], ["random", 0, 5.0, 10.0], ["random", 1, 5.4, 11.0]]
+    assert runs["flops_fraction"].tolist() == pytest.approx([14_647_296 / large] * 2 + [35_880_960 / large] * 2)
+
+    fig = plot_stitching_curve(df, out=tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes().startswith(PNG)
+    loss_vs_n70, loss_vs_cost = fig.axes
+    assert sorted(loss_vs_n70.get_xticks()) == [1, 5]
+    stars = {line.get_label().split(" donor")[0]: [line.get_xdata()[0], line.get_ydata()[0]]
+             for line in loss_vs_cost.get_lines() if line.get_marker() == "*"}
+    assert set(stars) == {"small", "large"}
+    assert stars["small"] == pytest.approx([8_847_360 / large, 3.0]) and stars["large"] == pytest.approx([1.0, 2.6])
+    trained = {bars.get_label(): bars.lines[0].get_xydata().ravel().tolist() for bars in loss_vs_cost.containers}
+    assert trained["random: trained"] == pytest.approx([35_880_960 / large, 5.2])
+    assert trained["lstsq: trained"] == pytest.approx([14_647_296 / large, 4.1])
 
 
 def test_load_wandb_offline_names_the_local_alternative(monkeypatch: pytest.MonkeyPatch) -> None:
