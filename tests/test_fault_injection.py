@@ -341,7 +341,7 @@ def test_a_resume_continues_the_same_run(embedded_cache: Path, tmp_path: Path, m
 
     refused = f"error: ckpt_path=last: the checkpoint {ckpt} (step 2) was trained with other settings, and a resume continues the same run: "
     code = run_main(monkeypatch, *common, "ckpt_path=last", "layers.n70=2", "optim.lr=0.002")
-    assert code == refused + ("optim.lr: 0.001 -> 0.002; layers.list70: [4, 5, 6, 7] -> [6, 7]. Start a new run for new settings "
+    assert code == refused + ("optim.lr: 0.005 -> 0.002; layers.list70: [4, 5, 6, 7] -> [6, 7]. Start a new run for new settings "
                               "(no ckpt_path, a new run directory)")
     code = run_main(monkeypatch, *common, "ckpt_path=last", "trainer.max_steps=12")
     assert code == refused + ("trainer.max_steps: 8 -> 12. Start a new run for new settings (no ckpt_path, a new run directory); "
@@ -550,7 +550,8 @@ def test_a_full_disk_is_recorded_and_leaves_nothing_partial(embedded_cache: Path
     from splitllama.results import read_results
 
     run_dir = small_disk / "run"
-    code = run_main(monkeypatch, "debug=quick", "logger=none", "eval.references=false", f"paths.cache_dir={embedded_cache}",
+    # finetune=adapter: checkpoints of a few MB, so two of them fit the 64 MiB disk before it is filled on purpose
+    code = run_main(monkeypatch, "debug=quick", "finetune=adapter", "logger=none", "eval.references=false", f"paths.cache_dir={embedded_cache}",
                     f"hydra.run.dir={run_dir}", "+callbacks.extra.fill._target_=tests.test_fault_injection.FillDisk",
                     f"+callbacks.extra.fill.path={small_disk}", f"+callbacks.extra.fill.{fill}")
     assert code not in (0, None), where
