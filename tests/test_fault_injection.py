@@ -341,7 +341,7 @@ def test_a_resume_continues_the_same_run(embedded_cache: Path, tmp_path: Path, m
 
     refused = f"error: ckpt_path=last: the checkpoint {ckpt} (step 2) was trained with other settings, and a resume continues the same run: "
     code = run_main(monkeypatch, *common, "ckpt_path=last", "layers.n70=2", "optim.lr=0.002")
-    assert code == refused + ("optim.lr: 0.005 -> 0.002; layers.list70: [4, 5, 6, 7] -> [6, 7]. Start a new run for new settings "
+    assert code == refused + ("optim.lr: 0.001 -> 0.002; layers.list70: [4, 5, 6, 7] -> [6, 7]. Start a new run for new settings "
                               "(no ckpt_path, a new run directory)")
     code = run_main(monkeypatch, *common, "ckpt_path=last", "trainer.max_steps=12")
     assert code == refused + ("trainer.max_steps: 8 -> 12. Start a new run for new settings (no ckpt_path, a new run directory); "

@@ -75,7 +75,10 @@ def test_run_py_scores_match_the_lm_eval_cli_on_the_exported_model(run_py: RunPy
     assert evaluated["references"]["harness"]["large"]["scores"] == references["large"]["scores"]
 
     # the lm_eval command line on the exported model (trust_remote_code: the saved modeling code)
-    include = next((Path(os.environ.get("SPLITLLAMA_CACHE", run_py.cache)).expanduser() / "eval_tasks").glob("*/"))
+    # the task folder this run used (the session's cache holds one per corpus: other tests' runs add theirs)
+    used = re.search(rf"Task: {TASK} \((.+?)/{TASK}\.yaml\)", (train_dir / "run.log").read_text())
+    assert used, "run.log names the task file lm-eval read"
+    include = Path(used.group(1))
     out = tmp_path / "cli"
     cli = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
            f"pretrained={export},trust_remote_code=True,dtype=float32", "--tasks", TASK, "--include_path", str(include),

@@ -117,7 +117,9 @@ def test_preset_assembles_real_layouts_and_trains_one_step(preset: str, tmp_path
     overrides = [f"donors={preset}", f"donors.path8b={small}", f"donors.path70b={large}",
                  *_overrides("expect8b", real["8b"], shrunk["8b"]), *_overrides("expect70b", real["70b"], shrunk["70b"]),
                  "logger=none", "eval.references=false", "trainer.max_steps=1", "trainer.enable_progress_bar=false",
-                 "parallel.accelerator=cpu", "data.batch_size=2", f"paths.output_dir={tmp_path / 'run'}"]
+                 "parallel.accelerator=cpu", "data.batch_size=2", f"paths.output_dir={tmp_path / 'run'}",
+                 "adapter.init=random",  # random weights: no least-squares stitch to fit (and no calibration data here)
+                 "finetune=adapter"]  # one step moves only the adapter: the donors' layers are checked unchanged below
     # the preset's default split fits the real layer counts (validation reads config.json only)
     default = P.validate(compose_run_config(*overrides))
     assert (default.num_layers_8, default.num_layers_70) == (base.donors.default_n8, base.donors.default_n70)

@@ -27,7 +27,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def sweep(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """``python run.py -m layers.n8=1,2 layers.n70=1,2,99 adapter=linear,mlp``: n70=99 fails in 4 jobs."""
     sweep_dir = tmp_path_factory.mktemp("sweep") / "grid"
-    proc = run_py("-m", QUICK, "layers.n8=1,2", "layers.n70=1,2,99", "adapter=linear,mlp", f"hydra.sweep.dir={sweep_dir}",
+    proc = run_py("-m", QUICK, "layers.n8=1,2", "layers.n70=1,2,99", "adapter=linear,mlp", "finetune=adapter", f"hydra.sweep.dir={sweep_dir}",
                   "eval.harness.tasks=[stdlib_docstring_name,stdlib_docstring_next]", "eval.harness.limit=4",
                   cwd=sweep_dir.parent)
     return sweep_dir, proc.stdout
