@@ -65,8 +65,10 @@ def test_default_run_writes_results(default_run: Path) -> None:
     # the embedded donors' default split: the first 2 of the small donor's 4 layers, the last 4 of the large's 8
     exported = json.loads((default_run / "hf_model" / "config.json").read_text())
     assert (exported["layers_8"], exported["layers_70"], exported["adapter"]) == ([0, 1], [4, 5, 6, 7], "linear")
-    # only the adapter trains by default: a 128 -> 256 linear map with bias
-    assert results["params"]["trainable"] == 128 * 256 + 256 < results["params"]["total"]
+    # by default the adapter (a 128 -> 256 linear map with bias) and the 4 large layers train (finetune=last):
+    # each layer q, k, v, o (8 heads, 2 KV heads of 32), the SwiGLU MLP (896) and its two norms
+    layer = 256 * 256 + 2 * 256 * 64 + 256 * 256 + 3 * 256 * 896 + 2 * 256
+    assert results["params"]["trainable"] == 128 * 256 + 256 + 4 * layer < results["params"]["total"]
     assert results["flops"]["train_flops_per_token"] > results["flops"]["forward_flops_per_token"] > 0
     assert len(results["git"]["commit"]) == 40
     assert {"donors_s", "assemble_s", "fit_s", "total_s"} <= set(results["timings"])
