@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -154,6 +154,13 @@ def embedded_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+class InlineExit(NamedTuple):
+    """How an in-process ``run.py`` ended (:meth:`RunPy.inline`)."""
+
+    returncode: int
+    message: str
+
+
 class RunPy:
     """``python run.py <overrides>`` as a user types it, in a subprocess, with the session's donor cache."""
 
@@ -173,6 +180,62 @@ class RunPy:
 
         return subprocess.Popen(self.command(*overrides), cwd=cwd, env=self.environment(env),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def inline(self, *overrides: str, cwd: Path, ok: bool = True, env: dict[str, str | None] | None = None) -> "InlineExit":
+        """``python run.py <overrides>`` run in this process: run.py itself (``runpy``, as ``__main__``,
+        so Hydra composes ``conf/`` next to it and parses these overrides as it parses a user's), without
+        the ~10 s of imports a subprocess pays. Returns the exit status run.py's process would have had
+        and the message it would have ended with (``SystemExit("error: ...")``).
+
+        For what the process boundary is not about: training, resume, export, eval, generate. Signals,
+        SLURM, several ranks and the exit message stay in :meth:`__call__` / :meth:`start`. What a run
+        changes in this process is put back afterwards: environment, argv, working directory, signal
+        handlers, torch's thread count, the root logger's handlers, Hydra's global state.
+        """
+        import faulthandler
+        import logging
+        import runpy
+        import signal
+        import sys
+
+        import torch
+        from hydra.core.global_hydra import GlobalHydra
+
+        saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv[:], os.getcwd()
+        saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        saved_threads = torch.get_num_threads()
+        root = logging.getLogger()
+        saved_root = (root.handlers[:], root.level)
+        os.environ.clear()
+        os.environ.update(self.environment(env))
+        sys.argv = ["run.py", *overrides]
+        os.chdir(cwd)
+        status: int | str | None = 0
+        try:
+            runpy.run_path(str(REPO / "run.py"), run_name="__main__")
+        except SystemExit as exc:
+            status = exc.code
+        finally:
+            for handler in root.handlers[:]:
+                if handler not in saved_root[0]:
+                    root.removeHandler(handler)
+                    handler.close()
+            root.handlers[:] = saved_root[0]
+            root.setLevel(saved_root[1])
+            GlobalHydra.instance().clear()
+            torch.set_num_threads(saved_threads)
+            for s, handler in saved_signals.items():
+                signal.signal(s, handler)
+            if faulthandler.is_enabled():  # run.py's __main__ block pointed it at this test's captured stderr
+                faulthandler.enable(file=sys.__stderr__, all_threads=True)
+            os.chdir(saved_cwd)
+            sys.argv = saved_argv
+            os.environ.clear()
+            os.environ.update(saved_env)
+        code = status if isinstance(status, int) else (0 if status is None else 1)  # SystemExit("error: ...") exits 1
+        if ok and code != 0:
+            raise AssertionError(f"run.py {' '.join(overrides)} (in-process) exited {code}: {status}")
+        return InlineExit(code, status if isinstance(status, str) else "")
 
     @staticmethod
     def command(*overrides: str) -> list[str]:

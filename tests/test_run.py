@@ -1,4 +1,6 @@
-"""``run.py`` driven as a user drives it: a subprocess with Hydra overrides.
+"""``run.py`` driven as a user drives it, with Hydra overrides: in this process (``RunPy.inline``, run.py
+itself through ``runpy``), and as a subprocess where the process is what a test is about (exit status and
+message, signals, SLURM requeue, two DDP ranks, vLLM's engine).
 
 Every run uses ``debug=quick`` (the embedded donors' quick recipe, 8 training steps) and the
 session's donor cache (conftest's ``embedded_cache``): these tests check the plumbing of the
@@ -33,7 +35,7 @@ QUICK = "debug=quick"
 def default_run(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default experiment (linear adapter, next-token loss, adapter only, W&B offline), quick."""
     run_dir = tmp_path_factory.mktemp("default_run")
-    run_py(QUICK, f"hydra.run.dir={run_dir}", cwd=run_dir)
+    run_py.inline(QUICK, f"hydra.run.dir={run_dir}", cwd=run_dir)
     return run_dir
 
 
@@ -120,7 +122,7 @@ def test_exported_model_reproduces_the_validation_loss(default_run: Path, run_py
     model = AutoModelForCausalLM.from_pretrained(export)
     assert isinstance(model, splitllama.CustomSplitLLamaForCausalLM) and model.config.adapter == "linear"
     # `task=eval` scores the exported checkpoint through from_pretrained, on the same held-out split
-    run_py(QUICK, "task=eval", f"task.model_dir={export}", "logger=none", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    run_py.inline(QUICK, "task=eval", f"task.model_dir={export}", "logger=none", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     evaluated = read_results(tmp_path)
     assert evaluated["status"] == "ok"
     assert evaluated["metrics"]["val_loss"] == pytest.approx(read_results(default_run)["metrics"]["val_loss"], abs=1e-5)
@@ -133,11 +135,11 @@ def test_exported_model_reproduces_the_validation_loss(default_run: Path, run_py
 def test_resume_reaches_the_uninterrupted_val_loss(default_run: Path, run_py: RunPy, tmp_path: Path) -> None:
     """Stopped before half the run (where the resumed sampler used to repeat batches) and resumed
     through run.py: the uninterrupted validation loss, exactly; the interrupted attempt is kept."""
-    run_py(QUICK, "task.stop_after_steps=3", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    run_py.inline(QUICK, "task.stop_after_steps=3", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     first = read_results(tmp_path)
     assert first["status"] == "interrupted" and first["metrics"]["steps"] == 3
     assert not (tmp_path / "hf_model").exists()  # an interrupted run is not exported
-    run_py(QUICK, "ckpt_path=last", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    run_py.inline(QUICK, "ckpt_path=last", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     resumed, uninterrupted = read_results(tmp_path), read_results(default_run)
     assert resumed["status"] == "ok" and resumed["metrics"]["steps"] == 8
     assert resumed["metrics"]["val_loss"] == uninterrupted["metrics"]["val_loss"]
@@ -182,8 +184,8 @@ def test_a_used_run_directory_is_refused_and_a_failed_resume_keeps_the_record(de
     assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == hydra_files
     assert (run_dir / "run.log").stat().st_size == log_size
 
-    proc = run_py(QUICK, "ckpt_path=last", "optim.lr=-1", f"hydra.run.dir={run_dir}", cwd=tmp_path, ok=False, timeout=300)
-    assert proc.returncode != 0 and "error: optim.lr=-1.0: must be > 0" in proc.stdout + proc.stderr
+    proc = run_py.inline(QUICK, "ckpt_path=last", "optim.lr=-1", f"hydra.run.dir={run_dir}", cwd=tmp_path, ok=False)
+    assert proc.returncode != 0 and proc.message == "error: optim.lr=-1.0: must be > 0"
     kept = read_results(run_dir)
     assert kept["status"] == "ok" and kept["metrics"] == json.loads(finished)["metrics"]
     (failed,) = kept["attempts"]
@@ -223,7 +225,7 @@ def test_slurm_preemption_resumes_by_rerunning_the_same_command(run_py: RunPy, t
     signal_after_first_checkpoint(proc, run_dir, signal.SIGTERM)
     assert proc.returncode == 143 and read_results(run_dir)["status"] == "interrupted"
     stopped_at = read_results(run_dir)["metrics"]["steps"]
-    run_py(*command, cwd=tmp_path, env={"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1"})
+    run_py.inline(*command, cwd=tmp_path, env={"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1"})
     results = read_results(run_dir)
     assert results["status"] == "ok" and results["metrics"]["steps"] == 12
     assert [(a["status"], a["metrics"]["steps"]) for a in results["attempts"]] == [("interrupted", stopped_at)]
@@ -253,7 +255,7 @@ def test_ddp_on_two_cpu_processes(default_run: Path, run_py: RunPy, embedded_cac
 # ------------------------------------------------------------------ the design card's overrides and other recipes
 def test_mlp_adapter_with_layer_counts(run_py: RunPy, tmp_path: Path) -> None:
     # with a callback of the user's, added from the command line: Lightning's learning-rate monitor
-    run_py(QUICK, "adapter=mlp", "layers.n70=8", "layers.n8=2", "finetune=adapter", "logger=csv", "eval.references=false", f"hydra.run.dir={tmp_path}",
+    run_py.inline(QUICK, "adapter=mlp", "layers.n70=8", "layers.n8=2", "finetune=adapter", "logger=csv", "eval.references=false", f"hydra.run.dir={tmp_path}",
            "+callbacks.extra.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor", cwd=tmp_path)
     results = read_results(tmp_path)
     assert results["status"] == "ok"
@@ -272,6 +274,7 @@ def test_mlp_adapter_with_layer_counts(run_py: RunPy, tmp_path: Path) -> None:
 
 def test_distillation_and_unreachable_wandb(run_py: RunPy, tmp_path: Path) -> None:
     """KL to the frozen large donor; W&B asked to go online without an account falls back to CSV."""
+    # a subprocess: W&B keeps its settings (offline, from earlier runs) in the process that set it up
     run_py(QUICK, "objective=distill", "logger.mode=online", "logger.init_timeout=30", f"hydra.run.dir={tmp_path}",
            cwd=tmp_path, env={"WANDB_MODE": None, "WANDB_API_KEY": None, "WANDB_BASE_URL": "http://127.0.0.1:9"})
     results = read_results(tmp_path)
@@ -285,7 +288,7 @@ def test_distillation_and_unreachable_wandb(run_py: RunPy, tmp_path: Path) -> No
 
 
 def test_lora_on_donor_layers_merges_into_the_export(run_py: RunPy, tmp_path: Path) -> None:
-    run_py(QUICK, "finetune=lora", "logger=none", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    run_py.inline(QUICK, "finetune=lora", "logger=none", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     results = read_results(tmp_path)
     assert results["status"] == "ok"
     assert results["params"]["trainable"] > 128 * 256 + 256  # adapter + LoRA matrices
@@ -303,7 +306,7 @@ GENERATE = ("task=generate", "task.max_new_tokens=8", "logger=none")
 def hf_generations(default_run: Path, run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """``task=generate task.engine=hf`` on the default run's export (greedy), shared by the vLLM comparison."""
     run_dir = tmp_path_factory.mktemp("generate_hf")
-    run_py(QUICK, *GENERATE, "task.engine=hf", f"task.model_dir={default_run / 'hf_model'}", f"hydra.run.dir={run_dir}", cwd=run_dir)
+    run_py.inline(QUICK, *GENERATE, "task.engine=hf", f"task.model_dir={default_run / 'hf_model'}", f"hydra.run.dir={run_dir}", cwd=run_dir)
     return read_results(run_dir)["generations"]
 
 
@@ -371,7 +374,7 @@ def test_run_py_exits_with_the_message_and_no_traceback(run_py: RunPy, tmp_path:
 
 def test_assemble_saves_a_loadable_split_model(run_py: RunPy, tmp_path: Path) -> None:
     """``task=assemble``: no training; a least-squares low-rank adapter fitted on calibration blocks."""
-    run_py(QUICK, "task=assemble", "adapter=lowrank", "adapter.rank=8", "adapter.init=lstsq", "logger=none",
+    run_py.inline(QUICK, "task=assemble", "adapter=lowrank", "adapter.rank=8", "adapter.init=lstsq", "logger=none",
            f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     results = read_results(tmp_path)
     assert results["status"] == "ok" and results["task"] == "assemble" and results["params"]["trainable"] == 0
