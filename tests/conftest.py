@@ -16,8 +16,19 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+#: pytest-xdist's worker name (gw0, gw1, ...) when the suite runs on several workers (README: ``-n 2``)
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    # one torch (OpenMP) thread per worker, and per run.py subprocess it starts: the workers already fill the
+    # cores, and OpenMP threads spinning for a core another worker holds slow both down
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tests.donors import llama_config, make_random_donor  # noqa: E402
+
+if XDIST_WORKER:
+    import torch
+
+    torch.set_num_threads(1)
 
 VOCAB = 256
 SMALL = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=VOCAB)
@@ -128,9 +139,15 @@ def run_py_checks(*overrides: str) -> None:
     tests in test_run.py check that run.py turns these into an exit status and a one-line error."""
     from splitllama.training.pipeline import apply_cpu_threads, validate
 
+    import torch
+
     cfg = compose_run_config(*overrides)
-    apply_cpu_threads(cfg)
-    validate(cfg)
+    threads = torch.get_num_threads()
+    try:
+        apply_cpu_threads(cfg)
+        validate(cfg)
+    finally:  # a valid parallel.cpu_threads would otherwise hold for every later test
+        torch.set_num_threads(threads)
 
 
 def quick_recipe():
@@ -145,20 +162,82 @@ def embedded_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A splitllama cache holding the ``debug=quick`` donors, built once per test session.
 
     run.py subprocesses find it through ``SPLITLLAMA_CACHE`` (see :func:`run_py`), so the whole
-    suite pays for one donor build.
+    suite pays for one donor build. Under pytest-xdist the workers share it (it sits beside their own
+    temporary directories): the cache is made for that, each entry built under a file lock by whoever
+    comes first and read by the rest, as side-by-side sweep jobs share a user's cache.
     """
     from splitllama.embedded import ensure_embedded_donors
 
-    cache = tmp_path_factory.getbasetemp() / "splitllama-cache"
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if XDIST_WORKER else base) / "splitllama-cache"
     ensure_embedded_donors(quick_recipe(), cache, progress=False)
     return cache
 
 
 class InlineExit(NamedTuple):
-    """How an in-process ``run.py`` ended (:meth:`RunPy.inline`)."""
+    """How an in-process ``run.py`` ended (:func:`run_in_process`)."""
 
     returncode: int
     message: str
+
+
+def run_in_process(*overrides: str, cwd: Path | None = None, ok: bool = True, environ: dict[str, str] | None = None) -> InlineExit:
+    """``python run.py <overrides>`` run in this process: run.py itself (``runpy``, as ``__main__``, so Hydra
+    composes ``conf/`` next to it and parses these overrides as it parses a user's), without the ~10 s of
+    imports a subprocess pays. Returns the exit status run.py's process would have had and the message it
+    would have ended with (``SystemExit("error: ...")``); with ``ok`` a non-zero status fails the test.
+
+    What a run changes in this process is put back afterwards: environment (``environ`` replaces it for
+    the run), argv, working directory, signal handlers, torch's thread count, the root logger's handlers,
+    Hydra's global state.
+    """
+    import faulthandler
+    import logging
+    import runpy
+    import signal
+    import sys
+
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+
+    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv[:], os.getcwd()
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved_threads = torch.get_num_threads()
+    root = logging.getLogger()
+    saved_root = (root.handlers[:], root.level)
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    sys.argv = ["run.py", *overrides]
+    if cwd is not None:
+        os.chdir(cwd)
+    status: int | str | None = 0
+    try:
+        runpy.run_path(str(REPO / "run.py"), run_name="__main__")
+    except SystemExit as exc:
+        status = exc.code
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in saved_root[0]:
+                root.removeHandler(handler)
+                handler.close()
+        root.handlers[:] = saved_root[0]
+        root.setLevel(saved_root[1])
+        GlobalHydra.instance().clear()
+        torch.set_num_threads(saved_threads)
+        for s, handler in saved_signals.items():
+            signal.signal(s, handler)
+        if faulthandler.is_enabled():  # run.py's __main__ block pointed it at this test's captured stderr
+            faulthandler.enable(file=sys.__stderr__, all_threads=True)
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+    code = status if isinstance(status, int) else (0 if status is None else 1)  # SystemExit("error: ...") exits 1
+    if ok and code != 0:
+        raise AssertionError(f"run.py {' '.join(overrides)} (in-process) exited {code}: {status}")
+    return InlineExit(code, status if isinstance(status, str) else "")
 
 
 class RunPy:
@@ -182,60 +261,12 @@ class RunPy:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def inline(self, *overrides: str, cwd: Path, ok: bool = True, env: dict[str, str | None] | None = None) -> "InlineExit":
-        """``python run.py <overrides>`` run in this process: run.py itself (``runpy``, as ``__main__``,
-        so Hydra composes ``conf/`` next to it and parses these overrides as it parses a user's), without
-        the ~10 s of imports a subprocess pays. Returns the exit status run.py's process would have had
-        and the message it would have ended with (``SystemExit("error: ...")``).
+        """The same command run in this process (:func:`run_in_process`), with the session's donor cache.
 
         For what the process boundary is not about: training, resume, export, eval, generate. Signals,
-        SLURM, several ranks and the exit message stay in :meth:`__call__` / :meth:`start`. What a run
-        changes in this process is put back afterwards: environment, argv, working directory, signal
-        handlers, torch's thread count, the root logger's handlers, Hydra's global state.
+        SLURM, several ranks, W&B's online fallback and the exit message stay in :meth:`__call__` / :meth:`start`.
         """
-        import faulthandler
-        import logging
-        import runpy
-        import signal
-        import sys
-
-        import torch
-        from hydra.core.global_hydra import GlobalHydra
-
-        saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv[:], os.getcwd()
-        saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        saved_threads = torch.get_num_threads()
-        root = logging.getLogger()
-        saved_root = (root.handlers[:], root.level)
-        os.environ.clear()
-        os.environ.update(self.environment(env))
-        sys.argv = ["run.py", *overrides]
-        os.chdir(cwd)
-        status: int | str | None = 0
-        try:
-            runpy.run_path(str(REPO / "run.py"), run_name="__main__")
-        except SystemExit as exc:
-            status = exc.code
-        finally:
-            for handler in root.handlers[:]:
-                if handler not in saved_root[0]:
-                    root.removeHandler(handler)
-                    handler.close()
-            root.handlers[:] = saved_root[0]
-            root.setLevel(saved_root[1])
-            GlobalHydra.instance().clear()
-            torch.set_num_threads(saved_threads)
-            for s, handler in saved_signals.items():
-                signal.signal(s, handler)
-            if faulthandler.is_enabled():  # run.py's __main__ block pointed it at this test's captured stderr
-                faulthandler.enable(file=sys.__stderr__, all_threads=True)
-            os.chdir(saved_cwd)
-            sys.argv = saved_argv
-            os.environ.clear()
-            os.environ.update(saved_env)
-        code = status if isinstance(status, int) else (0 if status is None else 1)  # SystemExit("error: ...") exits 1
-        if ok and code != 0:
-            raise AssertionError(f"run.py {' '.join(overrides)} (in-process) exited {code}: {status}")
-        return InlineExit(code, status if isinstance(status, str) else "")
+        return run_in_process(*overrides, cwd=cwd, ok=ok, environ=self.environment(env))
 
     @staticmethod
     def command(*overrides: str) -> list[str]:
