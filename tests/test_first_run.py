@@ -55,3 +55,17 @@ def test_flops_fraction_counts_the_large_donor_the_same_way() -> None:
     layer = 256 * 32 * (2 * 8 + 2 * 2) + 3 * 256 * 896
     assert flops["large_donor_train_flops_per_token"] == 6 * (10 * layer + 256 * 4096) + 6 * 128 * 10 * 8 * 32
     assert 0.45 < flops["fraction_of_large_donor"] < 0.5
+
+
+def test_ci_runs_the_readmes_two_commands_verbatim() -> None:
+    """CI (``.ci/run``) runs the install-and-run and install-and-test commands exactly as the README gives
+    them, so a missing install step or a changed test command fails in CI, not on a user's machine."""
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Install and run", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.strip() for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert len(commands) == 2 and commands[0].endswith("python run.py") and "pytest" in commands[1], commands
+    ci_lines = {line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()}
+    for command in commands:
+        assert command in ci_lines, f".ci/run does not run the README's command: {command}"
