@@ -244,28 +244,13 @@ def test_malformed_jsonl_names_the_file_and_line(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ a used run directory belongs to its run
-def run_main(monkeypatch: pytest.MonkeyPatch, *overrides: str) -> int | str | None:
-    """``python run.py <overrides>`` in this process (Hydra, the run-dir guard, ``main``): its exit code or message.
+def run_main(*overrides: str) -> int | str:
+    """``python run.py <overrides>`` in this process (Hydra, the run-dir guard, ``main``; conftest's
+    :func:`~tests.conftest.run_in_process`): the message it exits with, else its exit code."""
+    from tests.conftest import run_in_process
 
-    For runs refused or failing before anything heavy; the signal handlers ``main`` installs are put back.
-    """
-    import runpy
-    import signal
-    import sys
-
-    from tests.conftest import REPO
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    monkeypatch.setattr(sys, "argv", ["run.py", *overrides])
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
-    try:
-        runpy.run_path(str(REPO / "run.py"), run_name="__main__")
-        return 0
-    except SystemExit as exc:
-        return exc.code
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
+    ended = run_in_process(*overrides, ok=False)
+    return ended.message or ended.returncode
 
 
 def finished_training_run(run_dir: Path) -> dict[str, bytes]:
@@ -297,7 +282,7 @@ def test_another_task_may_not_resume_a_training_run(tmp_path: Path, monkeypatch:
     by an untrained assembly and results.json's top record the assemble. Refused now, before anything is written."""
     run_dir = tmp_path / "run"
     before = finished_training_run(run_dir)
-    code = run_main(monkeypatch, "debug=quick", f"task={task}", "ckpt_path=last", "logger=none", f"hydra.run.dir={run_dir}",
+    code = run_main("debug=quick", f"task={task}", "ckpt_path=last", "logger=none", f"hydra.run.dir={run_dir}",
                     f"paths.cache_dir={tmp_path / 'cache'}")
     assert isinstance(code, str) and code.startswith(f"error: run directory {run_dir} belongs to a task=train run with status 'ok' "), code
     assert f"task={task} may not resume it (only task=train may, with ckpt_path=last)" in code
@@ -312,7 +297,7 @@ def test_every_attempt_keeps_its_composed_config(tmp_path: Path, monkeypatch: py
     run_dir = tmp_path / "run"
     before = finished_training_run(run_dir)
     for attempt in (2, 3):
-        code = run_main(monkeypatch, "debug=quick", "ckpt_path=last", f"optim.lr=-{attempt}", "logger=none", f"hydra.run.dir={run_dir}")
+        code = run_main("debug=quick", "ckpt_path=last", f"optim.lr=-{attempt}", "logger=none", f"hydra.run.dir={run_dir}")
         assert code == f"error: optim.lr=-{attempt}.0: must be > 0"
         overrides = (run_dir / ".hydra" / f"attempt-{attempt}" / "overrides.yaml").read_text()
         assert f"optim.lr=-{attempt}" in overrides and "ckpt_path=last" in overrides
@@ -335,22 +320,22 @@ def test_a_resume_continues_the_same_run(embedded_cache: Path, tmp_path: Path, m
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     common = ("debug=quick", "logger=none", "eval.references=false", f"paths.cache_dir={embedded_cache}", f"hydra.run.dir={run_dir}")
-    assert run_main(monkeypatch, *common, "task.stop_after_steps=2") == 0
+    assert run_main(*common, "task.stop_after_steps=2") == 0
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["splitllama_trained_result"]
     assert saved["layers.list70"] == [4, 5, 6, 7] and saved["trainer.max_steps"] == 8 and len(saved["donors.large"]) == 16
 
     refused = f"error: ckpt_path=last: the checkpoint {ckpt} (step 2) was trained with other settings, and a resume continues the same run: "
-    code = run_main(monkeypatch, *common, "ckpt_path=last", "layers.n70=2", "optim.lr=0.002")
+    code = run_main(*common, "ckpt_path=last", "layers.n70=2", "optim.lr=0.002")
     assert code == refused + ("optim.lr: 0.001 -> 0.002; layers.list70: [4, 5, 6, 7] -> [6, 7]. Start a new run for new settings "
                               "(no ckpt_path, a new run directory)")
-    code = run_main(monkeypatch, *common, "ckpt_path=last", "trainer.max_steps=12")
+    code = run_main(*common, "ckpt_path=last", "trainer.max_steps=12")
     assert code == refused + ("trainer.max_steps: 8 -> 12. Start a new run for new settings (no ckpt_path, a new run directory); "
                               "to train past trainer.max_steps=8, resume with task.extend=true (nothing else changed)")
-    code = run_main(monkeypatch, *common, "ckpt_path=last", "trainer.max_steps=4", "task.extend=true")
+    code = run_main(*common, "ckpt_path=last", "trainer.max_steps=4", "task.extend=true")
     assert code == refused + ("trainer.max_steps: 8 -> 4. Start a new run for new settings (no ckpt_path, a new run directory); "
                               "a run is not shortened on resume (trainer.max_steps=8: task.extend only lengthens it)")
 
-    assert run_main(monkeypatch, *common, "ckpt_path=last", "trainer.max_steps=12", "task.extend=true") == 0
+    assert run_main(*common, "ckpt_path=last", "trainer.max_steps=12", "task.extend=true") == 0
     results = read_results(run_dir)
     assert results["status"] == "ok" and results["metrics"]["steps"] == 12
     assert [a["status"] for a in results["attempts"]] == ["interrupted", "failed", "failed", "failed"]
@@ -551,7 +536,7 @@ def test_a_full_disk_is_recorded_and_leaves_nothing_partial(embedded_cache: Path
 
     run_dir = small_disk / "run"
     # finetune=adapter: checkpoints of a few MB, so two of them fit the 64 MiB disk before it is filled on purpose
-    code = run_main(monkeypatch, "debug=quick", "finetune=adapter", "logger=none", "eval.references=false", f"paths.cache_dir={embedded_cache}",
+    code = run_main("debug=quick", "finetune=adapter", "logger=none", "eval.references=false", f"paths.cache_dir={embedded_cache}",
                     f"hydra.run.dir={run_dir}", "+callbacks.extra.fill._target_=tests.test_fault_injection.FillDisk",
                     f"+callbacks.extra.fill.path={small_disk}", f"+callbacks.extra.fill.{fill}")
     assert code not in (0, None), where
