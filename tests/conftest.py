@@ -174,6 +174,15 @@ def embedded_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+def fresh_process_environ(**extra: str) -> dict[str, str]:
+    """This process's environment for a command a test starts as a user would: a fresh process, not a rank
+    of this one (an in-process megatron world sets MASTER_ADDR/MASTER_PORT; accelerate and Lightning read
+    them as a distributed launch) and not a SLURM job unless the test says so."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")
+           and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK")}
+    return {**env, **extra}
+
+
 class InlineExit(NamedTuple):
     """How an in-process ``run.py`` ended (:func:`run_in_process`)."""
 
@@ -275,12 +284,7 @@ class RunPy:
         return [sys.executable, str(REPO / "run.py"), *overrides]
 
     def environment(self, env: dict[str, str | None] | None) -> dict[str, str]:
-        full_env = {**os.environ, "SPLITLLAMA_CACHE": str(self.cache), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
-        # a fresh process, not a rank of this one (in-process megatron tests set MASTER_PORT and keep it bound)
-        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK"):
-            full_env.pop(key, None)
-        for key in [k for k in full_env if k.startswith("SLURM_")]:  # not a SLURM job unless a test says so
-            full_env.pop(key)
+        full_env = {**fresh_process_environ(), "SPLITLLAMA_CACHE": str(self.cache), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
         for key, value in (env or {}).items():  # None removes a variable
             if value is None:
                 full_env.pop(key, None)

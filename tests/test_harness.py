@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 
 from splitllama.results import read_results
 
-from tests.conftest import RunPy, import_extra
+from tests.conftest import RunPy, fresh_process_environ, import_extra
 
 import_extra("lm_eval", "lm_eval", "eval")
 
@@ -83,7 +82,7 @@ def test_run_py_scores_match_the_lm_eval_cli_on_the_exported_model(run_py: RunPy
     cli = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
            f"pretrained={export},trust_remote_code=True,dtype=float32", "--tasks", TASK, "--include_path", str(include),
            "--limit", str(ITEMS), "--batch_size", "8", "--device", "cpu", "--log_samples", "--output_path", str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = fresh_process_environ(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cli, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     cli_items = _cli_items(out)

@@ -9,6 +9,7 @@ those are the ``gpu`` tests at the end (run by scripts/gpu.sh on a 2-GPU machine
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -41,9 +42,15 @@ def megatron_world():
     from splitllama.megatron.parallel import destroy_megatron_parallel, initialize_megatron_parallel
 
     created = not dist.is_initialized()
+    rendezvous = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
     initialize_megatron_parallel(1, 1, backend="gloo")
     yield
     destroy_megatron_parallel(destroy_process_group=created)
+    for key, value in rendezvous.items():  # set for the world above; a later lm_eval or Lightning process would read them
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
