@@ -74,7 +74,7 @@ def test_readme_command_composes_and_validates_on_the_default_donors(command: st
 def test_the_cards_command_runs_on_the_default_donors(run_py, tmp_path: Path) -> None:
     """``python run.py adapter=mlp layers.n70=8`` (the design card's example) on the shipped donors,
     shortened to 2 steps: the large donor has room for 8 layers, and the run ends ok."""
-    run_py("adapter=mlp", "layers.n70=8", "trainer.max_steps=2", "trainer.val_check_interval=2", "eval.harness.tasks=[]",
+    run_py.inline("adapter=mlp", "layers.n70=8", "trainer.max_steps=2", "trainer.val_check_interval=2", "eval.harness.tasks=[]",
            "data.max_val_blocks=8", "logger=csv", "task.export=false", f"hydra.run.dir={tmp_path / 'run'}", cwd=REPO)
     record = json.loads((tmp_path / "run" / "results.json").read_text())
     assert record["status"] == "ok" and record["metrics"]["steps"] == 2
