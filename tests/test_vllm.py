@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -170,9 +168,9 @@ def test_checkpoint_check_names_missing_and_misshapen_tensors(models: dict[str, 
         check_split_checkpoint(config, wrong)
 
 
-def test_importing_the_backend_does_not_import_vllm() -> None:
-    code = "import sys, splitllama.vllm, splitllama.vllm.loading; assert 'vllm' not in sys.modules, 'vllm imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_importing_the_backend_does_not_import_vllm(engines: EngineHost) -> None:
+    """In a fresh interpreter: the engine host's, which imports the backend before anything else."""
+    assert engines.backend_import == {"vllm_modules": []}
 
 
 def test_bad_input_fails_before_an_engine_starts(models: dict[str, Path], tmp_path: Path) -> None:
@@ -193,7 +191,7 @@ def test_bad_input_fails_before_an_engine_starts(models: dict[str, Path], tmp_pa
 
 # ------------------------------------------------------------------ the real engine
 @pytest.mark.vllm
-@pytest.mark.parametrize("name", ["mixed_kv", "mlp", "linear"])  # linear last: the next tests reuse its engine
+@pytest.mark.parametrize("name", ["mixed_kv", "mlp", "linear"])  # linear last: the next tests (to the syncs) reuse its engine
 def test_greedy_tokens_equal_hf_generate(models: dict[str, Path], engines: EngineHost, name: str) -> None:
     """linear/mlp/lowrank adapters, explicit layer lists, and donors whose KV caches differ per token."""
     got = engines.call("generate", models[name], engine=ENGINE, prompts=PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
@@ -226,30 +224,6 @@ def test_text_prompts_go_through_the_saved_tokenizer(models: dict[str, Path], en
     for g in got:  # the text continues the prompt's text
         full = tokenizer.decode(g["prompt_token_ids"] + g["token_ids"], skip_special_tokens=True)
         assert g["text"] == full[len(tokenizer.decode(g["prompt_token_ids"], skip_special_tokens=True)):]
-
-
-@pytest.mark.vllm
-def test_self_stitched_model_equals_vllm_builtin_llama(models: dict[str, Path], engines: EngineHost) -> None:
-    stitched = engines.call("generate", models["stitched"], engine=ENGINE, prompts=PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    stitched_lp = engines.call("token_logprobs", models["stitched"], engine=ENGINE, texts=PROMPTS[1:3])
-    assert json.loads((models["large_donor"] / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-    builtin = engines.call("generate", models["large_donor"], engine=ENGINE, prompts=PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    builtin_lp = engines.call("token_logprobs", models["large_donor"], engine=ENGINE, texts=PROMPTS[1:3])
-    assert [g["token_ids"] for g in stitched] == [g["token_ids"] for g in builtin]
-    for a, b in zip(stitched_lp, builtin_lp):
-        assert a == pytest.approx(b, abs=1e-5)
-    # and both are the donor as transformers runs it
-    donor = LlamaForCausalLM.from_pretrained(models["large_donor"], dtype=torch.float32)
-    first = donor.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
-    assert first[0, len(PROMPTS[1]):].tolist() == builtin[1]["token_ids"]
-
-
-@pytest.mark.vllm
-def test_plain_vllm_llm_refuses_an_incomplete_checkpoint(models: dict[str, Path], engines: EngineHost, tmp_path: Path) -> None:
-    """``vllm.LLM(model=dir)`` without splitllama's helpers: the model itself checks the checkpoint."""
-    broken = _copy_without(models["mlp"], tmp_path / "broken", drop="model.layers_first.1.mlp.gate_proj.weight")
-    with pytest.raises(EngineError, match=r"model\.layers_first\.1\.mlp\.gate_proj\.weight"):
-        engines.call("llm_generate", broken, engine={**ENGINE, "skip_tokenizer_init": True}, prompts=PROMPTS[:1], max_new_tokens=2)
 
 
 @pytest.mark.vllm
@@ -286,7 +260,9 @@ def test_weights_synced_in_buckets_equal_the_disk_load(models: dict[str, Path], 
 
 @pytest.mark.vllm
 def test_a_sync_that_misses_a_tensor_names_it(models: dict[str, Path], engines: EngineHost) -> None:
-    """Checked once, at the end of the sync: by hand, or else before the next logits."""
+    """Checked once, at the end of the sync: by hand, or else before the next logits.
+
+    On the rollout engine the test above synced (a refused sync leaves its engine serving)."""
     sync = dict(engine=DUMMY_ENGINE, source=str(models["linear"]), bucket_bytes=96 << 10,
                 drop="model.layers_last.2.mlp.down_proj.weight")
     missing = r"1 tensor\(s\) not in the weights loaded since the last check \['model\.layers_last\.2\.mlp\.down_proj\.weight'\]"
@@ -295,6 +271,30 @@ def test_a_sync_that_misses_a_tensor_names_it(models: dict[str, Path], engines: 
     engines.call("sync_weights", models["linear"], **sync)
     with pytest.raises(EngineError, match=missing):
         engines.call("generate", models["linear"], engine=DUMMY_ENGINE, prompts=PROMPTS[:1], max_new_tokens=2)
+
+
+@pytest.mark.vllm
+def test_self_stitched_model_equals_vllm_builtin_llama(models: dict[str, Path], engines: EngineHost) -> None:
+    stitched = engines.call("generate", models["stitched"], engine=ENGINE, prompts=PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    stitched_lp = engines.call("token_logprobs", models["stitched"], engine=ENGINE, texts=PROMPTS[1:3])
+    assert json.loads((models["large_donor"] / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    builtin = engines.call("generate", models["large_donor"], engine=ENGINE, prompts=PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    builtin_lp = engines.call("token_logprobs", models["large_donor"], engine=ENGINE, texts=PROMPTS[1:3])
+    assert [g["token_ids"] for g in stitched] == [g["token_ids"] for g in builtin]
+    for a, b in zip(stitched_lp, builtin_lp):
+        assert a == pytest.approx(b, abs=1e-5)
+    # and both are the donor as transformers runs it
+    donor = LlamaForCausalLM.from_pretrained(models["large_donor"], dtype=torch.float32)
+    first = donor.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+    assert first[0, len(PROMPTS[1]):].tolist() == builtin[1]["token_ids"]
+
+
+@pytest.mark.vllm
+def test_plain_vllm_llm_refuses_an_incomplete_checkpoint(models: dict[str, Path], engines: EngineHost, tmp_path: Path) -> None:
+    """``vllm.LLM(model=dir)`` without splitllama's helpers: the model itself checks the checkpoint."""
+    broken = _copy_without(models["mlp"], tmp_path / "broken", drop="model.layers_first.1.mlp.gate_proj.weight")
+    with pytest.raises(EngineError, match=r"model\.layers_first\.1\.mlp\.gate_proj\.weight"):
+        engines.call("llm_generate", broken, engine={**ENGINE, "skip_tokenizer_init": True}, prompts=PROMPTS[:1], max_new_tokens=2)
 
 
 @pytest.mark.vllm

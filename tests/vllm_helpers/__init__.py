@@ -18,10 +18,13 @@ WORKER_SCRIPT = Path(__file__).with_name("engine_worker.py")
 
 #: Environment of every engine the tests start. ``VLLM_CPU_CI_ENV=1`` is vLLM's own CPU-CI
 #: switch: torch.compile traces the model with Dynamo but runs it eagerly (no Inductor build,
-#: which takes about a minute per engine here) and the warm-up pass is skipped.
+#: which takes about a minute per engine here) and the warm-up pass is skipped. The workers of a
+#: TP/PP engine do not exit within vLLM's default 5 s grace period at shutdown here, so they get
+#: SIGTERM after 1 s (then SIGKILL after 4 s more, as vLLM does).
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_CPU_CI_ENV": "1",
+    "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS": "1",
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
     "HF_HUB_OFFLINE": "1",
@@ -34,7 +37,11 @@ class EngineError(RuntimeError):
 
 
 class EngineHost:
-    """Client of ``engine_worker.py``: ``call(op, model, engine=..., **kwargs)`` -> result."""
+    """Client of ``engine_worker.py``: ``call(op, model, engine=..., **kwargs)`` -> result.
+
+    ``backend_import`` is the host's first answer: the vLLM modules that importing
+    ``splitllama.vllm`` and ``splitllama.vllm.loading`` brought into that fresh interpreter.
+    """
 
     def __init__(self, log_path: Path, timeout_s: float = 400.0) -> None:
         self.log_path = log_path
@@ -52,6 +59,7 @@ class EngineHost:
         )
         os.close(write_fd)
         self._responses = os.fdopen(read_fd, "r")
+        self.backend_import: dict[str, list[str]] = self._response("start", WORKER_SCRIPT)
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.log_path.read_text(errors="replace").splitlines()
@@ -70,6 +78,9 @@ class EngineHost:
         assert self.process.stdin is not None
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
+        return self._response(op, model)
+
+    def _response(self, op: str, model: str | os.PathLike[str]) -> Any:
         ready, _, _ = select.select([self._responses], [], [], self.timeout_s)
         line = self._responses.readline() if ready else ""
         if not line:

@@ -7,7 +7,11 @@ process and starts in about 5 s, against about 35 s for vLLM's default three pro
 engine core, worker: each imports vLLM), so the tests can afford one engine per model.
 
 Protocol: one JSON request per line on stdin, one JSON response per line on the file descriptor
-given as ``argv[1]`` (stdout and stderr carry vLLM's logs). A request names an ``op``:
+given as ``argv[1]`` (stdout and stderr carry vLLM's logs). The first response comes unasked: the
+host is a fresh interpreter, so before anything else it imports splitllama's vLLM backend as a
+user does and reports which vLLM modules that import brought (:func:`backend_import_report`; the
+test that the backend imports vLLM lazily reads it, instead of paying another interpreter start).
+Then each request names an ``op``:
 
 - ``generate`` / ``score`` / ``token_logprobs``: the :mod:`splitllama.vllm` function of that name
   on an engine made by ``splitllama.vllm.load_llm(model, **engine)`` (kept while the next
@@ -18,6 +22,9 @@ given as ``argv[1]`` (stdout and stderr carry vLLM's logs). A request names an `
 
 with optional ``env`` (environment variables set while the engine runs). Response:
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "...", "traceback": "..."}``.
+A failed request stops its engine, except a weight sync refused by the model's completeness check
+(:class:`splitllama.CheckpointError`): that engine keeps serving, as a trainer's rollout engine
+would, and the next sync or generation on it shows what the refusal left.
 """
 
 from __future__ import annotations
@@ -90,6 +97,17 @@ def sync_weights(llm: Any, source: str, bucket_bytes: int, reverse: bool = False
     return [len(b) for b in buckets]
 
 
+def backend_import_report() -> dict[str, list[str]]:
+    """Import ``splitllama.vllm`` and ``splitllama.vllm.loading``; the vLLM modules now loaded.
+
+    Called first thing in this process, so every module it lists came with that import.
+    """
+    import splitllama.vllm
+    import splitllama.vllm.loading  # noqa: F401
+
+    return {"vllm_modules": sorted(m for m in sys.modules if m == "vllm" or m.startswith("vllm."))}
+
+
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
@@ -159,8 +177,20 @@ class Host:
         raise ValueError(f"unknown op {op!r}")
 
 
+def _engine_survives(op: str, exc: BaseException) -> bool:
+    """Whether the engine stays after ``op`` failed with ``exc``: only a sync the model refused."""
+    from splitllama import CheckpointError
+
+    return op == "sync_weights" and isinstance(exc, CheckpointError)
+
+
 def main() -> None:
     responses = os.fdopen(int(sys.argv[1]), "w", buffering=1)
+    try:
+        started = {"ok": True, "result": backend_import_report()}
+    except BaseException as exc:  # noqa: BLE001 - reported to the test, which decides
+        started = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    responses.write(json.dumps(started) + "\n")
     host = Host()
     for line in sys.stdin:
         request = json.loads(line)
@@ -170,10 +200,11 @@ def main() -> None:
         try:
             response = {"ok": True, "result": host.handle(request)}
         except BaseException as exc:  # noqa: BLE001 - reported to the test, which decides
-            try:
-                host.close()
-            except BaseException:  # noqa: BLE001
-                pass
+            if not _engine_survives(request.get("op", ""), exc):
+                try:
+                    host.close()
+                except BaseException:  # noqa: BLE001
+                    pass
             response = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         response["seconds"] = round(time.perf_counter() - start, 2)
         responses.write(json.dumps(response) + "\n")
