@@ -106,11 +106,14 @@ def test_two_grpo_steps_through_run_py(run_py: RunPy, tmp_path: Path) -> None:
     ("task.grpo.rewards=[parses]", "task.grpo.rewards=['parses']: 'parses' is not one of header_parses, parameter_match"),
     ("backend=megatron", "task=grpo runs the HF model"),
 ])
-def test_bad_grpo_settings_fail_before_any_work(run_py: RunPy, tmp_path: Path, override: str, named: str) -> None:
+def test_bad_grpo_settings_fail_before_any_work(run_py: RunPy, tmp_path: Path, tensor_reads: list[str], override: str,
+                                               named: str) -> None:
     """run.py (in-process) ends with the one-line error naming the setting, before any model, prompt or
-    output exists (test_run.py checks how run.py's process reports such an error)."""
+    output exists and before any donor tensor is read (test_run.py checks how run.py's process reports such an error)."""
     run_dir = tmp_path / "run"
     ended = run_py.inline("debug=quick", "task=grpo", override, f"hydra.run.dir={run_dir}", cwd=tmp_path, ok=False)
     assert ended.returncode == 1 and ended.message.startswith("error: ") and named in ended.message, ended
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", ".run_claim", "results.json", "run.log"]
-    assert read_results(run_dir)["status"] == "failed"
+    results = read_results(run_dir)
+    assert results["status"] == "failed" and "donors_s" not in results["timings"]  # before the donors were looked at
+    assert tensor_reads == []

@@ -90,7 +90,7 @@ def test_run_py_scores_match_the_lm_eval_cli_on_the_exported_model(run_py: RunPy
     _assert_close(_items(eval_dir / "harness_samples" / f"{TASK}.jsonl"), cli_items)   # loaded by run.py task=eval
 
 
-def test_unknown_task_fails_before_any_model_work(run_py: RunPy, tmp_path: Path) -> None:
+def test_unknown_task_fails_before_any_model_work(run_py: RunPy, tmp_path: Path, tensor_reads: list[str]) -> None:
     ended = run_py.inline(QUICK, "eval.harness.tasks=[stdlib_docstring_name,no_such_task]", f"hydra.run.dir={tmp_path / 'r'}",
                           cwd=tmp_path, ok=False)
     assert ended.returncode == 1
@@ -99,6 +99,7 @@ def test_unknown_task_fails_before_any_model_work(run_py: RunPy, tmp_path: Path)
     message = results["error"]["message"]
     assert "unknown task 'no_such_task'" in message and "stdlib_docstring_next" in message, message  # and what there is
     assert "donors_s" not in results["timings"]  # failed before the donors were even looked at
+    assert tensor_reads == [] and not (tmp_path / "r" / "checkpoints").exists()  # no weight read, nothing trained
 
 
 def test_missing_dataset_fails_naming_the_task(embedded_cache: Path, tmp_path: Path) -> None:

@@ -1,10 +1,10 @@
 """The megatron-core backend against the HF backend on the same weights.
 
 CPU (gloo): at TP=1 in this process (logits, loss, gradients through megatron's schedule, packed
-input, value head, export, Lightning), and 2-process TP=2 jobs (each rank's loaded slices, logits,
-packed input, value head, export; and the loss, logits and every gradient through megatron's
-schedule on 1024-token micro-batches). Pipeline and sequence parallelism and bfloat16 need GPUs:
-those are the ``gpu`` tests at the end (run by scripts/gpu.sh on a 2-GPU machine).
+input, value head, export, Lightning, run.py), and 2-process TP=2 jobs, both run by one pair of ranks
+(each rank's loaded slices, logits, packed input, value head, export; and the loss, logits and every
+gradient through megatron's schedule on 1024-token micro-batches). Pipeline and sequence parallelism
+and bfloat16 need GPUs: those are the ``gpu`` tests at the end (run by scripts/gpu.sh on a 2-GPU machine).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from splitllama.checkpoint import CheckpointError  # noqa: E402
 from tests.donors import llama_config, make_random_donor  # noqa: E402
 
 from .conftest import LARGE  # noqa: E402
-from .megatron_helpers.worker import run_workers  # noqa: E402
+from .megatron_helpers.worker import job_results, run_worker_jobs, run_workers  # noqa: E402
 
 pytestmark = pytest.mark.megatron
 warnings.filterwarnings("ignore", message=".*Transformer Engine.*|.*Apex.*")
@@ -370,11 +370,15 @@ def test_lightning_strategy_trains_only_the_adapter(megatron_world: None, small_
 
 
 # ------------------------------------------------------------------------------------------ run.py backend=megatron
-# run.py as a user calls it (a subprocess)
 @pytest.fixture(scope="module")
-def megatron_run(run_py: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def megatron_run(megatron_world: None, run_py: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``run.py debug=quick backend=megatron`` with each batch of 4 cut into two micro-batches for megatron's
+    schedule, run in this process (``run_py.inline``: Hydra parses the overrides as for a user) over
+    ``megatron_world``'s gloo world of one, whose TP=PP=1 groups the run's strategy finds and keeps. One
+    rank, so nothing here is about processes; the two-rank run below stays a subprocess. Shared by the
+    export check and the data-parallel comparison (one run instead of two of the same size)."""
     run_dir = tmp_path_factory.mktemp("megatron_run")
-    run_py("debug=quick", "backend=megatron", "logger=csv", f"hydra.run.dir={run_dir}", cwd=run_dir, timeout=600)
+    run_py.inline("debug=quick", "backend=megatron", "backend.micro_batch_size=2", "logger=csv", f"hydra.run.dir={run_dir}", cwd=run_dir)
     return run_dir
 
 
@@ -390,25 +394,25 @@ def test_run_py_megatron_trains_and_its_export_reproduces_the_val_loss(megatron_
     model = AutoModelForCausalLM.from_pretrained(megatron_run / "hf_model")
     assert model.config.adapter == "linear"
     # the exported checkpoint scored by the HF backend on the same held-out split gives the megatron run's val loss
-    run_py("debug=quick", "task=eval", f"task.model_dir={megatron_run / 'hf_model'}", "logger=none",
-           f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    run_py.inline("debug=quick", "task=eval", f"task.model_dir={megatron_run / 'hf_model'}", "logger=none",
+                  f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     evaluated = read_results(tmp_path)
     assert evaluated["status"] == "ok"
     assert evaluated["metrics"]["val_loss"] == pytest.approx(trained["metrics"]["val_loss"], abs=1e-4)
 
 
-def test_run_py_megatron_micro_batches_and_data_parallel_agree(run_py: Any, tmp_path: Path) -> None:
+def test_run_py_megatron_micro_batches_and_data_parallel_agree(megatron_run: Path, run_py: Any, tmp_path: Path) -> None:
     """Manual optimisation through megatron's schedule: one process cutting each batch of 4 into two
-    micro-batches, and two data-parallel processes (gloo) with batches of 2, see the same samples per
-    step, so the gradient accumulation and the DP averaging must give the same training."""
-    micro, dp = tmp_path / "micro", tmp_path / "dp"
-    common = ("debug=quick", "backend=megatron", "logger=csv")
-    run_py(*common, "backend.micro_batch_size=2", f"hydra.run.dir={micro}", cwd=tmp_path, timeout=600)
-    run_py(*common, "parallel=ddp", "parallel.devices=2", "parallel.accelerator=cpu", "data.batch_size=2",
-           f"hydra.run.dir={dp}", cwd=tmp_path, timeout=600)
+    micro-batches (``megatron_run``), and two data-parallel processes (gloo, a subprocess: run.py starts
+    its ranks) with batches of 2, see the same samples per step, so the gradient accumulation and the DP
+    averaging must give the same training."""
+    dp = tmp_path / "dp"
+    run_py("debug=quick", "backend=megatron", "logger=csv", "parallel=ddp", "parallel.devices=2", "parallel.accelerator=cpu",
+           "data.batch_size=2", f"hydra.run.dir={dp}", cwd=tmp_path, timeout=600)
     from splitllama.results import read_results
 
-    one, two = read_results(micro), read_results(dp)
+    one, two = read_results(megatron_run), read_results(dp)
+    assert one["config"]["backend"]["micro_batch_size"] == 2 and one["config"]["data"]["batch_size"] == 4
     assert one["status"] == "ok" and two["status"] == "ok", (one.get("error"), two.get("error"))
     assert one["metrics"]["steps"] == two["metrics"]["steps"] == 8
     assert one["metrics"]["train_tokens_seen"] == two["metrics"]["train_tokens_seen"]
@@ -435,18 +439,35 @@ def test_run_py_bad_parallel_settings_fail_naming_the_field(overrides: list[str]
 
 
 # ------------------------------------------------------------------------------------------ TP=2 over gloo
-def test_tensor_parallel_2_on_cpu(small_donor: Path, large_donor: Path, tmp_path: Path) -> None:
-    """Two gloo ranks: each holds the right donor slices, and logits, packed input, values and export match HF."""
+@pytest.fixture(scope="module")
+def tp2_cpu_ranks(small_donor: Path, large_donor: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The two TP=2 CPU jobs below, run one after the other by one pair of gloo ranks: one spawn, and one
+    import of torch, transformers and megatron per rank, for both (each job builds its own models).
+    For each job, the ranks' results, or the error that says why it has none."""
+    tmp = tmp_path_factory.mktemp("tp2_cpu")
     hf = build_split_model(small_donor, large_donor, 2, 2, model_class=CustomSplitLLamaForValue)
     with torch.no_grad():
         hf.value_head.weight.normal_(generator=torch.Generator().manual_seed(1))
-    hf.save_pretrained(tmp_path / "value")
-    job = {
-        "out": str(tmp_path / "tp2"), "small": str(small_donor), "large": str(large_donor), "tp": 2,
-        "split": {"num_layers_8": 2, "num_layers_70": 2, "adapter": "mlp", "adapter_hidden_size": 64},
-        "value_dir": str(tmp_path / "value"), "checks": ["slices", "forward", "packed", "value", "export"],
+    hf.save_pretrained(tmp / "value")
+    donors = {"small": str(small_donor), "large": str(large_donor), "tp": 2}
+    jobs = {
+        "tp2": {
+            "out": str(tmp / "tp2"), **donors,
+            "split": {"num_layers_8": 2, "num_layers_70": 2, "adapter": "mlp", "adapter_hidden_size": 64},
+            "value_dir": str(tmp / "value"), "checks": ["slices", "forward", "packed", "value", "export"],
+        },
+        "long_grads": {
+            "out": str(tmp / "long_grads"), **donors, "seq": 1024,
+            "split": {"num_layers_8": 2, "num_layers_70": 1, "adapter": "mlp", "adapter_hidden_size": 64},
+            "checks": ["forward", "grads"],
+        },
     }
-    results = run_workers(job, world=2)
+    return dict(zip(jobs, run_worker_jobs(list(jobs.values()), world=2)))
+
+
+def test_tensor_parallel_2_on_cpu(tp2_cpu_ranks: dict[str, Any]) -> None:
+    """Two gloo ranks: each holds the right donor slices, and logits, packed input, values and export match HF."""
+    results = job_results(tp2_cpu_ranks["tp2"])
     assert [r["tp_rank"] for r in results] == [0, 1]
     for r in results:
         assert r["slices"]["max_diff"] == 0.0 and r["slices"]["checked"] == 4 * 6 + 3, r["slices"]
@@ -474,17 +495,14 @@ def test_packing_rows_without_a_mask_equals_packing_with_an_all_ones_mask(batch:
     assert (fast.max_seqlen, fast.batch, fast.seq, fast.real_tokens) == (masked.max_seqlen, masked.batch, masked.seq, masked.real_tokens)
 
 
-def test_tensor_parallel_gradients_on_long_sequences_equal_hf_on_cpu(small_donor: Path, large_donor: Path, tmp_path: Path) -> None:
+def test_tensor_parallel_gradients_on_long_sequences_equal_hf_on_cpu(tp2_cpu_ranks: dict[str, Any]) -> None:
     """TP=2 over gloo, two 1024-token micro-batches through megatron's schedule: the loss, logits and every gradient
     equal the HF model's, each within 1e-3 of its own largest entry. The random ids include the pad id 0, whose
     embedding row transformers' ``padding_idx`` leaves untrained: megatron's vocab-parallel embedding must too
     (it trained that row, 87% off, before the hook in ``ParallelSplitLlamaBody._freeze_padding_row``)."""
-    job = {
-        "out": str(tmp_path / "tp2"), "small": str(small_donor), "large": str(large_donor), "tp": 2, "seq": 1024,
-        "split": {"num_layers_8": 2, "num_layers_70": 1, "adapter": "mlp", "adapter_hidden_size": 64},
-        "checks": ["forward", "grads"],
-    }
-    for r in run_workers(job, world=2):
+    results = job_results(tp2_cpu_ranks["long_grads"])
+    assert [r["tp_rank"] for r in results] == [0, 1]
+    for r in results:
         assert r["forward"]["logits"] < ATOL and r["forward"]["loss"] < ATOL, r["forward"]
         grads = r["grads"]
         assert grads["loss"] < 1e-4 and grads["compared"] > 0, grads
@@ -591,9 +609,14 @@ def uninterrupted_megatron_fit(embedded_cache: Path, tmp_path_factory: pytest.Te
     return quick_fit(embedded_cache, tmp_path_factory.mktemp("megatron_uninterrupted"), "backend=megatron")
 
 
-@pytest.mark.parametrize("stop", [
-    pytest.param(1, marks=pytest.mark.slow), 3, pytest.param(5, marks=pytest.mark.slow), pytest.param(7, marks=pytest.mark.slow),
-], ids=["first step", "before half", "after half", "last step"])
+# The stop points that differ: before and after the validation and periodic checkpoint at step 4 of 8
+# (val_check_interval = checkpoint_every_n_steps = 4). There is no accumulation boundary (the backend
+# refuses accumulate_grad_batches > 1: micro-batches are inside a step) and no epoch boundary (the run
+# is one Lightning epoch, and its 8 x 4 samples stay in the first pass over debug=quick's blocks). A stop
+# in the lr warmup (step 1) or with one step left (7) restores the same state as 3 or 5 (optimizer, lr
+# schedule, data position); test_training.py stops the HF backend at more points (2, 4, 5, 7, and
+# test_run.py's 3) through the same callbacks and checkpoints.
+@pytest.mark.parametrize("stop", [3, 5], ids=["before half", "after half"])
 def test_megatron_resume_takes_the_same_batches_and_reaches_the_same_loss(
     embedded_cache: Path, tmp_path: Path, uninterrupted_megatron_fit: tuple[float, list], stop: int
 ) -> None:

@@ -1,7 +1,9 @@
 """Sweeps as a user runs them (``run.py -m``, Optuna, submitit, W&B sweep files) and their analysis.
 
 One real multirun (``debug=quick``: 12 jobs, 4 of them failing on purpose) is shared by the tests
-of the summary, :mod:`splitllama.analysis` and the notebook.
+of the summary, :mod:`splitllama.analysis` and the notebook. Multiruns on Hydra's basic launcher (that
+one, Optuna's) run run.py in the test process; those whose launcher starts processes (joblib,
+submitit) run it as a subprocess.
 """
 
 from __future__ import annotations
@@ -25,12 +27,25 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def sweep(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """``python run.py -m layers.n8=1,2 layers.n70=1,2,99 adapter=linear,mlp``: n70=99 fails in 4 jobs."""
+    """``python run.py -m layers.n8=1,2 layers.n70=1,2,99 adapter=linear,mlp``: n70=99 fails in 4 jobs.
+
+    Run in this process (:meth:`RunPy.inline`): Hydra's basic launcher runs every job in the process that
+    runs run.py, so this is the user's multirun without a subprocess's imports. What run.py prints (the
+    summary) is kept as its stdout; ``wandb.teardown()`` waits for the W&B service as a run.py process's
+    exit does, so the jobs' offline run files are whole (tests/wandb_offline.py)."""
+    import contextlib
+    import io
+
+    import wandb
+
     sweep_dir = tmp_path_factory.mktemp("sweep") / "grid"
-    proc = run_py("-m", QUICK, "layers.n8=1,2", "layers.n70=1,2,99", "adapter=linear,mlp", "finetune=adapter", f"hydra.sweep.dir={sweep_dir}",
-                  "eval.harness.tasks=[stdlib_docstring_name,stdlib_docstring_next]", "eval.harness.limit=4",
-                  cwd=sweep_dir.parent)
-    return sweep_dir, proc.stdout
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        run_py.inline("-m", QUICK, "layers.n8=1,2", "layers.n70=1,2,99", "adapter=linear,mlp", "finetune=adapter",
+                      f"hydra.sweep.dir={sweep_dir}", "eval.harness.tasks=[stdlib_docstring_name,stdlib_docstring_next]",
+                      "eval.harness.limit=4", cwd=sweep_dir.parent)
+    wandb.teardown()
+    return sweep_dir, stdout.getvalue()
 
 
 def test_multirun_goes_on_after_failures_and_prints_a_summary(sweep: tuple[Path, str]) -> None:
@@ -147,7 +162,10 @@ def test_notebook_builds_the_table_and_figures(sweep: tuple[Path, str], tmp_path
 
 
 def test_optuna_searches_layer_counts_and_reports_the_pareto_front(run_py: RunPy, tmp_path: Path) -> None:
-    run_py("-m", "experiment=optuna_layers", QUICK, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
+    """Optuna's sweeper launches its trials through Hydra's basic launcher (in the process that runs
+    run.py), so the multirun runs in this process (:meth:`RunPy.inline`)."""
+    run_py.inline("-m", "experiment=optuna_layers", QUICK, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 's'}",
+                  cwd=tmp_path)
     report = yaml.safe_load((tmp_path / "s" / "optimization_results.yaml").read_text())
     assert report["name"] == "optuna" and report["solutions"]
     df = load_sweep(tmp_path / "s")

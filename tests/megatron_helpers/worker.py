@@ -1,4 +1,5 @@
-"""One rank of a multi-process megatron check (gloo on CPU, NCCL on GPUs), started by ``run_workers``.
+"""One rank of a multi-process megatron check (gloo on CPU, NCCL on GPUs), started by ``run_workers``
+(one job) or ``run_worker_jobs`` (several jobs, one after the other, in the same ranks).
 
 Every rank builds the HF split model (the reference, small enough to hold whole) and the megatron
 model for its TP/PP rank from the same donors, runs the checks named in the job, and writes its
@@ -37,51 +38,80 @@ def free_port() -> int:
 
 
 def run_workers(job: dict[str, Any], world: int, timeout: float = 600) -> list[dict[str, Any]]:
-    """Spawn ``world`` ranks running ``job``; return each rank's results (raises with the rank's traceback).
+    """Spawn ``world`` ranks running ``job``; return each rank's results (raises with the rank's traceback)."""
+    return job_results(run_worker_jobs([job], world, timeout)[0])
 
-    Bounded: a rank still running after ``timeout`` seconds writes every thread's stack
-    (faulthandler) and exits; the error raised here carries all ranks' stacks, so a hang in a
-    collective fails the test instead of stalling the suite.
+
+def job_results(answer: list[dict[str, Any]] | AssertionError) -> list[dict[str, Any]]:
+    """One job's answer from :func:`run_worker_jobs`: its ranks' results, or its error raised."""
+    if isinstance(answer, AssertionError):
+        raise answer
+    return answer
+
+
+def run_worker_jobs(jobs: list[dict[str, Any]], world: int, timeout: float = 600) -> list[list[dict[str, Any]] | AssertionError]:
+    """Spawn ``world`` ranks that run ``jobs`` one after the other (one spawn and one import of torch,
+    transformers and megatron for all of them); for each job, each rank's results, or the error that
+    says why it has none (a rank's traceback; or, for a job after a failed one, that it did not run).
+
+    Every job runs over the same parallel state, so they share the parallel sizes (``tp``, ``pp``) and
+    the device. Bounded: a rank still running after ``timeout`` seconds writes every thread's stack
+    (faulthandler) and exits; the error then carries all ranks' stacks, so a hang in a collective
+    fails the test instead of stalling the suite.
     """
     import time
 
     import torch.multiprocessing as mp
 
-    out = Path(job["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    job = {**job, "port": free_port(), "timeout": timeout}
-    ctx = mp.start_processes(_entry, args=(world, job), nprocs=world, join=False, start_method="spawn")
+    if len({(job.get("tp", 1), job.get("pp", 1), job.get("device", "cpu")) for job in jobs}) != 1:
+        raise ValueError("jobs run in one set of ranks share tp, pp and device")
+    outs = [Path(job["out"]) for job in jobs]
+    for out in outs:
+        out.mkdir(parents=True, exist_ok=True)
+    ctx = mp.start_processes(_entry, args=(world, jobs, free_port(), timeout), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout + 60
+    failure = ""
     try:
         while not ctx.join(timeout=5):
             if time.monotonic() > deadline:  # faulthandler did not end it: kill what is left
                 for proc in ctx.processes:
                     proc.kill()
                 raise TimeoutError(f"ranks still running {timeout + 60:.0f} s after the start")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - reported per job below
         stacks = "\n".join(
-            f"--- rank {r} ---\n{(out / f'rank{r}.stacks').read_text()}" for r in range(world) if (out / f"rank{r}.stacks").is_file()
+            f"--- rank {r} ---\n{(outs[0] / f'rank{r}.stacks').read_text()}" for r in range(world) if (outs[0] / f"rank{r}.stacks").is_file()
         )
-        raise AssertionError(f"{type(exc).__name__}: {exc}\n{stacks}") from None
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+        failure = f"{type(exc).__name__}: {exc}\n{stacks}"
+    answers: list[list[dict[str, Any]] | AssertionError] = []
+    for out in outs:
+        ranks = [json.loads(f.read_text()) if (f := out / f"rank{r}.json").is_file() else None for r in range(world)]
+        if any(r is None or "error" in r for r in ranks):
+            errors = "\n".join(f"--- rank {r} ---\n{'did not run this job' if res is None else res.get('error', 'ok')}" for r, res in enumerate(ranks))
+            answers.append(AssertionError(f"{failure}\n{errors}"))
+        else:
+            answers.append(ranks)
+    if failure and not any(isinstance(a, AssertionError) for a in answers):  # every job done, then a rank failed
+        answers[-1] = AssertionError(failure)
+    return answers
 
 
-def _entry(rank: int, world: int, job: dict[str, Any]) -> None:
+def _entry(rank: int, world: int, jobs: list[dict[str, Any]], port: int, timeout: float) -> None:
     warnings.filterwarnings("ignore")
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job["port"])
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    stacks = open(Path(job["out"], f"rank{rank}.stacks"), "w")  # noqa: SIM115 - open until the process ends
-    faulthandler.dump_traceback_later(job.get("timeout", 600), exit=True, file=stacks)
-    try:
-        results = run_checks(rank, job)
-    except Exception:  # noqa: BLE001 - reported to the test through the results file
-        results = {"error": traceback.format_exc()}
-    Path(job["out"], f"rank{rank}.json").write_text(json.dumps(results))
-    if "error" in results:
-        print(results["error"], file=sys.stderr)
-        raise SystemExit(1)
+    stacks = open(Path(jobs[0]["out"], f"rank{rank}.stacks"), "w")  # noqa: SIM115 - open until the process ends
+    faulthandler.dump_traceback_later(timeout, exit=True, file=stacks)
+    for job in jobs:  # a failed job ends this rank: the others may wait for it in a collective
+        try:
+            results = run_checks(rank, job)
+        except Exception:  # noqa: BLE001 - reported to the test through the results file
+            results = {"error": traceback.format_exc()}
+        Path(job["out"], f"rank{rank}.json").write_text(json.dumps(results))
+        if "error" in results:
+            print(results["error"], file=sys.stderr)
+            raise SystemExit(1)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
