@@ -31,7 +31,8 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def single_last(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference: one process, global batch 8, the last large layers train."""
+    """The reference: one process, global batch 8, the last large layers train (in this process: one
+    process is not what the FSDP tests are about)."""
     run_dir = tmp_path_factory.mktemp("single_last")
     run_py.inline(*QUICK, "finetune=last", "data.batch_size=8", f"hydra.run.dir={run_dir}", cwd=run_dir)
     return run_dir
@@ -71,21 +72,23 @@ def test_fsdp_export_reloads_to_the_same_loss(fsdp_last: Path, run_py: RunPy, tm
 
 def test_fsdp_lora_resumes_exactly_and_exports_merged(run_py: RunPy, tmp_path: Path) -> None:
     """LoRA under FSDP2: stopped at step 4 and resumed from the sharded checkpoint, the run ends where one
-    process trains the same LoRA uninterrupted on the same global batches (8 = 2 ranks x 4; the equality
-    test_fsdp_equals_one_process shows for finetune=last, so a resume that lost or repeated a step, or
-    restored another optimizer state, lands elsewhere); its export has LoRA merged in (plain split-model names)."""
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    lora = (*QUICK, "finetune=lora")
-    run_py.inline(*lora, "data.batch_size=8", f"hydra.run.dir={whole}", cwd=tmp_path)
-    args = (*lora, *FSDP_CPU, "data.batch_size=4")
+    process that trains the same LoRA on the same global batches (8, uninterrupted) ends: equal within float32
+    reduction order (1e-5 nats, the reasoning of the module docstring), so neither the resume nor the sharding
+    of LoRA's weights changed the run (measured: 2e-7 apart; a resume that zeroes Adam's moments ends 1.5e-3 away,
+    one that restarts the learning-rate schedule 5.4e-3); the export has LoRA merged in (plain split-model tensor names)."""
+    single, parts = tmp_path / "single", tmp_path / "parts"
+    run_py.inline(*QUICK, "finetune=lora", "data.batch_size=8", f"hydra.run.dir={single}", cwd=tmp_path)
+    args = (*QUICK, *FSDP_CPU, "finetune=lora", "data.batch_size=4")
     run_py(*args, "task.stop_after_steps=4", f"hydra.run.dir={parts}", cwd=tmp_path)
     assert (parts / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
     assert read_results(parts)["status"] == "interrupted" and read_results(parts)["metrics"]["steps"] == 4
     run_py(*args, "ckpt_path=last", f"hydra.run.dir={parts}", cwd=tmp_path)
-    a, b = read_results(whole), read_results(parts)
-    assert b["status"] == "ok" and b["metrics"]["steps"] == 8
-    assert b["metrics"]["val_loss"] == pytest.approx(a["metrics"]["val_loss"], abs=TOL)
-    assert abs(b["metrics"]["val_loss"] - b["metrics"]["val_loss_before"]) > 1e-3  # LoRA and adapter did train
+    one, two = read_results(single), read_results(parts)
+    assert two["status"] == "ok" and two["metrics"]["steps"] == one["metrics"]["steps"] == 8
+    assert two["resume"]["from_step"] == 4
+    assert two["metrics"]["val_loss"] == pytest.approx(one["metrics"]["val_loss"], abs=TOL)
+    (stopped,) = two["attempts"]
+    assert two["metrics"]["val_loss"] < stopped["metrics"]["val_loss"] - 1e-3  # steps 5-8 trained (0.0057 nats here)
     from safetensors import safe_open
 
     with safe_open(str(parts / "hf_model" / "model.safetensors"), "pt") as f:
