@@ -519,9 +519,9 @@ def gpu_job(tmp_path: Path, small: Path, large: Path, **parallel: Any) -> dict[s
     }
 
 
-def _two_gpus() -> None:
-    if torch.cuda.device_count() < 2:
-        pytest.fail("the gpu tests need 2 CUDA GPUs (run them on the device machine: scripts/gpu.sh)")
+def _two_gpus(needed: int = 2) -> None:
+    if torch.cuda.device_count() < needed:
+        pytest.fail(f"this gpu test needs {needed} CUDA GPUs (run the gpu tests on the device machine: scripts/gpu.sh)")
 
 
 @pytest.mark.gpu
@@ -546,12 +546,14 @@ def test_parallel_training_step_equals_hf_on_gpus(small_donor: Path, large_donor
 
 
 @pytest.mark.gpu
-def test_packed_bfloat16_on_gpu_uses_varlen_attention(small_donor: Path, large_donor: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_packed_bfloat16_on_gpu_uses_varlen_attention(small_donor: Path, large_donor: Path, tmp_path: Path, tp: int) -> None:
     """bf16 packed documents through flash varlen attention (torch >= 2.9 on CUDA) against each sequence
-    alone: within bf16 tolerance, and well inside what a masking bug (a row attending to its padding) changes."""
-    _two_gpus()
-    job = {**gpu_job(tmp_path, small_donor, large_donor, tp=2, dtype="bfloat16"), "checks": ["packed"]}
-    for r in run_workers(job, world=2):
+    alone: within bf16 tolerance, and well inside what a masking bug (a row attending to its padding) changes.
+    On one GPU (tp1: every head on one rank) and on two (tp2: each rank half the heads)."""
+    _two_gpus(needed=tp)
+    job = {**gpu_job(tmp_path, small_donor, large_donor, tp=tp, dtype="bfloat16"), "checks": ["packed"]}
+    for r in run_workers(job, world=tp):
         packed = r["packed"]
         assert packed["varlen_calls"] > 0, packed  # the varlen path ran, not the per-document fallback
         assert packed["logits"] < 0.1 and packed["logits"] < packed["mask_bug_logits"] / 4, packed
