@@ -198,7 +198,10 @@ def run_in_process(*overrides: str, cwd: Path | None = None, ok: bool = True, en
 
     What a run changes in this process is put back afterwards: environment (``environ`` replaces it for
     the run), argv, working directory, signal handlers, torch's thread count, the root logger's handlers,
-    Hydra's global state.
+    Hydra's global state. And it ends as the process would: ``wandb.teardown()``, which a run.py process's
+    exit hook calls, waits for wandb-core to write the last block of the offline run files. Without it a
+    test that reads them right after ``wandb.finish()`` returned can find a file cut at a block boundary
+    (``test_wandb_offline_run_holds_the_logged_metrics`` failed so, once in a suite run on 2 cores).
     """
     import faulthandler
     import logging
@@ -227,6 +230,8 @@ def run_in_process(*overrides: str, cwd: Path | None = None, ok: bool = True, en
     except SystemExit as exc:
         status = exc.code
     finally:
+        if "wandb" in sys.modules:
+            sys.modules["wandb"].teardown()
         for handler in root.handlers[:]:
             if handler not in saved_root[0]:
                 root.removeHandler(handler)

@@ -31,12 +31,10 @@ def sweep(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 
     Run in this process (:meth:`RunPy.inline`): Hydra's basic launcher runs every job in the process that
     runs run.py, so this is the user's multirun without a subprocess's imports. What run.py prints (the
-    summary) is kept as its stdout; ``wandb.teardown()`` waits for the W&B service as a run.py process's
-    exit does, so the jobs' offline run files are whole (tests/wandb_offline.py)."""
+    summary) is kept as its stdout; the jobs' offline run files are whole when it returns (run_in_process
+    tears W&B down as a run.py process's exit does: tests/wandb_offline.py)."""
     import contextlib
     import io
-
-    import wandb
 
     sweep_dir = tmp_path_factory.mktemp("sweep") / "grid"
     stdout = io.StringIO()
@@ -44,10 +42,10 @@ def sweep(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
         run_py.inline("-m", QUICK, "layers.n8=1,2", "layers.n70=1,2,99", "adapter=linear,mlp", "finetune=adapter",
                       f"hydra.sweep.dir={sweep_dir}", "eval.harness.tasks=[stdlib_docstring_name,stdlib_docstring_next]",
                       "eval.harness.limit=4", cwd=sweep_dir.parent)
-    wandb.teardown()
     return sweep_dir, stdout.getvalue()
 
 
+@pytest.mark.slow
 def test_multirun_goes_on_after_failures_and_prints_a_summary(sweep: tuple[Path, str]) -> None:
     sweep_dir, stdout = sweep
     statuses = {}
@@ -75,6 +73,7 @@ def test_multirun_goes_on_after_failures_and_prints_a_summary(sweep: tuple[Path,
     assert run.group == f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}"
 
 
+@pytest.mark.slow
 def test_load_sweep_gives_one_row_per_run(sweep: tuple[Path, str]) -> None:
     df = load_sweep(sweep[0])
     assert len(df) == 12 and list(df["job"]) == [str(i) for i in range(12)]
@@ -95,6 +94,7 @@ def test_load_sweep_gives_one_row_per_run(sweep: tuple[Path, str]) -> None:
     assert table.splitlines()[2].split()[1] == "ok" and table.splitlines()[-1].split()[1] == "failed"
 
 
+@pytest.mark.slow
 def test_load_sweep_carries_the_donors_and_the_gap_closed(sweep: tuple[Path, str]) -> None:
     df = load_sweep(sweep[0])
     ok = df[df["status"] == "ok"]
@@ -108,6 +108,7 @@ def test_load_sweep_carries_the_donors_and_the_gap_closed(sweep: tuple[Path, str
     assert donor_losses(df) == {"small": pytest.approx(small), "large": pytest.approx(large)}
 
 
+@pytest.mark.slow
 def test_figures_draw_the_donors_as_reference_lines(sweep: tuple[Path, str]) -> None:
     import matplotlib.pyplot as plt
 
@@ -126,6 +127,7 @@ def test_figures_draw_the_donors_as_reference_lines(sweep: tuple[Path, str]) -> 
     plt.close("all")
 
 
+@pytest.mark.slow
 def test_pareto_front_is_the_non_dominated_runs(sweep: tuple[Path, str]) -> None:
     import pandas as pd
 
@@ -141,6 +143,7 @@ def test_pareto_front_is_the_non_dominated_runs(sweep: tuple[Path, str]) -> None
     assert pareto_front(toy, "x", "y").tolist() == [True, True, True, False]
 
 
+@pytest.mark.slow
 def test_notebook_builds_the_table_and_figures(sweep: tuple[Path, str], tmp_path: Path) -> None:
     import nbformat
     from nbclient import NotebookClient
@@ -179,6 +182,7 @@ def test_optuna_searches_layer_counts_and_reports_the_pareto_front(run_py: RunPy
         assert 1 <= s["params"]["layers.n8"] <= 4 and 1 <= s["params"]["layers.n70"] <= 8
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_each_job_in_its_own_process(run_py: RunPy, tmp_path: Path) -> None:
     run_py("-m", "experiment=submitit_local", QUICK, "logger=none", "layers.n70=2,3", f"hydra.sweep.dir={tmp_path / 's'}",
            cwd=tmp_path)
@@ -233,6 +237,7 @@ def test_stitching_curve_study_spans_the_embedded_donors() -> None:
     assert params["seed"] == [0, 1, 2] and math.prod(len(v) for v in params.values()) == 108
 
 
+@pytest.mark.slow
 def test_stitching_curve_study_runs_side_by_side_and_reads_as_a_curve(run_py: RunPy, tmp_path: Path) -> None:
     """``experiment=stitching_curve``, reduced (n8=1, n70 in {1, 2}, 2 seeds; the three series) through the
     joblib launcher, 2 jobs at a time with 1 torch thread each; then its table, figure and notebook."""
