@@ -45,6 +45,7 @@ def fsdp_last(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_fsdp_equals_one_process(single_last: Path, fsdp_last: Path) -> None:
     """Frozen donor layers and trainable last layers sharded together train as one process does."""
     one, two = read_results(single_last), read_results(fsdp_last)
@@ -60,6 +61,7 @@ def test_fsdp_equals_one_process(single_last: Path, fsdp_last: Path) -> None:
     assert last.is_dir() and (last / "meta.pt").is_file() and len(list(last.glob("*.distcp"))) == 2
 
 
+@pytest.mark.slow
 def test_fsdp_export_reloads_to_the_same_loss(fsdp_last: Path, run_py: RunPy, tmp_path: Path) -> None:
     """The export gathers the shards into one ordinary HF split checkpoint; scored alone it gives the run's loss."""
     results = read_results(fsdp_last)
@@ -70,6 +72,7 @@ def test_fsdp_export_reloads_to_the_same_loss(fsdp_last: Path, run_py: RunPy, tm
     assert read_results(tmp_path)["metrics"]["val_loss"] == pytest.approx(results["metrics"]["val_loss"], abs=TOL)
 
 
+@pytest.mark.slow
 def test_fsdp_lora_resumes_exactly_and_exports_merged(run_py: RunPy, tmp_path: Path) -> None:
     """LoRA under FSDP2: stopped at step 4 and resumed from the sharded checkpoint, the run ends where one
     process that trains the same LoRA on the same global batches (8, uninterrupted) ends: equal within float32

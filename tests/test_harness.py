@@ -48,6 +48,7 @@ def _assert_close(ours: dict[int, list[float]], theirs: dict[int, list[float]]) 
         assert max(abs(a - b) for a, b in zip(lls, theirs[doc_id])) <= LL_TOLERANCE, (doc_id, lls, theirs[doc_id])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2400)  # minutes on a loaded 2-core machine
 def test_run_py_scores_match_the_lm_eval_cli_on_the_exported_model(run_py: RunPy, tmp_path: Path) -> None:
     harness = [f"eval.harness.tasks=[{TASK}]", f"eval.harness.limit={ITEMS}", "eval.harness.batch_size=8",

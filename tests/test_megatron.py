@@ -132,6 +132,7 @@ def test_rotary_follows_the_donor_rope_parameters(llama3_donor: Path, large_dono
         LlamaRotaryAngles(bad, "config_70b")
 
 
+@pytest.mark.slow
 def test_swiglu_kernels_have_the_gradient_of_silu_gate_times_up() -> None:
     """The MLP activation of our spec: its hand-written gradient and the compiled autograd function
     that GPUs run (compiled here by inductor on the CPU) against autograd of the reference, float64."""
@@ -401,6 +402,7 @@ def test_run_py_megatron_trains_and_its_export_reproduces_the_val_loss(megatron_
     assert evaluated["metrics"]["val_loss"] == pytest.approx(trained["metrics"]["val_loss"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_run_py_megatron_micro_batches_and_data_parallel_agree(megatron_run: Path, run_py: Any, tmp_path: Path) -> None:
     """Manual optimisation through megatron's schedule: one process cutting each batch of 4 into two
     micro-batches (``megatron_run``), and two data-parallel processes (gloo, a subprocess: run.py starts
@@ -465,6 +467,7 @@ def tp2_cpu_ranks(small_donor: Path, large_donor: Path, tmp_path_factory: pytest
     return dict(zip(jobs, run_worker_jobs(list(jobs.values()), world=2)))
 
 
+@pytest.mark.slow
 def test_tensor_parallel_2_on_cpu(tp2_cpu_ranks: dict[str, Any]) -> None:
     """Two gloo ranks: each holds the right donor slices, and logits, packed input, values and export match HF."""
     results = job_results(tp2_cpu_ranks["tp2"])
@@ -495,6 +498,7 @@ def test_packing_rows_without_a_mask_equals_packing_with_an_all_ones_mask(batch:
     assert (fast.max_seqlen, fast.batch, fast.seq, fast.real_tokens) == (masked.max_seqlen, masked.batch, masked.seq, masked.real_tokens)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_gradients_on_long_sequences_equal_hf_on_cpu(tp2_cpu_ranks: dict[str, Any]) -> None:
     """TP=2 over gloo, two 1024-token micro-batches through megatron's schedule: the loss, logits and every gradient
     equal the HF model's, each within 1e-3 of its own largest entry. The random ids include the pad id 0, whose

@@ -202,6 +202,7 @@ def signal_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, signum:
     return proc.communicate(timeout=600)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_writes_interrupted_with_the_checkpoint(run_py: RunPy, tmp_path: Path, signum: int) -> None:
     """Ctrl-C (SIGINT) or SIGTERM during training: training stops after the step with a checkpoint,
@@ -216,6 +217,7 @@ def test_a_signal_writes_interrupted_with_the_checkpoint(run_py: RunPy, tmp_path
     assert torch.load(results["paths"]["checkpoint"], weights_only=False)["global_step"] == results["metrics"]["steps"]
 
 
+@pytest.mark.slow
 def test_slurm_preemption_resumes_by_rerunning_the_same_command(run_py: RunPy, tmp_path: Path) -> None:
     """A SLURM job gets ``outputs/slurm-<job id>-<command hash>``; SIGTERM (sent before the kill) stops it
     with a checkpoint; the requeued job (same command, SLURM_RESTART_COUNT=1) resumes and finishes."""
@@ -231,6 +233,7 @@ def test_slurm_preemption_resumes_by_rerunning_the_same_command(run_py: RunPy, t
     assert [(a["status"], a["metrics"]["steps"]) for a in results["attempts"]] == [("interrupted", stopped_at)]
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes(default_run: Path, run_py: RunPy, embedded_cache: Path, tmp_path: Path) -> None:
     """``parallel=ddp``: two processes (gloo), each rank its own share of the data; validation reduced.
 
@@ -325,6 +328,7 @@ def test_generate_with_transformers(default_run: Path, hf_generations: dict[str,
         assert text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_generate_with_vllm_matches_transformers(default_run: Path, hf_generations: dict[str, str], run_py: RunPy, tmp_path: Path) -> None:
     # VLLM_CPU_CI_ENV=1: vLLM's own CPU-CI switch (Dynamo traced, run eagerly: no Inductor build of a minute)

@@ -190,6 +190,7 @@ def test_bad_input_fails_before_an_engine_starts(models: dict[str, Path], tmp_pa
 
 
 # ------------------------------------------------------------------ the real engine
+@pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.parametrize("name", ["mixed_kv", "mlp", "linear"])  # linear last: the next tests (to the syncs) reuse its engine
 def test_greedy_tokens_equal_hf_generate(models: dict[str, Path], engines: EngineHost, name: str) -> None:
@@ -200,6 +201,7 @@ def test_greedy_tokens_equal_hf_generate(models: dict[str, Path], engines: Engin
     assert len({t for w in want for t in w}) > 8, "degenerate test: greedy output barely varies"
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_score_equals_hf_log_likelihood(models: dict[str, Path], engines: EngineHost) -> None:
     texts = [p for p in PROMPTS if len(p) > 1]
@@ -212,6 +214,7 @@ def test_score_equals_hf_log_likelihood(models: dict[str, Path], engines: Engine
         assert total == pytest.approx(sum(want_row), abs=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_text_prompts_go_through_the_saved_tokenizer(models: dict[str, Path], engines: EngineHost) -> None:
     texts = ["w5 w9 w33 w7", "w200 w3"]
@@ -226,6 +229,7 @@ def test_text_prompts_go_through_the_saved_tokenizer(models: dict[str, Path], en
         assert g["text"] == full[len(tokenizer.decode(g["prompt_token_ids"], skip_special_tokens=True)):]
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_weights_synced_in_buckets_equal_the_disk_load(models: dict[str, Path], engines: EngineHost) -> None:
     """veRL's rollout sync (an engine on dummy weights, then one ``load_weights`` call per bucket of
@@ -258,6 +262,7 @@ def test_weights_synced_in_buckets_equal_the_disk_load(models: dict[str, Path], 
         assert got_row == pytest.approx(want_row, abs=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_a_sync_that_misses_a_tensor_names_it(models: dict[str, Path], engines: EngineHost) -> None:
     """Checked once, at the end of the sync: by hand, or else before the next logits.
@@ -273,6 +278,7 @@ def test_a_sync_that_misses_a_tensor_names_it(models: dict[str, Path], engines: 
         engines.call("generate", models["linear"], engine=DUMMY_ENGINE, prompts=PROMPTS[:1], max_new_tokens=2)
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_self_stitched_model_equals_vllm_builtin_llama(models: dict[str, Path], engines: EngineHost) -> None:
     stitched = engines.call("generate", models["stitched"], engine=ENGINE, prompts=PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
@@ -289,6 +295,7 @@ def test_self_stitched_model_equals_vllm_builtin_llama(models: dict[str, Path], 
     assert first[0, len(PROMPTS[1]):].tolist() == builtin[1]["token_ids"]
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_plain_vllm_llm_refuses_an_incomplete_checkpoint(models: dict[str, Path], engines: EngineHost, tmp_path: Path) -> None:
     """``vllm.LLM(model=dir)`` without splitllama's helpers: the model itself checks the checkpoint."""
@@ -306,6 +313,7 @@ def test_plain_vllm_llm_refuses_an_incomplete_checkpoint(models: dict[str, Path]
         pytest.param({"pipeline_parallel_size": 2}, id="pp2"),
     ],
 )
+@pytest.mark.slow
 def test_tensor_and_pipeline_parallel_match_hf(models: dict[str, Path], engines: EngineHost, parallel: dict) -> None:
     """Two CPU workers (one core each) through gloo; the workers find the model via the entry point only."""
     engine = {**ENGINE, **parallel, "skip_tokenizer_init": True}
@@ -320,6 +328,7 @@ def test_tensor_and_pipeline_parallel_match_hf(models: dict[str, Path], engines:
     assert got == hf_greedy(models["linear"], PROMPTS[:3], 8)
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_openai_server_answers_completions(models: dict[str, Path], tmp_path: Path) -> None:
     """``python -m vllm.entrypoints.openai.api_server --model <split dir>``: found through the entry point."""
