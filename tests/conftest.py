@@ -30,6 +30,27 @@ if XDIST_WORKER:
 
     torch.set_num_threads(1)
 
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``-n 2 --dist loadfile`` (the README's command) pytest-xdist hands out whole files, by default
+    those with the most tests first (``--loadscope-reorder``). The heaviest files here have few tests (vLLM
+    engines, multiruns, process launches), so they went out late and one worker finished them while the
+    other waited. Keep the order :func:`pytest_collection_modifyitems` sets instead."""
+    if getattr(config.option, "loadscopereorder", None) is not None:  # the option exists where xdist is installed
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with more ``slow`` tests first, so the longest work is handed out first and the workers end
+    together (ties keep the collection order). Within a file the order stays as written: the vLLM tests
+    reuse engines in that order."""
+    from collections import Counter
+
+    slow_tests_per_file = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow_tests_per_file[item.path])
+
+
 VOCAB = 256
 SMALL = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=VOCAB)
 LARGE = dict(hidden_size=128, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=16, vocab_size=VOCAB)
