@@ -22,6 +22,7 @@ writes the JSONL files and a copy of each YAML that points at them into
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import os
@@ -158,9 +159,13 @@ def next_items(documents: list[str], seed: int) -> tuple[list[dict[str, Any]], l
     return items, [doc for doc, _ in pairs]
 
 
+@functools.cache
 def source_files_of_docstrings() -> tuple[dict[str, set[str]], dict[str, bool]]:
     """Which stdlib files each (cleaned) docstring occurs in, and which files the ``stdlib_source``
-    corpus holds out (its documents are whole files, read as :func:`~splitllama.embedded.collect_stdlib_source` does)."""
+    corpus holds out (its documents are whole files, read as :func:`~splitllama.embedded.collect_stdlib_source` does).
+
+    Parsing the whole stdlib takes about 5 s on 2 cores, and a task build asks once per task: cached for the
+    process (the installed stdlib does not change under it). Callers read the result, never change it."""
     from ..embedded import stdlib_sources
     from ..training.data import in_validation
 
