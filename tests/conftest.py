@@ -31,7 +31,6 @@ if XDIST_WORKER:
     torch.set_num_threads(1)
 
 
-
 def pytest_configure(config: pytest.Config) -> None:
     """Under ``-n 2 --dist loadfile`` (the README's command) pytest-xdist hands out whole files, by default
     those with the most tests first (``--loadscope-reorder``). The heaviest files here have few tests (vLLM
