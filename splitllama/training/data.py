@@ -1,9 +1,7 @@
-"""Text data for split-model training: documents -> train/validation split -> packed token blocks.
+"""Lightning data for split-model training: packed token blocks, a resumable sampler, the data module.
 
-The split is by *document*, before packing, so no validation text ever reaches training (a
-block never straddles the two). Membership is a hash of the document's text, so it does not
-depend on corpus order, and the validation set of a smaller ``val_fraction`` is a subset of that
-of a larger one: the embedded donors hold out the same documents the split model is scored on.
+The data layer below it (:mod:`splitllama.data`) splits documents, packs them and fingerprints
+them; this module serves the blocks to a Lightning trainer.
 
 Training order is a pure function of ``(seed, global sample index)``: :class:`ResumableBlockSampler`
 can start at any position, and :class:`SplitTextDataModule` records how many batches training
@@ -12,199 +10,19 @@ consumed in Lightning checkpoints, so ``ckpt_path=...`` resumes the exact data s
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import RunConfigError
+from .._lazy import moved_names
+from ..data import packed_splits
 
 logger = logging.getLogger(__name__)
-
-VALIDATION_SALT = "splitllama-validation"
-
-
-def in_validation(document: str, val_fraction: float) -> bool:
-    """Whether ``document`` belongs to the validation split (a stable hash of its text)."""
-    digest = hashlib.sha1((VALIDATION_SALT + document).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
-
-
-def split_documents(documents: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Split documents into (train, validation), keeping corpus order within each."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={val_fraction}: must be between 0 and 1 (exclusive)")
-    train: list[str] = []
-    val: list[str] = []
-    for doc in documents:
-        (val if in_validation(doc, val_fraction) else train).append(doc)
-    if not train or not val:
-        raise ValueError(
-            f"data.val_fraction={val_fraction}: {len(documents)} documents give {len(train)} for training and "
-            f"{len(val)} for validation; both need at least one"
-        )
-    return train, val
-
-
-def pack_documents(tokenizer: Any, documents: Sequence[str], seq_len: int, *, chunk: int = 512) -> torch.Tensor:
-    """Tokenise documents as ``bos + text + eos``, concatenate, cut into ``(n, seq_len)`` blocks.
-
-    Special tokens are added here explicitly (not by the tokenizer's template), so every
-    tokenizer packs the same way. The tail shorter than one block is dropped.
-    """
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    stream: list[int] = []
-    for start in range(0, len(documents), chunk):
-        batch = list(documents[start : start + chunk])
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            if bos is not None:
-                stream.append(bos)
-            stream.extend(ids)
-            if eos is not None:
-                stream.append(eos)
-    n = len(stream) // seq_len
-    if n == 0:
-        raise ValueError(f"data: {len(stream)} tokens, fewer than one block of data.seq_len={seq_len}")
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
-#: bump when the packing rule changes, so cached blocks from the old rule are not reused
-PACKING_VERSION = 1
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str | None:
-    """A hash of everything that decides a fast tokenizer's ids (its serialised pipeline and the
-    bos/eos ids :func:`pack_documents` adds); ``None`` for a tokenizer that cannot be serialised,
-    whose blocks are then not cached."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    ident = json.dumps([backend.to_str(), tokenizer.bos_token_id, tokenizer.eos_token_id])
-    return hashlib.sha256(ident.encode("utf-8")).hexdigest()
-
-
-def tokenizer_mapping(tokenizer: Any) -> dict[str, Any] | None:
-    """What decides which id a fast tokenizer gives to which text, in parts that can be compared across two
-    tokenizers: ``vocabulary`` (token -> id, added tokens included), ``merges`` (a BPE model's), ``special
-    tokens`` (bos/eos/pad/unk and every added special token, with their ids) and ``normalization`` (the
-    normalizer and pre-tokenizer). ``None`` for a tokenizer that cannot be serialised. Settings that do not
-    change the mapping (padding, truncation, the decoder) are left out."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    pipeline = json.loads(backend.to_str())
-    model = pipeline.get("model") or {}
-    specials = {name: (getattr(tokenizer, f"{name}_token", None), getattr(tokenizer, f"{name}_token_id", None))
-                for name in ("bos", "eos", "pad", "unk")}
-    added = sorted((t["content"], t["id"]) for t in pipeline.get("added_tokens") or [] if t.get("special"))
-    return {
-        "vocabulary": tokenizer.get_vocab(),
-        "merges": [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []],
-        "special tokens": {"named": specials, "added": added},
-        "normalization": {"normalizer": pipeline.get("normalizer"), "pre_tokenizer": pipeline.get("pre_tokenizer"),
-                          "model": {k: v for k, v in model.items() if k not in ("vocab", "merges")}},
-    }
-
-
-def documents_fingerprint(documents: Sequence[str]) -> str:
-    """SHA-256 of a corpus: each document's text, in order (what a run's data is, wherever its files lie)."""
-    digest = hashlib.sha256()
-    for doc in documents:
-        data = doc.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()
-
-
-def packed_splits(
-    tokenizer: Any, documents: Sequence[str], seq_len: int, val_fraction: float, *, cache_dir: str | os.PathLike[str] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(train_blocks, val_blocks)``: :func:`split_documents`, then :func:`pack_documents` for each.
-
-    Tokenising is the costly part of a run's start (seconds per MB of text on a laptop core) and
-    gives the same blocks every time, so with ``cache_dir`` the blocks are kept in
-    ``<cache_dir>/blocks/<key>.pt``, keyed by the tokenizer's fingerprint, the documents' text,
-    ``seq_len``, ``val_fraction`` and :data:`PACKING_VERSION`: any change to one of them is a new
-    key, never a stale hit. The file is written whole under a temporary name and renamed, so an
-    interrupted run or a second rank leaves no half-written cache.
-    """
-    fingerprint = tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
-    path: Path | None = None
-    if fingerprint is not None:
-        key = json.dumps([PACKING_VERSION, fingerprint, seq_len, val_fraction, len(documents), documents_fingerprint(documents)])
-        path = Path(os.path.expanduser(cache_dir)) / "blocks" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"  # type: ignore[arg-type]
-        if path.is_file():
-            try:
-                cached = torch.load(path, map_location="cpu", weights_only=True)
-                train, val = cached["train"].long(), cached["val"].long()
-                if train.dim() == val.dim() == 2 and train.shape[1] == val.shape[1] == seq_len:
-                    logger.info("data: packed blocks from the cache %s", path)
-                    return train, val
-            except Exception as exc:  # noqa: BLE001 - a damaged cache file is rebuilt, not trusted
-                logger.warning("data: ignoring the unreadable block cache %s (%s)", path, exc)
-    train_docs, val_docs = split_documents(documents, val_fraction)
-    train, val = pack_documents(tokenizer, train_docs, seq_len), pack_documents(tokenizer, val_docs, seq_len)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        small = torch.int32 if max(int(train.max()), int(val.max())) < 2**31 else torch.long
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save({"train": train.to(small), "val": val.to(small)}, tmp)
-        os.replace(tmp, path)
-    return train, val
-
-
-def read_text_files(files: Sequence[str], text_field: str = "text") -> list[str]:
-    """Documents from user files: ``.jsonl`` (one JSON object per line, its ``text_field`` a string) or plain
-    text (documents separated by blank lines), UTF-8. Every error names the file (and the line where there
-    is one): a missing file or a directory, bytes that are not UTF-8, a file without documents, a row that
-    is not JSON, lacks the field, or holds something other than text (null, a number: never stringified)."""
-    documents: list[str] = []
-    for name in files:
-        path = Path(os.path.expanduser(name))
-        if path.is_dir():
-            raise RunConfigError(f"data.files: {path} is a directory; list the .txt or .jsonl files in it")
-        if not path.is_file():
-            raise RunConfigError(f"data.files: {path} does not exist")
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = raw.count(b"\n", 0, exc.start) + 1
-            raise RunConfigError(f"data.files: {path}:{line} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                                 "convert the file to UTF-8 (e.g. iconv -t UTF-8)") from None
-        found = _jsonl_documents(path, text, text_field) if path.suffix == ".jsonl" else [
-            p.strip() for p in text.split("\n\n") if p.strip()]
-        if not found:
-            raise RunConfigError(f"data.files: {path} holds no documents ({'an empty file' if not raw else 'only whitespace'})")
-        documents.extend(found)
-    return documents
-
-
-def _jsonl_documents(path: Path, text: str, text_field: str) -> list[str]:
-    documents = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RunConfigError(f"data.files: {path}:{lineno} is not valid JSON ({exc.msg}, column {exc.colno}); "
-                                 "a .jsonl file holds one JSON object per line") from None
-        if not isinstance(record, dict) or text_field not in record:
-            raise RunConfigError(f"data.files: {path}:{lineno} has no field data.text_field={text_field!r}")
-        value = record[text_field]
-        if not isinstance(value, str):
-            raise RunConfigError(f"data.files: {path}:{lineno}: its {text_field!r} is {json.dumps(value)[:40]}, not text; "
-                                 "each row's data.text_field must be a JSON string")
-        documents.append(value)
-    return documents
 
 
 class BlockDataset(Dataset):
@@ -372,14 +190,9 @@ class SplitTextDataModule(pl.LightningDataModule):
         self._resume_batches = int(state_dict.get("batches_consumed", 0))
 
 
-__all__ = [
-    "BlockDataset",
-    "ResumableBlockSampler",
-    "SplitTextDataModule",
-    "documents_fingerprint",
-    "in_validation",
-    "pack_documents",
-    "read_text_files",
-    "split_documents",
-    "tokenizer_mapping",
-]
+__all__ = ["BlockDataset", "ResumableBlockSampler", "SplitTextDataModule"]
+
+# the data layer moved to splitllama.data; the old names still resolve, with a DeprecationWarning
+__getattr__ = moved_names(__name__, "splitllama.data", (
+    "VALIDATION_SALT", "PACKING_VERSION", "documents_fingerprint", "in_validation", "pack_documents", "packed_splits",
+    "read_text_files", "split_documents", "tokenizer_fingerprint", "tokenizer_mapping"))

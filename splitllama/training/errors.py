@@ -1,17 +1,7 @@
-"""The error of a bad run configuration, and the check that raises it naming the override."""
+"""Moved to :mod:`splitllama.errors` (the ground floor); this alias keeps old imports working."""
 
 from __future__ import annotations
 
-from typing import Any
-
-
-class RunConfigError(ValueError):
-    """A run configuration value is invalid; the message starts with the override that fixes it."""
-
-
-def _check(ok: bool, key: str, value: Any, rule: str) -> None:
-    if not ok:
-        raise RunConfigError(f"{key}={value}: {rule}")
-
+from ..errors import RunConfigError
 
 __all__ = ["RunConfigError"]
