@@ -312,12 +312,12 @@ def build_split_hf(n8: int, n70: int) -> Callable[[], Any]:
 
 
 def build_split_fsdp(n8: int, n70: int, mixed_precision: bool) -> Callable[[], Any]:
-    """The HF split model sharded by :func:`splitllama.training.sharding.apply_fsdp` over every process."""
+    """The HF split model sharded by :func:`splitllama.backend.sharding.apply_fsdp` over every process."""
     def build() -> Any:
         from torch.distributed.device_mesh import init_device_mesh
 
         from splitllama import CustomSplitLLamaForCausalLM
-        from splitllama.training.sharding import apply_fsdp
+        from splitllama.backend.sharding import apply_fsdp
 
         config = split_config(n8, n70)
         config._attn_implementation = "sdpa"

@@ -456,11 +456,11 @@ def donor_train_flops_per_token(shape: dict[str, int], vocab_size: int, seq_len:
     plus 6 x seq x attention width per layer), so a split's cost and each donor's share one scale."""
     from types import SimpleNamespace
 
-    from .training.module import _layer_matmul_params
+    from .flops import layer_matmul_params
 
     layer = SimpleNamespace(hidden_size=shape["hidden_size"], head_dim=shape["head_dim"], num_attention_heads=shape["num_heads"],
                             num_key_value_heads=shape["num_kv_heads"], intermediate_size=shape["intermediate_size"])
-    matmul = shape["num_layers"] * _layer_matmul_params(layer) + shape["hidden_size"] * vocab_size
+    matmul = shape["num_layers"] * layer_matmul_params(layer) + shape["hidden_size"] * vocab_size
     return 6.0 * matmul + 6.0 * seq_len * shape["num_layers"] * shape["num_heads"] * shape["head_dim"]
 
 

@@ -8,7 +8,7 @@ outside a backend's own module tests its name:
   when the config is validated, before donors are read or any process starts;
 - :meth:`BackendSpec.check_split`: the split model's shapes against its layout (megatron: TP divides heads);
 - :meth:`BackendSpec.strategy`: its Lightning strategy;
-- :meth:`BackendSpec.build`: the split model for this rank (a :class:`~splitllama.training.backends.SplitBackend`),
+- :meth:`BackendSpec.build`: the split model for this rank (a :class:`~splitllama.backend.interface.SplitBackend`),
   which also exports it;
 - :attr:`BackendSpec.builds_per_rank`, :attr:`BackendSpec.runs_own_schedule`, :attr:`BackendSpec.part_prefixes`.
 
@@ -21,15 +21,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..weight_map import part_prefixes
-from .errors import _check
+from ..errors import check_setting
 
 if TYPE_CHECKING:
     from ..configuration_split_llama import SplitLlamaConfig
-    from .backends import SplitBackend, SplitModelSpec
+    from .interface import SplitBackend, SplitModelSpec
 
 
 class BackendSpec:
-    """The transformers backend (:class:`~splitllama.training.backends.HFBackend`); the base of the others.
+    """The transformers backend (:class:`~splitllama.backend.hf.HFBackend`); the base of the others.
 
     The constructor takes ``conf/backend/<name>.yaml``'s fields. ``tp``, ``pp``, ``sp`` and
     ``micro_batch_size`` are model parallelism, which this backend does not do (tp = pp = 1, no
@@ -69,9 +69,9 @@ class BackendSpec:
         chosen = f"; parallel={par.name} is a backend=megatron layout" if par.strategy == "megatron" else ""
         for key in ("tp", "pp"):
             value = getattr(self, key)
-            _check(value == 1, f"backend.{key}", value, f"needs backend=megatron (backend={self.name} runs tp = pp = 1{chosen})")
-        _check(not self.sp, "backend.sp", self.sp, f"needs backend=megatron (backend={self.name}{chosen})")
-        _check(self.micro_batch_size is None, "backend.micro_batch_size", self.micro_batch_size,
+            check_setting(value == 1, f"backend.{key}", value, f"needs backend=megatron (backend={self.name} runs tp = pp = 1{chosen})")
+        check_setting(not self.sp, "backend.sp", self.sp, f"needs backend=megatron (backend={self.name}{chosen})")
+        check_setting(self.micro_batch_size is None, "backend.micro_batch_size", self.micro_batch_size,
                f"needs backend=megatron (backend={self.name} uses trainer.accumulate_grad_batches{chosen})")
 
     def check_split(self, split: SplitLlamaConfig, cfg: Any) -> None:
@@ -81,7 +81,7 @@ class BackendSpec:
     def strategy(self, cfg: Any, timeout: dict[str, Any]) -> Any:
         """Lightning strategy for ``parallel``: auto (one device), ddp, or FSDP2 sharding (``fsdp``).
 
-        ``parallel=fsdp`` gets :class:`~splitllama.training.sharding.ShardedStrategy` (Lightning's
+        ``parallel=fsdp`` gets :class:`~splitllama.backend.sharding.ShardedStrategy` (Lightning's
         ModelParallelStrategy; the module shards itself in ``configure_model``).
         """
         strategy = cfg.parallel.strategy
@@ -97,7 +97,7 @@ class BackendSpec:
 
     def build(self, spec: SplitModelSpec, options: dict[str, Any]) -> SplitBackend:
         """The split model for this process (assembled from donors, or a saved split model)."""
-        from .backends import HFBackend
+        from .hf import HFBackend
 
         return HFBackend(spec, options)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..training.backend_spec import BackendSpec
-from ..training.errors import RunConfigError, _check
+from ..backend.spec import BackendSpec
+from ..errors import RunConfigError, check_setting
 from .checkpoint_utils.layout import MEGATRON_PART_PREFIXES
 
 
@@ -38,22 +38,22 @@ class MegatronBackendSpec(BackendSpec):
 
     def validate(self, cfg: Any) -> None:
         par, tp, pp = cfg.parallel, self.tp, self.pp
-        _check(par.strategy in ("auto", "ddp", "megatron"), "parallel.strategy", par.strategy,
+        check_setting(par.strategy in ("auto", "ddp", "megatron"), "parallel.strategy", par.strategy,
                "backend=megatron runs its own strategy (data parallel over megatron's DP group); use parallel=single, ddp or a "
                "megatron file (tp2, tp2_sp, pp2, tp2_pp2)")
-        _check(not self.sp or tp >= 2, "backend.sp", self.sp, "sequence parallelism needs backend.tp >= 2")
+        check_setting(not self.sp or tp >= 2, "backend.sp", self.sp, "sequence parallelism needs backend.tp >= 2")
         if self.micro_batch_size is not None:
-            _check(self.micro_batch_size >= 1 and cfg.data.batch_size % self.micro_batch_size == 0, "backend.micro_batch_size",
+            check_setting(self.micro_batch_size >= 1 and cfg.data.batch_size % self.micro_batch_size == 0, "backend.micro_batch_size",
                    self.micro_batch_size, f"must be >= 1 and divide data.batch_size={cfg.data.batch_size}")
-        _check(cfg.trainer.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches,
+        check_setting(cfg.trainer.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches,
                "must be 1 with backend=megatron: megatron's schedule accumulates micro-batches within a batch "
                "(raise data.batch_size and set backend.micro_batch_size)")
-        _check(_task_name(cfg) != "assemble" or tp * pp == 1, "task.name", "assemble",
+        check_setting(_task_name(cfg) != "assemble" or tp * pp == 1, "task.name", "assemble",
                f"runs in one process; with backend=megatron use backend.tp=1 backend.pp=1 (got tp={tp}, pp={pp}): "
                "the saved HF checkpoint is the same")
         if isinstance(par.devices, int):
             mp, world = tp * pp, par.devices * par.num_nodes
-            _check(world % mp == 0, "parallel.devices", par.devices,
+            check_setting(world % mp == 0, "parallel.devices", par.devices,
                    f"x parallel.num_nodes={par.num_nodes} (= {world} processes) must be a multiple of backend.tp x backend.pp = {mp}")
         if cfg.finetune.lora.enabled:
             raise RunConfigError("finetune.lora: LoRA is not implemented for backend=megatron (use backend=hf)")

@@ -8,7 +8,7 @@
   :meth:`MegatronSplitModel.run_schedule` (megatron's forward-backward schedule; pipelined under PP),
   which finishes the gradients itself (:mod:`splitllama.megatron.grads`).
 * :func:`export_hf`: write an HF split checkpoint that ``AutoModelForCausalLM`` loads.
-* :class:`MegatronBackend`: the ``SplitBackend`` the LightningModule uses (``splitllama.training.backends``),
+* :class:`MegatronBackend`: the ``SplitBackend`` the LightningModule uses (``splitllama.backend.hf``),
   built by :class:`splitllama.megatron.backend.MegatronBackendSpec`.
 
 Why manual optimisation: Lightning's automatic loop runs one forward and one backward per batch,

@@ -1,6 +1,6 @@
 """The LightningModule that trains a split model, whatever backend runs it.
 
-The module asks its backend object (:class:`splitllama.training.backend_spec.BackendSpec`) for the model (in
+The module asks its backend object (:class:`splitllama.backend.spec.BackendSpec`) for the model (in
 ``configure_model``, so strategies such as FSDP can wrap it), freezes all but what the config
 says trains, and optimises the chosen objective with AdamW, linear warmup and cosine decay.
 
@@ -20,14 +20,15 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from .backend_spec import BackendSpec
-from .backends import SplitBackend, SplitModelSpec
+from ..backend.interface import SplitBackend, SplitModelSpec
+from ..backend.spec import BackendSpec
+from ..flops import count_flops_per_token
 from .objectives import Objective, next_token_loss
 
 logger = logging.getLogger(__name__)
@@ -66,43 +67,12 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def count_flops_per_token(config: Any, seq_len: int) -> dict[str, float]:
-    """Training FLOPs per token of the split model: ``6 * matmul parameters + 6 * seq * width`` per layer.
-
-    Matmul parameters include the LM head and the adapter, not the embeddings; the attention
-    term uses each layer's own attention width (heads x head_dim). Forward alone is a third.
-    """
-    small, large = config.config_8b, config.config_70b
-    layer_params = _layer_matmul_params
-    adapter = sum(math.prod(shape) for name, shape in config.adapter_shapes.items() if name.endswith("weight"))
-    matmul = (
-        config.num_layers_8 * layer_params(small) + config.num_layers_70 * layer_params(large)
-        + adapter + large.hidden_size * config.vocab_size
-    )
-    attention = seq_len * (
-        config.num_layers_8 * small.num_attention_heads * small.head_dim
-        + config.num_layers_70 * large.num_attention_heads * large.head_dim
-    )
-    train = 6.0 * matmul + 6.0 * attention
-    large_donor = 6.0 * (large.num_hidden_layers * layer_params(large) + large.hidden_size * config.vocab_size) + 6.0 * seq_len * (
-        large.num_hidden_layers * large.num_attention_heads * large.head_dim)
-    return {"train_flops_per_token": train, "forward_flops_per_token": train / 3, "matmul_parameters": float(matmul),
-            # the cost the split is for: its FLOPs per token against the whole large donor's, counted the same way
-            "large_donor_train_flops_per_token": large_donor, "fraction_of_large_donor": train / large_donor}
-
-
-def _layer_matmul_params(c: Any) -> int:
-    """Matmul parameters of one LLaMA decoder layer (q, k, v, o and the SwiGLU MLP)."""
-    attn = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    return attn + 3 * c.hidden_size * c.intermediate_size
-
-
 class SplitLlamaLitModule(pl.LightningModule):
     """Trains the split model that ``backend.build(spec, backend_options)`` returns.
 
     Args:
         spec: what to build (donor paths and layers, adapter, or a saved model directory).
-        backend, backend_options: which backend (a :class:`~splitllama.training.backend_spec.BackendSpec`,
+        backend, backend_options: which backend (a :class:`~splitllama.backend.spec.BackendSpec`,
             default ``hf``) and the options its model takes.
         trainable: parts that train (adapter, first, last, embeddings, norm, head, all).
         lora: ``finetune.lora`` settings (peft LoRA on donor layers) or ``None``.

@@ -1,0 +1,7 @@
+"""Moved to :mod:`splitllama.backend.hf` (the transformers backend); this alias keeps old imports and ``_target_`` paths working."""
+
+from __future__ import annotations
+
+from .._lazy import moved_names
+
+__getattr__ = moved_names(__name__, ("splitllama.backend.hf", "splitllama.backend.interface"))
