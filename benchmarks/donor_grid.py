@@ -92,8 +92,8 @@ def main() -> None:
 
     import torch
 
+    from splitllama.data import pack_documents, split_documents
     from splitllama.embedded import load_stdlib_corpus, train_tokenizer
-    from splitllama.training.data import pack_documents, split_documents
 
     if args.blocks is not None:
         blocks_path = args.blocks

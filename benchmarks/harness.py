@@ -56,9 +56,9 @@ def run(overrides: list[str], cache: Path, workdir: Path, name: str) -> dict:
 def random_donors(out: Path, cache: Path) -> list[str]:
     """Donors of the embedded recipe's shapes with random weights and the recipe's tokenizer."""
     sys.path.insert(0, str(REPO))
+    from splitllama.data import split_documents
     from splitllama.embedded import EmbeddedRecipe, load_stdlib_corpus, train_tokenizer
     from tests.donors import make_random_donor
-    from splitllama.training.data import split_documents
 
     recipe = EmbeddedRecipe()
     paths = {"small": out / "small", "large": out / "large"}

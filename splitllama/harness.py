@@ -40,8 +40,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import RunConfigError
 from .eval_tasks import OWN_TASKS, build_task_data
-from .training.schema import RunConfigError
+from .files import file_lock, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -177,12 +178,8 @@ def _jsonable_config(config: dict[str, Any]) -> dict[str, Any]:
     config = {k: v for k, v in config.items() if k not in ("metadata",)}
     files = ((config.get("dataset_kwargs") or {}).get("data_files")) or {}
     if isinstance(files, dict):
-        config["data_sha256"] = {split: _sha256(path) for split, path in files.items() if Path(str(path)).is_file()}
+        config["data_sha256"] = {split: sha256_file(path) for split, path in files.items() if Path(str(path)).is_file()}
     return config
-
-
-def _sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -356,14 +353,12 @@ def donor_references(donor_paths: dict[str, str], tokenizer: Any, prepared: Prep
                      cache_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """Scores of each donor (``{"small": path, "large": path}``) on the prepared tasks, computed
     once per (donor weights, task settings) and cached as JSON; a cached entry is returned as is."""
-    from .embedded import _file_lock
-
     root = Path(cache_dir).expanduser() / "harness_references"
     references: dict[str, dict[str, Any]] = {}
     for which, path in donor_paths.items():
         key = hashlib.sha256(f"{donor_fingerprint(path)}:{prepared.fingerprint}".encode()).hexdigest()[:16]
         file = root / f"{key}.json"
-        with _file_lock(root / f"{key}.lock"):
+        with file_lock(root / f"{key}.lock"):
             if file.is_file():
                 references[which] = {**json.loads(file.read_text()), "cached": True}
                 continue

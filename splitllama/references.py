@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .files import file_lock
+
 logger = logging.getLogger(__name__)
 
 #: Bump when what a cached score means changes (the loss definition, the key).
@@ -116,13 +118,13 @@ def score_donor(
     import torch
     from transformers import LlamaForCausalLM
 
-    from .embedded import _file_lock, evaluate_lm
+    from .embedded import evaluate_lm
 
     blocks_sha = blocks_fingerprint(blocks)
     key = score_key(path, blocks_sha, dtype)
     cache_file = Path(cache_dir).expanduser() / "references" / f"{key}.json"
     # one process scores, the others (DDP ranks, parallel sweep jobs) wait and read its result
-    with _file_lock(cache_file.with_suffix(".lock")):
+    with file_lock(cache_file.with_suffix(".lock")):
         if cache_file.is_file():
             try:
                 return DonorScore(str(path), float(json.loads(cache_file.read_text())["val_loss"]), cached=True)

@@ -11,7 +11,7 @@ trains its donors on):
   (the three others are next sentences of other docstrings, HellaSwag-style).
 
 The test items come from the validation split of the corpus the models learn (the hash of
-:func:`splitllama.training.data.in_validation` at the default ``val_fraction``), which neither
+:func:`splitllama.data.in_validation` at the default ``val_fraction``), which neither
 the embedded donors nor a split model train on: for ``stdlib_source`` (the default), docstrings
 found only in held-out source files; for ``stdlib_docstrings``, held-out docstrings. The few-shot
 pool (``train``) comes from the rest. Generation is deterministic: same Python, same items. :func:`build_task_data`
@@ -167,7 +167,7 @@ def source_files_of_docstrings() -> tuple[dict[str, set[str]], dict[str, bool]]:
     Parsing the whole stdlib takes about 5 s on 2 cores, and a task build asks once per task: cached for the
     process (the installed stdlib does not change under it). Callers read the result, never change it."""
     from ..embedded import stdlib_sources
-    from ..training.data import in_validation
+    from ..data import in_validation
 
     root = Path(sysconfig.get_paths()["stdlib"])
     files_of: dict[str, set[str]] = {}
@@ -189,7 +189,7 @@ def source_files_of_docstrings() -> tuple[dict[str, set[str]], dict[str, bool]]:
 
 def held_out_items(docstrings: list[str], corpus: str) -> list[bool]:
     """Per docstring: unseen by a model trained on ``corpus``'s training split."""
-    from ..training.data import in_validation
+    from ..data import in_validation
 
     if corpus == "stdlib_docstrings":
         return [in_validation(doc, HELD_OUT_FRACTION) for doc in docstrings]
@@ -198,13 +198,13 @@ def held_out_items(docstrings: list[str], corpus: str) -> list[bool]:
 
 
 def _key(corpus: str) -> str:
-    from ..embedded import _corpus_key
+    from ..embedded import corpus_key
 
-    ident = {"version": TASK_DATA_VERSION, "corpus": _corpus_key(MIN_DOC_CHARS), "held_out": HELD_OUT_FRACTION,
+    ident = {"version": TASK_DATA_VERSION, "corpus": corpus_key(MIN_DOC_CHARS), "held_out": HELD_OUT_FRACTION,
              "fewshot": FEWSHOT_ITEMS, "max_test": MAX_TEST_ITEMS, "chars": [MAX_CONTEXT_CHARS, MAX_CHOICE_CHARS],
              "yaml": {t: (TASKS_DIR / f"{t}.yaml").read_text() for t in OWN_TASKS}}
     if corpus != "stdlib_docstrings":
-        ident["held_out_of"] = _corpus_key(MIN_DOC_CHARS, corpus)
+        ident["held_out_of"] = corpus_key(MIN_DOC_CHARS, corpus)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
