@@ -19,6 +19,7 @@ from .modeling_split_llama import (
     CustomSplitLLamaModel,
     CustomSplitLLamaPreTrainedModel,
     SplitLlamaAdapter,
+    register_seed_dir_assembler,
 )
 
 __version__ = "0.1.0"
@@ -33,6 +34,9 @@ AutoModelForTokenClassification.register(SplitLlamaConfig, CustomSplitLLamaForVa
 SplitLlamaConfig.register_for_auto_class()
 CustomSplitLLamaModel.register_for_auto_class("AutoModel")
 CustomSplitLLamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# a seed-style directory (``assemble_from_donors``) loads by assembling its donors: the model names the
+# assembler it is given here, so the model layer does not reach up into the assembly code
+register_seed_dir_assembler("splitllama.assembly:build_from_seed_dir")
 
 _LAZY = {
     "build_split_model": "assembly",

@@ -28,7 +28,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from .checkpoint import CheckpointError, LazyCheckpoint, load_adapter_state
-from .configuration_split_llama import SplitLlamaConfig, _field_error
+from .configuration_split_llama import SplitLlamaConfig, field_error
 from .dtypes import resolve_dtype
 from .modeling_split_llama import CustomSplitLLamaForCausalLM, CustomSplitLLamaModel, CustomSplitLLamaPreTrainedModel
 from .weight_map import ADAPTER_PREFIX, TensorSource, adapter_tensor_names, plan_weights
@@ -255,7 +255,7 @@ def assemble(
 ) -> CustomSplitLLamaPreTrainedModel:
     """Assemble ``config``'s split model from the donors at ``config.path8b`` / ``config.path70b``."""
     if config.path8b is None or config.path70b is None:
-        raise _field_error("path8b" if config.path8b is None else "path70b", "a donor directory is needed to assemble weights")
+        raise field_error("path8b" if config.path8b is None else "path70b", "a donor directory is needed to assemble weights")
     dtype = resolve_dtype(dtype)
     init = _resolve_adapter_init(config, adapter_init, adapter_checkpoint is not None)
     if init == "lstsq" and calibration is None:
@@ -495,7 +495,7 @@ def build_from_seed_dir(
     raw = json.loads((path / "config.json").read_text())
     for field in ("path8b", "path70b"):
         if not raw.get(field):
-            raise _field_error(field, f"{path / 'config.json'} has no weights and no {field} to assemble from")
+            raise field_error(field, f"{path / 'config.json'} has no weights and no {field} to assemble from")
     config = SplitLlamaConfig.from_pretrained(os.fspath(path))
     config.assemble_from_donors = False  # the assembled model holds its weights; saving it writes a saved model
     if adapter_checkpoint is None and adapter_init is None:

@@ -31,7 +31,8 @@ class SplitConfigError(ValueError):
     """A split-model configuration value is invalid; the message names the field."""
 
 
-def _field_error(field: str, message: str) -> SplitConfigError:
+def field_error(field: str, message: str) -> SplitConfigError:
+    """The error of one split-config field, worded ``SplitLlamaConfig.<field>: <message>`` (run.py maps it to the override)."""
     return SplitConfigError(f"SplitLlamaConfig.{field}: {message}")
 
 
@@ -39,19 +40,19 @@ def _load_donor_config(path: str, field: str) -> LlamaConfig:
     """Read a donor's ``config.json`` (config only, no weights)."""
     config_file = os.path.join(os.fspath(path), "config.json")
     if not os.path.isfile(config_file):
-        raise _field_error(field, f"no config.json in donor directory {path!r}")
+        raise field_error(field, f"no config.json in donor directory {path!r}")
     try:
         with open(config_file, encoding="utf-8") as f:
             model_type = json.load(f).get("model_type")
     except (OSError, ValueError) as exc:
-        raise _field_error(field, f"cannot read donor config {config_file}: {exc}") from exc
+        raise field_error(field, f"cannot read donor config {config_file}: {exc}") from exc
     if model_type != "llama":
-        raise _field_error(field, f"{config_file} declares model_type {model_type!r}: not a LLaMA checkpoint "
+        raise field_error(field, f"{config_file} declares model_type {model_type!r}: not a LLaMA checkpoint "
                                   "(a donor must have model_type 'llama')")
     try:
         config = LlamaConfig.from_pretrained(os.fspath(path))
     except Exception as exc:  # noqa: BLE001 - re-raised with the field named
-        raise _field_error(field, f"cannot read donor config {config_file}: {exc}") from exc
+        raise field_error(field, f"cannot read donor config {config_file}: {exc}") from exc
     return config
 
 
@@ -60,14 +61,14 @@ def _as_llama_config(value: Any, field: str) -> LlamaConfig | None:
         return value
     if isinstance(value, PreTrainedConfig):
         if getattr(value, "model_type", None) != "llama":
-            raise _field_error(field, f"donor must be a LLaMA config (model_type 'llama'), got {value.model_type!r}")
+            raise field_error(field, f"donor must be a LLaMA config (model_type 'llama'), got {value.model_type!r}")
         return LlamaConfig(**value.to_dict())
     if isinstance(value, dict):
         model_type = value.get("model_type", "llama")
         if model_type != "llama":
-            raise _field_error(field, f"donor must be a LLaMA config (model_type 'llama'), got {model_type!r}")
+            raise field_error(field, f"donor must be a LLaMA config (model_type 'llama'), got {model_type!r}")
         return LlamaConfig(**{k: v for k, v in value.items() if k != "model_type"})
-    raise _field_error(field, f"expected a LlamaConfig or a dict, got {type(value).__name__}")
+    raise field_error(field, f"expected a LlamaConfig or a dict, got {type(value).__name__}")
 
 
 def resolve_layer_indices(
@@ -83,23 +84,23 @@ def resolve_layer_indices(
         indices = list(explicit)
         for i in indices:
             if isinstance(i, bool) or not isinstance(i, int):
-                raise _field_error(list_field, f"layer indices must be integers, got {i!r}")
+                raise field_error(list_field, f"layer indices must be integers, got {i!r}")
             if not 0 <= i < total:
-                raise _field_error(list_field, f"layer index {i} out of range: the donor has layers 0..{total - 1}")
+                raise field_error(list_field, f"layer index {i} out of range: the donor has layers 0..{total - 1}")
         if len(set(indices)) != len(indices):
             dupes = sorted({i for i in indices if indices.count(i) > 1})
-            raise _field_error(list_field, f"duplicate layer indices {dupes}")
+            raise field_error(list_field, f"duplicate layer indices {dupes}")
         if indices != sorted(indices):
-            raise _field_error(list_field, f"layer indices must be in increasing order, got {indices}")
+            raise field_error(list_field, f"layer indices must be in increasing order, got {indices}")
         if count is not None and count != len(indices):
-            raise _field_error(
+            raise field_error(
                 count_field, f"is {count} but {list_field} lists {len(indices)} layers; give one or make them agree"
             )
         return indices
     if count is None:
-        raise _field_error(count_field, f"required (an integer in 0..{total}) unless {list_field} is given")
+        raise field_error(count_field, f"required (an integer in 0..{total}) unless {list_field} is given")
     if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= total:
-        raise _field_error(count_field, f"must be an integer in 0..{total} (the donor's layer count), got {count!r}")
+        raise field_error(count_field, f"must be an integer in 0..{total} (the donor's layer count), got {count!r}")
     return list(range(total - count, total)) if take_last else list(range(count))
 
 
@@ -216,17 +217,17 @@ class SplitLlamaConfig(PreTrainedConfig):
     def _resolve_and_validate(self) -> None:
         small, large = self.config_8b, self.config_70b
         if small is None:
-            raise _field_error("config_8b", "small donor unknown: give path8b (a donor directory) or config_8b")
+            raise field_error("config_8b", "small donor unknown: give path8b (a donor directory) or config_8b")
         if large is None:
-            raise _field_error("config_70b", "large donor unknown: give path70b (a donor directory) or config_70b")
+            raise field_error("config_70b", "large donor unknown: give path70b (a donor directory) or config_70b")
         if small.vocab_size != large.vocab_size:
-            raise _field_error(
+            raise field_error(
                 "config_70b.vocab_size",
                 f"donors must share one vocabulary, but the small donor has {small.vocab_size} tokens "
                 f"and the large donor {large.vocab_size}",
             )
         if self.vocab_size is not None and self.vocab_size != large.vocab_size:
-            raise _field_error("vocab_size", f"is {self.vocab_size} but the donors have {large.vocab_size}")
+            raise field_error("vocab_size", f"is {self.vocab_size} but the donors have {large.vocab_size}")
 
         self.layers_8 = resolve_layer_indices(
             self.layers_8, self.num_layers_8, small.num_hidden_layers,
@@ -238,14 +239,14 @@ class SplitLlamaConfig(PreTrainedConfig):
         )
         self.num_layers_8, self.num_layers_70 = len(self.layers_8), len(self.layers_70)
         if self.num_layers_8 + self.num_layers_70 == 0:
-            raise _field_error("num_layers_8", "a split model needs at least one layer (num_layers_8 + num_layers_70 >= 1)")
+            raise field_error("num_layers_8", "a split model needs at least one layer (num_layers_8 + num_layers_70 >= 1)")
 
         self._validate_adapter(small.hidden_size, large.hidden_size)
 
         # Mirrors of the large donor at the top level.
         self.vocab_size = large.vocab_size
         if self.rms_norm_eps is not None and abs(self.rms_norm_eps - large.rms_norm_eps) > 1e-12:
-            raise _field_error(
+            raise field_error(
                 "rms_norm_eps", f"is {self.rms_norm_eps} but the large donor's final norm uses {large.rms_norm_eps}"
             )
         self.rms_norm_eps = large.rms_norm_eps
@@ -266,12 +267,12 @@ class SplitLlamaConfig(PreTrainedConfig):
         if self.adapter is None:
             self.adapter = "mlp" if self.mlp else "linear"
         if self.adapter not in ADAPTER_TYPES:
-            raise _field_error("adapter", f"must be one of {', '.join(ADAPTER_TYPES)}, got {self.adapter!r}")
+            raise field_error("adapter", f"must be one of {', '.join(ADAPTER_TYPES)}, got {self.adapter!r}")
         if self.mlp and self.adapter != "mlp":
-            raise _field_error("mlp", f"is true but adapter is {self.adapter!r}; use adapter='mlp' (or mlp=false)")
+            raise field_error("mlp", f"is true but adapter is {self.adapter!r}; use adapter='mlp' (or mlp=false)")
         self.mlp = self.adapter == "mlp"
         if self.adapter == "identity" and h_small != h_large:
-            raise _field_error(
+            raise field_error(
                 "adapter",
                 f"'identity' needs equal hidden sizes, but the small donor has {h_small} and the large {h_large}; "
                 "use linear, mlp or lowrank",
@@ -280,15 +281,15 @@ class SplitLlamaConfig(PreTrainedConfig):
             if self.adapter_hidden_size is None:
                 self.adapter_hidden_size = h_large
             if self.adapter_hidden_size < 1:
-                raise _field_error("adapter_hidden_size", f"must be >= 1, got {self.adapter_hidden_size}")
+                raise field_error("adapter_hidden_size", f"must be >= 1, got {self.adapter_hidden_size}")
         elif self.adapter_hidden_size is not None:
-            raise _field_error("adapter_hidden_size", f"only applies to adapter='mlp', not {self.adapter!r}")
+            raise field_error("adapter_hidden_size", f"only applies to adapter='mlp', not {self.adapter!r}")
         if self.adapter == "lowrank":
             limit = min(h_small, h_large)
             if self.adapter_rank is None or not 1 <= self.adapter_rank <= limit:
-                raise _field_error("adapter_rank", f"must be an integer in 1..{limit} for adapter='lowrank', got {self.adapter_rank!r}")
+                raise field_error("adapter_rank", f"must be an integer in 1..{limit} for adapter='lowrank', got {self.adapter_rank!r}")
         elif self.adapter_rank is not None:
-            raise _field_error("adapter_rank", f"only applies to adapter='lowrank', not {self.adapter!r}")
+            raise field_error("adapter_rank", f"only applies to adapter='lowrank', not {self.adapter!r}")
 
     # ------------------------------------------------------------------ derived views
     @property

@@ -107,22 +107,27 @@ class SplitLlamaAdapter(nn.Module):
         return hidden_states
 
 
-def _seed_dir_assembler(path: str) -> Any:
-    """``splitllama.assembly.build_from_seed_dir``, looked up by name when a seed-style directory is loaded.
+#: ``"module:function"`` that assembles a seed-style directory (``assemble_from_donors``) from its donors;
+#: set by the ``splitllama`` package (:func:`register_seed_dir_assembler`), so this file knows nothing of
+#: the assembly code above it and still ships alone next to saved weights (``trust_remote_code``).
+SEED_DIR_ASSEMBLER: str | None = None
 
-    By name, not by import: this file also ships alone next to saved weights (``trust_remote_code``),
-    where a relative import cannot reach the package, and the model layer does not import the
-    assembly layer above it (no import cycle in ``splitllama``).
-    """
+
+def register_seed_dir_assembler(target: str) -> None:
+    """Name the function (``"module:function"``) that :meth:`from_pretrained` calls for a seed-style directory."""
+    global SEED_DIR_ASSEMBLER
+    SEED_DIR_ASSEMBLER = target
+
+
+def seed_dir_assembler(path: str) -> Any:
+    """The registered seed-directory assembler, imported on first use (the assembly code stays unloaded until then)."""
     import importlib
 
-    try:
-        return importlib.import_module("splitllama.assembly").build_from_seed_dir
-    except ImportError as exc:  # pragma: no cover - only without the package
-        raise ImportError(
-            f"{path} declares assemble_from_donors; assembling it from its donors "
-            "needs the splitllama package (pip install splitllama)"
-        ) from exc
+    if SEED_DIR_ASSEMBLER is None:
+        raise ImportError(f"{path} declares assemble_from_donors; assembling it from its donors needs the splitllama "
+                          "package: `import splitllama` first (pip install splitllama)")
+    module, _, name = SEED_DIR_ASSEMBLER.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
@@ -160,7 +165,7 @@ class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
             if problem:
                 raise FileNotFoundError(problem)
             if declares_assembly(path):
-                return _seed_dir_assembler(path)(path, model_class=cls, **kwargs)
+                return seed_dir_assembler(path)(path, model_class=cls, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
         missing = [k for k in info.get("missing_keys", []) if not k.startswith(cls._initialised_if_missing or ("\0",))]
