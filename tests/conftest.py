@@ -144,7 +144,7 @@ def compose_run_config(*overrides: str, hydra_node: bool = False):
     from hydra import compose, initialize_config_dir
 
     from splitllama.results import register_run_dir_resolver
-    from splitllama.training.schema import register_configs
+    from splitllama.run.schema import register_configs
 
     register_configs()
     register_run_dir_resolver()
@@ -157,7 +157,8 @@ def run_py_checks(*overrides: str) -> None:
     Hydra's composition, the CPU-thread setting and ``pipeline.validate``. Raises what run.py
     reports (a Hydra composition error, ``RunConfigError``, ``SplitConfigError``); the subprocess
     tests in test_run.py check that run.py turns these into an exit status and a one-line error."""
-    from splitllama.training.pipeline import apply_cpu_threads, validate
+    from splitllama.run.checks import validate
+    from splitllama.run.trainer import apply_cpu_threads
 
     import torch
 
@@ -172,7 +173,7 @@ def run_py_checks(*overrides: str) -> None:
 
 def quick_recipe():
     """The ``debug=quick`` embedded-donor recipe (a few pre-training steps: plumbing, not quality)."""
-    from splitllama.training.pipeline import embedded_recipe
+    from splitllama.run.settings import embedded_recipe
 
     return embedded_recipe(compose_run_config("debug=quick"))
 

@@ -20,13 +20,16 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from splitllama.results import register_run_dir_resolver
-from splitllama.training.backend_spec import BackendSpec, backend_spec
+from splitllama.backend.spec import BackendSpec, backend_spec
 from splitllama.training.callbacks import GracefulStop, make_loggers
 from splitllama.training.data import SplitTextDataModule
 from splitllama.training.module import OptimSettings
 from splitllama.training.objectives import Objective
-from splitllama.training.schema import RunConfigError, register_configs, validate_run_settings
-from splitllama.training.pipeline import make_callbacks, make_datamodule
+from splitllama.errors import RunConfigError
+from splitllama.run.schema import register_configs
+from splitllama.run.settings import validate_run_settings
+from splitllama.run.data import make_datamodule
+from splitllama.run.trainer import make_callbacks
 from tests.conftest import REPO, compose_run_config
 from tests.donors import letter_tokenizer
 
@@ -194,7 +197,7 @@ def test_megatron_sizes_live_in_its_backend_config(overrides: tuple[str, ...], s
 def test_megatron_tensor_parallel_strategy_orders_kernel_launches(layout: str, ordered: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under TP the strategy sets CUDA_DEVICE_MAX_CONNECTIONS=1 before any process starts (megatron overlaps the
     backward's gradient all-reduce with the weight-gradient product only then); a user's own value is kept."""
-    from splitllama.training.pipeline import make_strategy
+    from splitllama.run.trainer import make_strategy
 
     # set, then deleted: monkeypatch records the original state, so the value make_strategy sets is undone
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "unset")

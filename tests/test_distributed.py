@@ -103,7 +103,7 @@ def test_fsdp_lora_resumes_exactly_and_exports_merged(run_py: RunPy, tmp_path: P
 def test_fsdp_refuses_bad_settings() -> None:
     """Checked when the config is composed, before any process starts, naming the field (in-process:
     test_run.py checks how run.py reports such an error)."""
-    from splitllama.training.schema import RunConfigError
+    from splitllama.errors import RunConfigError
 
     with pytest.raises(RunConfigError, match=re.escape("parallel.fsdp_sharding_strategy=HYBRID: must be one of ['FULL_SHARD', 'SHARD_GRAD_OP']")):
         run_py_checks(*QUICK, *FSDP_CPU, "parallel.fsdp_sharding_strategy=HYBRID")
@@ -119,8 +119,9 @@ def test_megatron_multinode_config_composes(tmp_path: Path) -> None:
 
     from splitllama import SplitLlamaConfig
     from tests.donors import llama_config
-    from splitllama.training.backend_spec import backend_spec
-    from splitllama.training.schema import register_configs, validate_run_settings
+    from splitllama.backend.spec import backend_spec
+    from splitllama.run.schema import register_configs
+    from splitllama.run.settings import validate_run_settings
     from tests.conftest import REPO
 
     register_configs()

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from splitllama.data import in_validation, split_documents
 from splitllama.embedded import (
     EmbeddedRecipe,
     ensure_embedded_donors,
     load_stdlib_corpus,
     verify_cache,
 )
-from splitllama.training.data import in_validation, split_documents
 
 from tests.conftest import compose_run_config, quick_recipe
 
@@ -45,7 +45,7 @@ def test_corpus_is_stdlib_docstrings(cache_dir: Path) -> None:
 def test_stdlib_source_corpus(cache_dir: Path) -> None:
     """The stdlib's source (12 MB), the first part of the default donors' corpus and what runs train and
     validate on (``data=stdlib_source``)."""
-    from splitllama.embedded import CORPORA, _corpus_key
+    from splitllama.embedded import CORPORA, corpus_key
 
     assert set(CORPORA) == {"stdlib_source", "stdlib_docstrings", "python_source"}
     documents = load_stdlib_corpus(cache_dir, 80, corpus="stdlib_source", progress=False)
@@ -53,7 +53,7 @@ def test_stdlib_source_corpus(cache_dir: Path) -> None:
     # whole modules: code and the docstrings in it (json/__init__.py opens with its docstring)
     assert any(d.startswith('r"""JSON (JavaScript Object Notation)') and "def dumps(" in d for d in documents)
     assert load_stdlib_corpus(cache_dir, 80, corpus="stdlib_source", progress=False) == documents  # cached
-    assert _corpus_key(80, "stdlib_source") != _corpus_key(80, "stdlib_docstrings")
+    assert corpus_key(80, "stdlib_source") != corpus_key(80, "stdlib_docstrings")
     with pytest.raises(ValueError, match="corpus='wiki': unknown; one of stdlib_source, stdlib_docstrings, python_source"):
         load_stdlib_corpus(cache_dir, 80, corpus="wiki", progress=False)
 
@@ -61,7 +61,7 @@ def test_stdlib_source_corpus(cache_dir: Path) -> None:
 def test_python_source_corpus_is_the_stdlib_then_installed_packages(cache_dir: Path) -> None:
     """The default donors' corpus: the stdlib source, then each named package's ``.py`` files (no tests),
     de-duplicated, long files left out; its cache key names the packages' installed versions."""
-    from splitllama.embedded import _corpus_key, package_files, package_versions
+    from splitllama.embedded import corpus_key, package_files, package_versions
 
     stdlib = load_stdlib_corpus(cache_dir, 80, corpus="stdlib_source", progress=False)
     documents = load_stdlib_corpus(cache_dir, 80, corpus="python_source", packages=("yaml", "tqdm"), max_chars=200_000, progress=False)
@@ -73,7 +73,7 @@ def test_python_source_corpus_is_the_stdlib_then_installed_packages(cache_dir: P
     assert yaml_files[0].read_text() in added or len(yaml_files[0].read_text()) < 80
     assert len(set(added)) == len(added) and not set(added) & set(capped) and all(80 <= len(d) <= 200_000 for d in documents)
     assert package_versions(["yaml"])["yaml"] is not None
-    assert _corpus_key(80, "python_source", ("yaml",)) != _corpus_key(80, "python_source", ("yaml", "tqdm"))
+    assert corpus_key(80, "python_source", ("yaml",)) != corpus_key(80, "python_source", ("yaml", "tqdm"))
     with pytest.raises(ValueError, match="packages: 'no_such_pkg' is not an installed package"):
         load_stdlib_corpus(cache_dir, 80, corpus="python_source", packages=("no_such_pkg",), progress=False)
     with pytest.raises(ValueError, match=r"packages=\['yaml'\]: only corpus='python_source' reads installed packages"):
@@ -82,7 +82,8 @@ def test_python_source_corpus_is_the_stdlib_then_installed_packages(cache_dir: P
 
 def test_run_data_must_be_the_embedded_donors_corpus() -> None:
     """Validation text from the other stdlib corpus overlaps what the embedded donors trained on: refused."""
-    from splitllama.training.schema import RunConfigError, validate_run_settings
+    from splitllama.errors import RunConfigError
+    from splitllama.run.settings import validate_run_settings
 
     validate_run_settings(compose_run_config())  # the default: stdlib_source data, python_source donors (stdlib first)
     validate_run_settings(compose_run_config("donors.embedded.corpus=stdlib_source", "donors.embedded.packages=[]"))
@@ -91,7 +92,7 @@ def test_run_data_must_be_the_embedded_donors_corpus() -> None:
         validate_run_settings(compose_run_config("data=stdlib_docs"))
     with pytest.raises(RunConfigError, match=r"donors.embedded.corpus=wiki: must be one of python_source, stdlib_docstrings, stdlib_source"):
         validate_run_settings(compose_run_config("donors.embedded.corpus=wiki"))
-    from splitllama.training.pipeline import embedded_recipe
+    from splitllama.run.settings import embedded_recipe
 
     stdlib_only = compose_run_config("donors.embedded.corpus=stdlib_source")  # packages only belong to python_source
     validate_run_settings(stdlib_only)
@@ -148,7 +149,7 @@ def test_build_records_each_donors_loss_curve(donors) -> None:
 
 def test_tiny_recipe_is_the_schema_and_code_default() -> None:
     """conf/donors/tiny.yaml, the typed schema and ``EmbeddedRecipe()`` describe one recipe (one cache key)."""
-    from splitllama.training.pipeline import embedded_recipe
+    from splitllama.run.settings import embedded_recipe
 
     assert embedded_recipe(compose_run_config()) == EmbeddedRecipe()
 

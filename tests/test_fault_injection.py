@@ -223,8 +223,8 @@ def test_run_py_eval_of_a_model_without_weights_fails_naming_the_file(saved_spli
 
 # ------------------------------------------------------------------ training checkpoints and data files
 def test_truncated_training_checkpoint_names_the_path(tmp_path: Path) -> None:
-    from splitllama.training.pipeline import resolve_ckpt_path
-    from splitllama.training.schema import RunConfigError
+    from splitllama.run.resume import resolve_ckpt_path
+    from splitllama.errors import RunConfigError
 
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir()
@@ -237,7 +237,7 @@ def test_truncated_training_checkpoint_names_the_path(tmp_path: Path) -> None:
 
 
 def test_malformed_jsonl_names_the_file_and_line(tmp_path: Path) -> None:
-    from splitllama.training.data import read_text_files
+    from splitllama.data import read_text_files
 
     path = tmp_path / "docs.jsonl"
     path.write_text('{"text": "one"}\n{"text": "two"\n{"text": "three"}\n')
@@ -378,15 +378,15 @@ def test_the_donor_fingerprint_follows_the_weights_not_the_files(tmp_path: Path,
 def test_overrides_outside_what_the_run_reads_are_refused(overrides: list[str], message: str) -> None:
     """Before: each ran with exit 0, the key ignored (the model had 4 large layers, not 1) or the value replaced
     (validation at batch 4 while results.json recorded 0), or trained at positions the donors never saw."""
-    from splitllama.training.pipeline import validate
-    from splitllama.training.schema import RunConfigError
+    from splitllama.run.checks import validate
+    from splitllama.errors import RunConfigError
 
     with pytest.raises(RunConfigError, match="^" + re.escape(message)):
         validate(compose_run_config("debug=quick", *overrides))
 
 
 def test_free_form_nodes_take_new_keys() -> None:
-    from splitllama.training.pipeline import validate
+    from splitllama.run.checks import validate
 
     validate(compose_run_config("debug=quick", "+backend.options.use_cache=false",
                                 "+callbacks.extra.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor"))
@@ -403,8 +403,8 @@ def test_free_form_nodes_take_new_keys() -> None:
 def test_bad_data_files_name_the_file_and_line(tmp_path: Path, content: bytes, message: str) -> None:
     """Before: null and 12345 were trained on as the documents "None" and "12345"; a non-UTF-8 or empty file
     failed with an error that named no file."""
-    from splitllama.training.data import read_text_files
-    from splitllama.training.schema import RunConfigError
+    from splitllama.data import read_text_files
+    from splitllama.errors import RunConfigError
 
     path = tmp_path / "docs.jsonl"
     path.write_bytes(content)
@@ -413,8 +413,8 @@ def test_bad_data_files_name_the_file_and_line(tmp_path: Path, content: bytes, m
 
 
 def test_a_directory_is_not_a_data_file(tmp_path: Path) -> None:
-    from splitllama.training.data import read_text_files
-    from splitllama.training.schema import RunConfigError
+    from splitllama.data import read_text_files
+    from splitllama.errors import RunConfigError
 
     with pytest.raises(RunConfigError, match="^" + re.escape(f"data.files: {tmp_path} is a directory; list the .txt or .jsonl files in it")):
         read_text_files([str(tmp_path)])
@@ -422,8 +422,8 @@ def test_a_directory_is_not_a_data_file(tmp_path: Path) -> None:
 
 def test_too_small_a_corpus_names_its_files(embedded_cache: Path, tmp_path: Path) -> None:
     from splitllama.results import RunRecord
-    from splitllama.training import pipeline as P
-    from splitllama.training.schema import RunConfigError
+    from splitllama.run.setup import check, load
+    from splitllama.errors import RunConfigError
 
     path = tmp_path / "docs.txt"
     path.write_text("one short document")
@@ -431,13 +431,13 @@ def test_too_small_a_corpus_names_its_files(embedded_cache: Path, tmp_path: Path
                              f"paths.output_dir={tmp_path}")
     record = RunRecord(tmp_path, task="train", config={})
     with pytest.raises(RunConfigError, match=re.escape(f"(data.files=['{path}'])")):
-        P.load(cfg, record, P.check(cfg, record), stage="fit", references=False)
+        load(cfg, record, check(cfg, record), stage="fit", references=False)
 
 
 def test_a_run_directory_as_model_dir_points_at_its_model(tmp_path: Path) -> None:
     """Before: an error about a config.json that does not exist in the run directory."""
-    from splitllama.training.pipeline import validate
-    from splitllama.training.schema import RunConfigError
+    from splitllama.run.checks import validate
+    from splitllama.errors import RunConfigError
 
     run_dir = tmp_path / "run"
     finished_training_run(run_dir)
@@ -462,10 +462,11 @@ def test_donors_with_permuted_tokenizers_are_refused(embedded_cache: Path, tmp_p
     """Before: a large donor whose tokenizer.json gives two tokens each other's ids (same vocabulary size) trained
     without a word. Refused now, naming what differs; allowed only when asked for, and recorded."""
     from splitllama.results import RunRecord
-    from splitllama.training import pipeline as P
-    from splitllama.training.schema import RunConfigError
+    from splitllama.run.donors import resolve_donors
+    from splitllama.run.setup import check, load
+    from splitllama.errors import RunConfigError
 
-    built = P.resolve_donors(compose_run_config("debug=quick", f"paths.cache_dir={embedded_cache}"))
+    built = resolve_donors(compose_run_config("debug=quick", f"paths.cache_dir={embedded_cache}"))
     small, large = copy_donor(Path(built.path8b), tmp_path / "small"), copy_donor(Path(built.path70b), tmp_path / "large")
     tokenizer = json.loads((large / "tokenizer.json").read_text())
     vocab = tokenizer["model"]["vocab"]
@@ -473,20 +474,20 @@ def test_donors_with_permuted_tokenizers_are_refused(embedded_cache: Path, tmp_p
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (large / "tokenizer.json").write_text(json.dumps(tokenizer))
 
-    def load(*overrides: str) -> RunRecord:
+    def load_run(*overrides: str) -> RunRecord:
         cfg = compose_run_config("debug=quick", f"donors.path8b={small}", f"donors.path70b={large}", f"paths.cache_dir={embedded_cache}",
                                  f"paths.output_dir={tmp_path}", *overrides)
         record = RunRecord(tmp_path, task="train", config={})
-        P.load(cfg, record, P.check(cfg, record, harness=False), stage=None, references=False)
+        load(cfg, record, check(cfg, record, harness=False), stage=None, references=False)
         return record
 
     with pytest.raises(RunConfigError, match="^" + re.escape(
             f"donors: the large donor's tokenizer ({large}) differs from the small donor's ({small}), which the split model reads "
             "with, in: vocabulary (2 of 2048 tokens have another id or none); a token id would mean one thing")):
-        load()
-    assert load("donors.allow_tokenizer_mismatch=true").data["donors"]["tokenizers"]["mismatch_allowed"] == ["vocabulary"]
+        load_run()
+    assert load_run("donors.allow_tokenizer_mismatch=true").data["donors"]["tokenizers"]["mismatch_allowed"] == ["vocabulary"]
     shutil.copy(small / "tokenizer.json", large / "tokenizer.json")
-    assert load().data["donors"]["tokenizers"] == "same"
+    assert load_run().data["donors"]["tokenizers"] == "same"
 
 
 # ------------------------------------------------------------------ disk full

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from splitllama.results import outcome_line
-from splitllama.training.errors import RunConfigError
-from splitllama.training.pipeline import check_dependencies, required_modules, validate
+from splitllama.errors import RunConfigError
+from splitllama.run.checks import check_dependencies, required_modules, validate
 
 from tests.conftest import compose_run_config
 
@@ -45,7 +45,7 @@ def test_outcome_line_places_the_split_between_its_donors() -> None:
 def test_flops_fraction_counts_the_large_donor_the_same_way() -> None:
     from splitllama.configuration_split_llama import SplitLlamaConfig
     from splitllama.embedded import EmbeddedRecipe
-    from splitllama.training.module import count_flops_per_token
+    from splitllama.flops import count_flops_per_token
 
     recipe = EmbeddedRecipe()
     small, large = recipe.llama_config("small"), recipe.llama_config("large")

@@ -123,8 +123,8 @@ def test_missing_dataset_fails_naming_the_task(embedded_cache: Path, tmp_path: P
 def test_own_task_items_are_held_out_and_well_formed(embedded_cache: Path, corpus: str) -> None:
     """Test items come from text the models never train on: held-out source files (the default
     donors' corpus) or held-out docstrings (the docstring corpus)."""
+    from splitllama.data import in_validation
     from splitllama.eval_tasks import NUM_CHOICES, OWN_TASKS, build_task_data, documented_functions, source_files_of_docstrings
-    from splitllama.training.data import in_validation
 
     folder = build_task_data(embedded_cache, corpus)
     assert build_task_data(embedded_cache, corpus) == folder  # made once
@@ -173,8 +173,8 @@ def test_harness_columns_and_gap_closed() -> None:
     (("backend=megatron", "task.export=false"), r"a sharded model \(backend=megatron, parallel=single\) is scored through its exported HF model"),
 ])
 def test_harness_settings_that_cannot_work_fail_at_once(overrides: tuple[str, ...], message: str) -> None:
-    from splitllama.training.pipeline import prepare_harness
-    from splitllama.training.schema import RunConfigError
+    from splitllama.run.downstream import prepare_harness
+    from splitllama.errors import RunConfigError
 
     from tests.conftest import compose_run_config
 

@@ -331,7 +331,7 @@ def test_lightning_strategy_trains_only_the_adapter(megatron_world: None, small_
     import lightning.pytorch as pl
 
     from splitllama.megatron.lightning import MegatronStrategy, build_megatron_backend
-    from splitllama.training.backends import SplitModelSpec
+    from splitllama.backend.interface import SplitModelSpec
 
     spec = SplitModelSpec(path8b=str(small_donor), path70b=str(large_donor), num_layers_8=2, num_layers_70=2, adapter="linear")
     ids = ids_batch(spec.split_config(), batch=8, seq=16, seed=3)
@@ -433,7 +433,7 @@ RUN_PY_BAD_PARALLEL = [
 @pytest.mark.parametrize(("overrides", "named"), RUN_PY_BAD_PARALLEL, ids=[" ".join(o) for o, _ in RUN_PY_BAD_PARALLEL])
 def test_run_py_bad_parallel_settings_fail_naming_the_field(overrides: list[str], named: str) -> None:
     """What run.py checks before any process starts (in-process: test_run.py checks run.py's exit and message)."""
-    from splitllama.training.schema import RunConfigError
+    from splitllama.errors import RunConfigError
 
     with pytest.raises(RunConfigError) as refused:
         run_py_checks("debug=quick", *overrides)

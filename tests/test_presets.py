@@ -101,7 +101,10 @@ def test_preset_assembles_real_layouts_and_trains_one_step(preset: str, tmp_path
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from splitllama.checkpoint import LazyCheckpoint
-    from splitllama.training import pipeline as P
+    from splitllama.run.checks import EXPECTED_DONOR_FIELDS, validate
+    from splitllama.run.donors import resolve_donors
+    from splitllama.run.model import make_module, model_spec
+    from splitllama.run.trainer import make_trainer
     from splitllama.training.data import BlockDataset
 
     base = compose_run_config(f"donors={preset}")
@@ -121,21 +124,21 @@ def test_preset_assembles_real_layouts_and_trains_one_step(preset: str, tmp_path
                  "adapter.init=random",  # random weights: no least-squares stitch to fit (and no calibration data here)
                  "finetune=adapter"]  # one step moves only the adapter: the donors' layers are checked unchanged below
     # the preset's default split fits the real layer counts (validation reads config.json only)
-    default = P.validate(compose_run_config(*overrides))
+    default = validate(compose_run_config(*overrides))
     assert (default.num_layers_8, default.num_layers_70) == (base.donors.default_n8, base.donors.default_n70)
     assert list(default.layers_70)[-1] == real["70b"]["num_hidden_layers"] - 1
     cfg = compose_run_config(*overrides, f"layers.n8={n8}", f"layers.n70={n70}")
-    split = P.validate(cfg)  # the preset's config.json check passes: these are its (documented) configs
+    split = validate(cfg)  # the preset's config.json check passes: these are its (documented) configs
     assert (split.num_layers_8, split.num_layers_70, list(split.layers_70)) == (n8, n70, large_layers)
     for key, donor in (("8b", split.config_8b), ("70b", split.config_70b)):
-        for field in P.EXPECTED_DONOR_FIELDS:  # rope theta and scaling carried into the split config
+        for field in EXPECTED_DONOR_FIELDS:  # rope theta and scaling carried into the split config
             assert getattr(donor, field) == getattr(configs[key], field), (key, field)
     # Llama 3.1 / 3.2: llama3 rope scaling; Llama 3 and SmolLM2: none
     rope_type = "llama3" if PUBLISHED[base.donors.hub70b]["rope_scaling"] else "default"
     assert split.config_70b.rope_parameters["rope_type"] == rope_type
 
-    module = P.make_module(cfg, P.model_spec(cfg, P.resolve_donors(cfg)), teacher_path=None)
-    trainer = P.make_trainer(cfg, [], [])
+    module = make_module(cfg, model_spec(cfg, resolve_donors(cfg)), teacher_path=None)
+    trainer = make_trainer(cfg, [], [])
     blocks = torch.randint(0, SHRUNK_VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
     module.configure_model()
     model = module.model
@@ -174,8 +177,8 @@ def test_a_checkpoint_that_does_not_match_the_preset_fails_naming_the_field(tmp_
     from omegaconf import OmegaConf
     from transformers import LlamaConfig
 
-    from splitllama.training import pipeline as P
-    from splitllama.training.schema import RunConfigError
+    from splitllama.run.checks import validate
+    from splitllama.errors import RunConfigError
 
     base = compose_run_config("donors=smollm2_135m_360m")
     small, large = (LlamaConfig(**OmegaConf.to_container(base.donors[k])) for k in ("expect8b", "expect70b"))
@@ -183,7 +186,7 @@ def test_a_checkpoint_that_does_not_match_the_preset_fails_naming_the_field(tmp_
         config.save_pretrained(directory)  # the check needs no weights
     with pytest.raises(RunConfigError, match=r"donors\.path8b=.*large: its config\.json has hidden_size=960, but "
                                             r"donors=smollm2_135m_360m expects hidden_size=576 \(HuggingFaceTB/SmolLM2-135M\)"):
-        P.validate(compose_run_config("donors=smollm2_135m_360m", f"donors.path8b={tmp_path / 'large'}",
+        validate(compose_run_config("donors=smollm2_135m_360m", f"donors.path8b={tmp_path / 'large'}",
                                       f"donors.path70b={tmp_path / 'small'}"))
     with pytest.raises(RunConfigError, match=r"donors\.path8b=\?\?\?.*hf download HuggingFaceTB/SmolLM2-135M"):
-        P.validate(compose_run_config("donors=smollm2_135m_360m"))
+        validate(compose_run_config("donors=smollm2_135m_360m"))

@@ -63,7 +63,7 @@ def test_readme_lists_the_commands_a_user_starts_with() -> None:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_readme_command_composes_and_validates_on_the_default_donors(command: str) -> None:
-    from splitllama.training.pipeline import validate
+    from splitllama.run.checks import validate
 
     cfg = compose_run_config(*overrides_of(command))
     split = validate(cfg)  # what run.py does first: a bad value fails here, naming it

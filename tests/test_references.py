@@ -73,8 +73,8 @@ def test_embedded_donors_score_as_their_build_did_on_the_same_blocks(embedded_ca
     """The build scored each donor on its validation blocks; scoring those blocks again gives the same loss."""
     from transformers import AutoTokenizer
 
+    from splitllama.data import pack_documents, split_documents
     from splitllama.embedded import ensure_embedded_donors, load_stdlib_corpus
-    from splitllama.training.data import pack_documents, split_documents
 
     recipe = quick_recipe()
     built = ensure_embedded_donors(recipe, embedded_cache, progress=False)

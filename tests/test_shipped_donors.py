@@ -39,7 +39,7 @@ def test_files_match_the_manifest() -> None:
 
 def test_manifest_recipe_is_the_configs() -> None:
     """conf/donors/tiny.yaml (through the schema), ``EmbeddedRecipe()`` and the manifest are one recipe."""
-    from splitllama.training.pipeline import embedded_recipe
+    from splitllama.run.settings import embedded_recipe
 
     recipe = embedded_recipe(compose_run_config())
     assert recipe == EmbeddedRecipe()

@@ -227,7 +227,7 @@ def test_stitch_grid_experiment_is_an_eight_run_grid() -> None:
 def test_stitching_curve_study_spans_the_embedded_donors() -> None:
     """The study's grid: n70 from 1 to all of the default large donor's layers (1, 2, 3, 5, 7, 10), n8 at
     half and all of the small donor's, three series, three seeds (108 runs)."""
-    from splitllama.training.pipeline import embedded_recipe
+    from splitllama.run.settings import embedded_recipe
 
     cfg = compose_run_config("experiment=stitching_curve", "hydra/sweeper=basic", hydra_node=True)
     params = {k: [int(v) if v.isdigit() else v for v in str(value).split(",")] for k, value in cfg.hydra.sweeper.params.items()}

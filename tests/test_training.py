@@ -12,8 +12,10 @@ import torch.nn.functional as F
 
 from splitllama import CustomSplitLLamaForCausalLM, SplitLlamaConfig
 from tests.donors import letter_tokenizer, llama_config
-from splitllama.training.data import ResumableBlockSampler, pack_documents, packed_splits, split_documents
-from splitllama.training.module import count_flops_per_token, warmup_cosine
+from splitllama.data import pack_documents, packed_splits, split_documents
+from splitllama.training.data import ResumableBlockSampler
+from splitllama.flops import count_flops_per_token
+from splitllama.training.module import warmup_cosine
 from splitllama.training.objectives import Objective, distillation_loss, next_token_loss
 
 
@@ -135,7 +137,7 @@ def test_packed_blocks_are_cached_under_a_key_of_everything_that_decides_them(tm
 
 
 def test_finetune_parts_select_exactly_their_parameters(small_donor, large_donor) -> None:
-    from splitllama.training.backends import HFBackend, SplitModelSpec
+    from splitllama.backend.hf import HFBackend, SplitModelSpec
 
     backend = HFBackend(SplitModelSpec(str(small_donor), str(large_donor), 2, 3), {})
     names = [n for n, _ in backend.model.named_parameters()]
@@ -151,7 +153,7 @@ def test_finetune_parts_select_exactly_their_parameters(small_donor, large_donor
 
 
 def test_lora_targets_the_chosen_layers_and_merges_on_export(small_donor, large_donor) -> None:
-    from splitllama.training.backends import HFBackend, SplitModelSpec
+    from splitllama.backend.hf import HFBackend, SplitModelSpec
 
     backend = HFBackend(SplitModelSpec(str(small_donor), str(large_donor), 2, 3), {})
     lora = {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "down_proj"], "parts": ["last"]}
@@ -206,22 +208,26 @@ class SendSignal:
 def quick_fit(cache: Path, run_dir: Path, *overrides: str, resume: bool = False, signals=None, extra=()) -> tuple[float, list]:  # noqa: ANN001
     """Train as ``run.py debug=quick`` does (same pipeline pieces, checkpoints and stop callback),
     in this process; returns the final validation loss and the batches this fit consumed."""
-    from splitllama.training import pipeline as P
+    from splitllama.run.checks import validate
+    from splitllama.run.data import make_datamodule
+    from splitllama.run.donors import load_tokenizer, resolve_donors
+    from splitllama.run.model import builds_per_rank, make_module, model_spec
+    from splitllama.run.trainer import make_callbacks, make_trainer, seed_everything
 
     from tests.conftest import compose_run_config
 
     cfg = compose_run_config("debug=quick", "logger=none", f"paths.output_dir={run_dir}", f"paths.cache_dir={cache}", *overrides)
-    P.validate(cfg)
-    P.seed_everything(cfg.seed)
-    donors = P.resolve_donors(cfg)
-    data = P.make_datamodule(cfg, P.load_tokenizer(donors.path8b))
+    validate(cfg)
+    seed_everything(cfg.seed)
+    donors = resolve_donors(cfg)
+    data = make_datamodule(cfg, load_tokenizer(donors.path8b))
     data.setup("fit")
-    module = P.make_module(cfg, P.model_spec(cfg, donors, calibration=data.train_blocks[: cfg.adapter.calibration_blocks]),
+    module = make_module(cfg, model_spec(cfg, donors, calibration=data.train_blocks[: cfg.adapter.calibration_blocks]),
                            teacher_path=donors.path70b)
     log = BatchLog()
     last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
-    trainer = P.make_trainer(cfg, [], [*P.make_callbacks(cfg, signals), log.callback, *extra])
-    if not P.builds_per_rank(cfg):
+    trainer = make_trainer(cfg, [], [*make_callbacks(cfg, signals), log.callback, *extra])
+    if not builds_per_rank(cfg):
         module.configure_model()
     trainer.fit(module, data, ckpt_path=str(last) if resume else None)
     assert type(module.backend).__name__ == {"hf": "HFBackend", "megatron": "MegatronBackend"}[cfg.backend.name]
@@ -314,16 +320,17 @@ def test_built_embedded_donors_must_be_what_their_recipe_validated(embedded_cach
     import dataclasses
     import json
 
-    from splitllama.training import pipeline as P
-    from splitllama.training.schema import RunConfigError
+    from splitllama.run.checks import validate
+    from splitllama.run.donors import resolve_donors, with_built_donors
+    from splitllama.errors import RunConfigError
 
     from tests.conftest import compose_run_config
 
     cfg = compose_run_config("debug=quick", f"paths.cache_dir={embedded_cache}")
-    donors = P.resolve_donors(cfg)
+    donors = resolve_donors(cfg)
     config = json.loads((Path(donors.path70b) / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
     with pytest.raises(RunConfigError, match=r"^donors.embedded: the built large donor \(.*\) has rms_norm_eps=1e-06, but its recipe gives 1e-05"):
-        P.with_built_donors(P.validate(cfg), dataclasses.replace(donors, path70b=str(tmp_path)))
-    split = P.with_built_donors(P.validate(cfg), donors)
+        with_built_donors(validate(cfg), dataclasses.replace(donors, path70b=str(tmp_path)))
+    split = with_built_donors(validate(cfg), donors)
     assert (split.path8b, split.path70b) == (donors.path8b, donors.path70b) and split.config_70b.architectures == ["LlamaForCausalLM"]

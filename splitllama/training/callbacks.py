@@ -83,8 +83,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class RecordTrainedResult(pl.Callback):
-    """Save what decides the run's result (:func:`~splitllama.training.pipeline.trained_result`) in every
-    checkpoint, under ``key``, so a resume can be checked against it (:func:`~splitllama.training.pipeline.check_resume`)."""
+    """Save what decides the run's result (:func:`~splitllama.run.resume.trained_result`) in every
+    checkpoint, under ``key``, so a resume can be checked against it (:func:`~splitllama.run.resume.check_resume`)."""
 
     def __init__(self, values: dict[str, Any], key: str) -> None:
         self.values, self.key = values, key

@@ -3,7 +3,7 @@
 The task: complete the header of a held-out standard-library function. A prompt is the start of a
 one-line ``def`` header as it stands in a module held out of the donors' training text (the
 validation documents of the ``stdlib_source`` corpus, see
-:func:`splitllama.training.data.in_validation`), up to and including ``def name(``. Two rewards,
+:func:`splitllama.data.in_validation`), up to and including ``def name(``. Two rewards,
 summed:
 
 - ``header_parses`` (1.0 or 0.0): the prompt and the completion's first line make a function
@@ -114,7 +114,7 @@ def held_out_header_prompts(documents: Sequence[str], val_fraction: float, count
                             seed: int) -> tuple[list[HeaderPrompt], list[HeaderPrompt]]:
     """Training and evaluation prompts (disjoint), drawn with ``seed`` from the headers of the
     documents held out at ``val_fraction``."""
-    from .data import in_validation
+    from ..data import in_validation
 
     pool = header_prompts([d for d in documents if in_validation(d, val_fraction)])
     if len(pool) < count + eval_count:

@@ -1,0 +1,181 @@
+"""Resuming a run: which checkpoint, and whether it is the same run (every setting that decides the result).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ..configuration_split_llama import SplitLlamaConfig
+from ..errors import RunConfigError
+from ..results import resumes_run
+from .donors import Donors
+from .settings import config_dict
+
+logger = logging.getLogger(__name__)
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A checkpoint saved by ``parallel=fsdp``: a directory of per-rank shards with Lightning's ``meta.pt``."""
+    return path.is_dir() and (path / "meta.pt").is_file()
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path``: ``last`` (this run dir's checkpoints/last.ckpt), a run directory, or a .ckpt file."""
+    value = cfg.ckpt_path
+    if value is None:
+        return None
+    if value == "last":
+        path = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
+        hint = (
+            "ckpt_path=last resumes the run in the current run directory: pass hydra.run.dir=<the interrupted run's "
+            "directory>, or ckpt_path=<that directory or a .ckpt file>"
+        )
+    else:
+        path = Path(os.path.expanduser(value))
+        if path.is_dir() and not is_sharded_checkpoint(path):
+            path = path / "checkpoints" / "last.ckpt"
+        hint = "give a .ckpt file or a run directory that has checkpoints/last.ckpt"
+    if not (path.is_file() or is_sharded_checkpoint(path)):
+        raise RunConfigError(f"ckpt_path={value}: no checkpoint at {path}; {hint}")
+    import zipfile
+
+    # a torch checkpoint is a zip archive; a truncated one lacks the directory at its end (a sharded
+    # one, parallel=fsdp, is a directory whose meta.pt is such an archive)
+    archive = path / "meta.pt" if is_sharded_checkpoint(path) else path
+    try:
+        zipfile.ZipFile(archive).close()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise RunConfigError(
+            f"ckpt_path={value}: {path} is not a readable checkpoint (truncated or corrupt: {exc}); "
+            f"resume from another .ckpt in {path.parent} or start a new run"
+        ) from None
+    return str(path)
+
+
+def checkpoint_to_resume(cfg: DictConfig) -> str | None:
+    """The checkpoint this run continues: ``ckpt_path`` (:func:`resolve_ckpt_path`), or the run directory's
+    ``last.ckpt`` when a requeued SLURM job reruns an interrupted run."""
+    given = resolve_ckpt_path(cfg)
+    if given is not None:
+        return given
+    last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
+    if resumes_run(cfg.ckpt_path) and last.is_file():
+        logger.info("SLURM requeue (SLURM_RESTART_COUNT=%s): resuming from %s", os.environ["SLURM_RESTART_COUNT"], last)
+        return str(last)
+    return None
+
+
+def last_checkpoint(cfg: DictConfig) -> str | None:
+    """The run directory's ``last.ckpt``, if training wrote one."""
+    last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
+    return str(last) if last.is_file() else None
+
+
+#: the config keys whose values decide what training produces; with the resolved layers and the fingerprints of
+#: the donors, the documents and the tokenizer (:func:`trained_result`) they are saved in every checkpoint, and a
+#: resume (``ckpt_path``) must keep each (:func:`check_resume`). Where the files lie (donor and data paths) is not
+#: among them: their content is.
+TRAINED_RESULT_KEYS = (
+    "adapter.kind", "adapter.init", "adapter.hidden_size", "adapter.rank", "adapter.bias", "adapter.checkpoint",
+    "adapter.calibration_blocks", "finetune.trainable", "finetune.lora", "objective.kind", "objective.lm_weight",
+    "objective.distill_weight", "objective.temperature", "data.source", "data.text_field", "data.min_doc_chars",
+    "data.seq_len", "data.batch_size", "data.val_fraction", "seed", "trainer.max_steps", "trainer.accumulate_grad_batches",
+    "trainer.gradient_clip_val", "trainer.precision", "optim.lr", "optim.weight_decay", "optim.betas", "optim.eps",
+    "optim.warmup_steps", "optim.min_lr_ratio", "backend.name", "backend.dtype",
+)
+
+
+#: what a resume with ``task.extend=true`` may change (only upwards)
+EXTENDABLE_KEYS = ("trainer.max_steps",)
+
+
+#: the key of a checkpoint that holds :func:`trained_result` (written by :class:`~splitllama.training.callbacks.RecordTrainedResult`)
+CHECKPOINT_RESULT_KEY = "splitllama_trained_result"
+
+
+def trained_result(cfg: DictConfig, split: SplitLlamaConfig, donors: Donors | None = None, data: Any = None) -> dict[str, Any]:
+    """What decides a training run's result, as ``{key: value}``: :data:`TRAINED_RESULT_KEYS`, the resolved
+    layer lists (``layers.list8``, ``layers.list70``), and once known the donors' weights fingerprints
+    (``donors.small``, ``donors.large``; :func:`~splitllama.checkpoint.weights_fingerprint`) and the data's
+    (``data.documents``, ``data.tokenizer``)."""
+    values = config_dict(cfg)
+    result: dict[str, Any] = {}
+    for key in TRAINED_RESULT_KEYS:
+        node: Any = values
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        result[key] = node
+    result.update({"layers.list8": list(split.layers_8), "layers.list70": list(split.layers_70)})
+    if donors is not None:
+        from ..checkpoint import weights_fingerprint
+
+        result.update({"donors.small": weights_fingerprint(donors.path8b)[:16], "donors.large": weights_fingerprint(donors.path70b)[:16]})
+    if data is not None:
+        from ..data import documents_fingerprint, tokenizer_fingerprint
+
+        result.update({"data.documents": documents_fingerprint(data.documents)[:16],
+                       "data.tokenizer": (tokenizer_fingerprint(data.tokenizer) or "")[:16] or None})
+    return result
+
+
+def saved_trained_result(ckpt_path: str) -> tuple[dict[str, Any] | None, int]:
+    """The :func:`trained_result` a training checkpoint was saved with (``None``: a checkpoint of an older
+    version, which did not record it) and its step; only its small entries are read (memory-mapped)."""
+    import pickle
+
+    import torch
+
+    path = Path(ckpt_path)
+    archive = path / "meta.pt" if is_sharded_checkpoint(path) else path
+    try:
+        checkpoint = torch.load(archive, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:  # an object the weights-only reader refuses: read it as Lightning's resume will
+        checkpoint = torch.load(archive, map_location="cpu", mmap=True, weights_only=False)
+    return checkpoint.get(CHECKPOINT_RESULT_KEY), int(checkpoint.get("global_step", 0))
+
+
+def check_resume(cfg: DictConfig, ckpt_path: str, current: dict[str, Any], record: Any) -> None:
+    """Refuse a resume that would not continue the checkpoint's run: every :func:`trained_result` entry of
+    ``current`` must equal the checkpoint's, the error naming each that differs (``old -> new``). With
+    ``task.extend=true`` ``trainer.max_steps`` may grow: training goes on to the new count, and
+    results.json's ``resume`` says so and what the learning-rate schedule does at the resume step.
+    Called with the config's entries before donors and data are loaded, then with all of them."""
+    saved, step = saved_trained_result(ckpt_path)
+    where = f"ckpt_path={cfg.ckpt_path}: the checkpoint {ckpt_path} (step {step})"
+    resume: dict[str, Any] = {"checkpoint": ckpt_path, "from_step": step}
+    if saved is None:
+        logger.warning("%s records no settings (saved by an older version): the resume cannot be checked", where)
+        record.update("resume", {**resume, "checked": False})
+        return
+    changed = {key: (saved[key], value) for key, value in current.items() if key in saved and saved[key] != value}
+    old_steps, new_steps = changed.get("trainer.max_steps", (None, None))
+    extends = cfg.task.extend and set(changed) <= set(EXTENDABLE_KEYS) and old_steps is not None and new_steps > old_steps
+    if changed and not extends:
+        lines = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        hint = ""
+        if old_steps is not None and new_steps > old_steps and not cfg.task.extend:
+            hint = f"; to train past trainer.max_steps={old_steps}, resume with task.extend=true (nothing else changed)"
+        elif old_steps is not None and new_steps < old_steps:
+            hint = f"; a run is not shortened on resume (trainer.max_steps={old_steps}: task.extend only lengthens it)"
+        raise RunConfigError(f"{where} was trained with other settings, and a resume continues the same run: {lines}. "
+                             f"Start a new run for new settings (no ckpt_path, a new run directory){hint}")
+    resume["checked"] = True
+    if extends:
+        from ..training.module import warmup_cosine
+
+        o = cfg.optim
+        old_lr, new_lr = (o.lr * warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio) for total in (old_steps, new_steps))
+        resume["extended"] = {"trainer.max_steps": [old_steps, new_steps]}
+        resume["schedule"] = (f"warmup then cosine recomputed over the new {new_steps} steps: at step {step} the learning rate is "
+                              f"{new_lr:.4g} (the checkpoint's schedule over {old_steps} steps gave {old_lr:.4g}), decaying to "
+                              f"{o.lr * o.min_lr_ratio:.4g} at step {new_steps}")
+        logger.warning("task.extend: trainer.max_steps %d -> %d; %s", old_steps, new_steps, resume["schedule"])
+    record.update("resume", resume)
+
+
+__all__ = ["CHECKPOINT_RESULT_KEY", "EXTENDABLE_KEYS", "TRAINED_RESULT_KEYS", "check_resume", "checkpoint_to_resume", "is_sharded_checkpoint", "last_checkpoint", "resolve_ckpt_path", "saved_trained_result", "trained_result"]

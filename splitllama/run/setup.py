@@ -1,0 +1,85 @@
+"""What a task works on, prepared in two steps: :func:`check` (no weights read) then :func:`load` (donors, data, references).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig
+
+from ..configuration_split_llama import SplitLlamaConfig
+from ..errors import RunConfigError
+from .checks import validate
+from .data import make_datamodule
+from .donors import Donors, check_donor_tokenizers, donor_references, load_tokenizer, resolve_donors, saved_model_donors, with_built_donors
+from .downstream import prepare_harness
+from .model import adapter_init, model_spec
+from .settings import plain, uses_embedded_donors
+
+if TYPE_CHECKING:
+    from ..references import DonorReferences
+
+
+@dataclass
+class RunSetup:
+    """What a task works on, prepared once: the validated split config, harness tasks, donors, tokenizer, data."""
+
+    split: SplitLlamaConfig
+    harness: Any = None
+    donors: Donors | None = None
+    model_dir: str | None = None
+    tokenizer: Any = None
+    data: Any = None
+    references: DonorReferences | None = None
+    calibration: Any = None
+
+    def spec(self, cfg: DictConfig) -> Any:
+        """The model spec of this run (:func:`model_spec`), carrying the validated split config."""
+        return model_spec(cfg, self.donors, calibration=self.calibration, model_dir=self.model_dir, split=self.split)
+
+
+def check(cfg: DictConfig, record: Any, *, harness: bool = True) -> RunSetup:
+    """Everything that needs no donor weights, before anything heavy: :func:`validate` (recorded as
+    ``split``) and ``eval.harness``'s tasks (:func:`prepare_harness`)."""
+    from ..results import split_summary
+
+    split = validate(cfg)
+    record.update("split", split_summary(split))
+    return RunSetup(split, harness=prepare_harness(cfg) if harness else None)
+
+
+def load(cfg: DictConfig, record: Any, setup: RunSetup, *, stage: str | None, references: bool = True,
+         model_dir: str | None = None) -> RunSetup:
+    """Donors (built or cached; none for a saved ``model_dir``), tokenizer, data for ``stage``
+    (``None``: only when ``adapter.init=lstsq`` needs calibration) and the donors' reference scores."""
+    setup.model_dir = model_dir
+    if model_dir is None:
+        with record.timed("donors"):
+            setup.donors = resolve_donors(cfg)
+        if uses_embedded_donors(cfg):  # validated from their recipe, before they were built
+            setup.split = with_built_donors(setup.split, setup.donors)
+    setup.tokenizer = load_tokenizer(model_dir or setup.donors.path8b)
+    if model_dir is None:
+        check_donor_tokenizers(cfg, setup.donors, setup.tokenizer, record)
+    if stage is not None or adapter_init(cfg) == "lstsq":
+        with record.timed("data"):
+            setup.data = make_datamodule(cfg, setup.tokenizer)
+            try:
+                setup.data.setup(stage or "fit")
+            except ValueError as exc:  # too few documents or tokens for the split and the blocks: name the corpus
+                origin = f"data.files={list(cfg.data.files)}" if plain(cfg.data.source) == "files" else f"data.source={plain(cfg.data.source)}"
+                raise RunConfigError(f"{exc} ({origin})") from None
+        setup.calibration = setup.data.train_blocks[: cfg.adapter.calibration_blocks]
+    if references:
+        # a saved split model is compared with the donors it was assembled from, where they still are
+        reference_donors = setup.donors or saved_model_donors(setup.split)
+        if reference_donors is not None:
+            with record.timed("references"):  # before the split model is built: one donor in memory at a time
+                setup.references = donor_references(cfg, reference_donors, setup.data.val_blocks)
+            if setup.references is not None:
+                record.update("references", setup.references.as_record())
+    return setup
+
+
+__all__ = ["RunSetup", "check", "load"]
