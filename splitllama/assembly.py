@@ -119,11 +119,6 @@ def _resolve_adapter_init(config: SplitLlamaConfig, adapter_init: str | None, ha
     init = adapter_init or "random"
     if init not in ADAPTER_INITS:
         raise ValueError(f"adapter_init: must be one of {', '.join(ADAPTER_INITS)}, got {init!r}")
-    if init in ("identity", "lstsq") and config.adapter == "mlp":
-        raise ValueError(
-            f"adapter_init: {init!r} applies to the linear and lowrank adapters; the mlp adapter takes 'random' "
-            "(or an adapter_checkpoint)"
-        )
     return init
 
 
@@ -344,6 +339,8 @@ def initialise_adapter(
             lin.weight.copy_(torch.empty(lin.weight.shape, device="cpu").uniform_(-bound, bound, generator=generator))
             if lin.bias is not None:
                 lin.bias.copy_(torch.empty(lin.bias.shape, device="cpu").uniform_(-bound, bound, generator=generator))
+    elif method == "identity" and config.adapter == "mlp":
+        _set_linear_map(adapter, config, torch.eye(config.hidden_size_70, config.hidden_size_8), torch.zeros(config.hidden_size_70), seed=seed)
     elif method == "identity":
         for lin in linears:
             lin.weight.copy_(torch.eye(lin.out_features, lin.in_features))
@@ -353,18 +350,21 @@ def initialise_adapter(
         if calibration is None:
             raise ValueError("adapter_init: 'lstsq' needs calibration texts or token ids")
         weight, bias = fit_lstsq_adapter(model, calibration, seq_len=calibration_seq_len)
-        _set_linear_map(adapter, config, weight, bias)
+        _set_linear_map(adapter, config, weight, bias, seed=seed)
     else:
         raise ValueError(f"adapter_init: must be one of {', '.join(ADAPTER_INITS)}, got {method!r}")
     logger.info("adapter (%s) initialised: %s", config.adapter, method)
 
 
-def _set_linear_map(adapter: nn.Module, config: SplitLlamaConfig, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    """Write the affine map ``x @ weight.T + bias`` into a linear or (truncated-SVD) low-rank adapter."""
+def _set_linear_map(adapter: nn.Module, config: SplitLlamaConfig, weight: torch.Tensor, bias: torch.Tensor, *, seed: int = 0) -> None:
+    """Write the affine map ``x @ weight.T + bias`` into a linear, (truncated-SVD) low-rank or MLP adapter."""
     if config.adapter == "linear":
         adapter.adapter_linear_1.weight.copy_(weight)
         if adapter.adapter_linear_1.bias is not None:
             adapter.adapter_linear_1.bias.copy_(bias)
+        return
+    if config.adapter == "mlp":
+        _set_mlp_map(adapter, weight, bias, seed)
         return
     u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
     r = config.adapter_rank
@@ -373,6 +373,37 @@ def _set_linear_map(adapter: nn.Module, config: SplitLlamaConfig, weight: torch.
     adapter.adapter_linear_2.weight.copy_(u[:, :r] * root[None, :])
     if adapter.adapter_linear_2.bias is not None:
         adapter.adapter_linear_2.bias.copy_(bias)
+
+
+def _set_mlp_map(adapter: nn.Module, weight: torch.Tensor, bias: torch.Tensor, seed: int) -> None:
+    """Write ``x @ weight.T + bias`` into linear -> ReLU -> linear, exactly where the MLP is wide enough.
+
+    ``ReLU(z) - ReLU(-z) = z``: with ``weight = U S V^T`` (rank ``k``), the first layer's units ``2i`` and
+    ``2i + 1`` read ``v_i^T x`` and ``-v_i^T x`` and the second layer adds ``s_i u_i`` times their difference, so
+    ``k`` directions take ``2k`` hidden units; a hidden width of at least twice the map's rank (``2 * h_s``
+    always suffices) holds it exactly, a narrower one the best rank-``hidden // 2`` map (the low-rank
+    adapter's). The other hidden units start as PyTorch's default draw (seeded) with zero outgoing weights:
+    the map is unchanged and they still learn.
+    """
+    first, second = adapter.adapter_linear_1, adapter.adapter_linear_2
+    hidden = first.out_features
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    k = min(hidden // 2, int((s > s[0] * 1e-12).sum()) if s.numel() else 0)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    bound = 1.0 / math.sqrt(first.in_features)
+    w1 = torch.empty(first.weight.shape, dtype=torch.float64).uniform_(-bound, bound, generator=generator)
+    w1[0: 2 * k: 2], w1[1: 2 * k: 2] = vh[:k], -vh[:k]
+    w2 = torch.zeros(second.weight.shape, dtype=torch.float64)
+    w2[:, 0: 2 * k: 2], w2[:, 1: 2 * k: 2] = u[:, :k] * s[:k], -(u[:, :k] * s[:k])
+    first.weight.copy_(w1)
+    second.weight.copy_(w2)
+    if first.bias is not None:
+        first.bias.zero_()
+    if second.bias is not None:
+        second.bias.copy_(bias)
+    if k < min(weight.shape):
+        logger.warning("mlp adapter: hidden size %d holds a rank-%d part of the %dx%d least-squares map (2 x %d units "
+                       "hold it exactly)", hidden, k, *weight.shape, min(weight.shape))
 
 
 def _calibration_ids(calibration: Calibration, tokenizer_dir: str | None, seq_len: int) -> torch.Tensor:

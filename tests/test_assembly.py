@@ -93,7 +93,7 @@ def test_random_adapter_init_is_seeded(small_donor: Path, large_donor: Path) -> 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(adapter="mlp", adapter_init="lstsq"), "adapter_init: 'lstsq' applies to the linear and lowrank"),
+        (dict(adapter="mlp", adapter_init="lstsq"), "needs calibration"),
         (dict(adapter_init="lstsq"), "needs calibration"),
         (dict(adapter_init="orthogonal"), "adapter_init: must be one of random, identity, lstsq"),
         (dict(dtype="float12"), "dtype: unknown dtype"),
@@ -259,3 +259,18 @@ def test_lstsq_beats_random_before_training(tmp_path: Path) -> None:
     assert losses["lstsq"] < losses["large donor"] + 0.5, losses
     lowrank = build_split_model(small, large, 2, 2, adapter="lowrank", adapter_rank=16, adapter_init="lstsq", calibration=train[:64])
     assert held_out_loss(lowrank, held_out) < losses["random"], "rank-16 truncation of the lstsq map should still beat random"
+    # an MLP twice as wide as the small hidden size holds the least-squares map exactly (ReLU(z) - ReLU(-z) = z):
+    # it starts where the linear adapter starts, not at random
+    linear = build_split_model(small, large, 2, 2, adapter="linear", adapter_init="lstsq", calibration=train[:64], seed=0)
+    mlp = build_split_model(small, large, 2, 2, adapter="mlp", adapter_hidden_size=80, adapter_init="lstsq", calibration=train[:64], seed=0)
+    x = torch.randn(5, 7, 32)
+    with torch.no_grad():
+        assert torch.allclose(mlp.model.adapter(x), linear.model.adapter(x), atol=1e-4)
+    assert held_out_loss(mlp, held_out) == pytest.approx(losses["lstsq"], abs=1e-4)
+    # narrower than twice the small width: the best rank-(hidden // 2) part of the map, still far better than random
+    narrow = build_split_model(small, large, 2, 2, adapter="mlp", adapter_hidden_size=32, adapter_init="lstsq", calibration=train[:64])
+    assert held_out_loss(narrow, held_out) < losses["random"] - 0.3
+    # identity for an MLP between equal widths is the identity map
+    same = build_split_model(small, small, 1, 1, adapter="mlp", adapter_hidden_size=64, adapter_init="identity")
+    with torch.no_grad():
+        assert torch.allclose(same.model.adapter(x), x, atol=1e-6)

@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 from ..backend.spec import backend_spec
 from ..configuration_split_llama import SplitConfigError, SplitLlamaConfig
 from ..errors import RunConfigError
-from .schema import AdapterInit, AdapterKind
 from .settings import embedded_recipe, explain_split_error, layer_selection, plain, uses_embedded_donors, validate_run_settings
 
 
@@ -88,9 +87,7 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
     check_dependencies(cfg)
     if not uses_embedded_donors(cfg):
         check_donor_expectations(cfg)
-    kind, init = cfg.adapter.kind, cfg.adapter.init
-    if kind == AdapterKind.mlp and init in (AdapterInit.identity, AdapterInit.lstsq):
-        raise RunConfigError(f"adapter.init={init.name}: applies to the linear and lowrank adapters; the mlp adapter takes random")
+    kind = cfg.adapter.kind
     if cfg.task.model_dir is not None and cfg.task.name.name in ("eval", "generate", "grpo"):
         from ..modeling_split_llama import saved_model_problem
 

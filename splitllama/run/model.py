@@ -16,14 +16,14 @@ from .settings import layer_selection, plain
 
 def adapter_init(cfg: DictConfig) -> str | None:
     """How the adapter starts: ``adapter.init`` as given; ``null`` means least squares (SN-Net's stitch,
-    far better than random before any training) where it applies (a linear or lowrank adapter on a
-    backend that can fit it, hf), else ``random``. ``None`` when nothing is initialised (the identity
+    far better than random before any training) where the backend can fit it (hf; a linear, low-rank or MLP
+    adapter: the MLP holds the same map, see :func:`splitllama.assembly`), else ``random``. ``None`` when nothing is initialised (the identity
     adapter, or a trained ``adapter.checkpoint``)."""
     if cfg.adapter.kind == AdapterKind.identity or cfg.adapter.checkpoint is not None:
         return None
     if cfg.adapter.init is not None:
         return plain(cfg.adapter.init)
-    fits_lstsq = cfg.adapter.kind in (AdapterKind.linear, AdapterKind.lowrank) and cfg.backend.name == "hf"
+    fits_lstsq = cfg.adapter.kind in (AdapterKind.linear, AdapterKind.lowrank, AdapterKind.mlp) and cfg.backend.name == "hf"
     return "lstsq" if fits_lstsq else "random"
 
 
