@@ -1,8 +1,18 @@
 """``task=grpo``: TRL's GRPOTrainer on a split model through run.py, and its verifiable rewards.
 
-The run uses ``debug=quick`` donors (barely trained: their rewards are zero, so this checks the
-plumbing, not learning; the reward curve on the default donors is in the README). Needs trl
-(the ``rl`` extra; ``scripts/setup.sh --dev`` installs it).
+Two kinds of run. ``test_two_grpo_steps_through_run_py`` uses ``debug=quick`` donors (barely trained:
+every reward is zero, so the advantages and the update are zero): the plumbing (logs, CSV, W&B, export,
+the KL reference). ``test_grpo_raises_the_reward_it_is_given`` starts from the default split of the
+shipped donors, whose completions of held-out headers parse about one time in four, so a group's rewards differ:
+there GRPO must raise the reward (and lower it when the reward's sign is flipped), train exactly what
+``finetune.trainable`` names and leave the rest as it was. Needs trl (the ``rl`` extra;
+``scripts/setup.sh --dev`` installs it).
+
+Injected bugs this file catches (each run once against it):
+
+- the reward's sign flipped inside ``train_grpo`` (``reward_weights`` negated): the "rises" case falls;
+- GRPO's learning rate at 0 (``learning_rate=0.0`` in ``train_grpo``): nothing trainable changes, the reward does not rise;
+- a frozen part trained (``select_trainable`` of every parameter): the frozen tensors change.
 """
 
 from __future__ import annotations
@@ -55,11 +65,16 @@ def test_rewards_of_completions() -> None:
     assert header_parameters("x = 1") is None
 
 
-def test_every_held_out_header_earns_both_rewards_with_its_real_completion(tmp_path: Path) -> None:
-    """The rewards are reachable: the real rest of each held-out header gets 1.0 and 1.0."""
-    from splitllama.embedded import collect_stdlib_source
+def stdlib_source(cache: Path) -> list[str]:
+    """The ``stdlib_source`` documents as run.py's ``task=grpo`` reads them (cached in the session's donor cache)."""
+    from splitllama.embedded import load_stdlib_corpus
 
-    documents = collect_stdlib_source(progress=False)
+    return load_stdlib_corpus(cache, 80, corpus="stdlib_source", progress=False)
+
+
+def test_every_held_out_header_earns_both_rewards_with_its_real_completion(embedded_cache: Path) -> None:
+    """The rewards are reachable: the real rest of each held-out header gets 1.0 and 1.0."""
+    documents = stdlib_source(embedded_cache)
     train, evaluation = held_out_header_prompts(documents, 0.05, 64, 16, seed=0)
     assert not {p.prompt for p in train} & {p.prompt for p in evaluation}
     prompts, completions = [p.prompt for p in train], [p.answer for p in train]
@@ -97,8 +112,87 @@ def test_two_grpo_steps_through_run_py(run_py: RunPy, tmp_path: Path) -> None:
     exported = AutoModelForCausalLM.from_pretrained(results["paths"]["export_dir"])
     start = AutoModelForCausalLM.from_pretrained(results["paths"]["start_model"])
     assert json.loads((Path(results["paths"]["export_dir"]) / "config.json").read_text())["architectures"] == ["CustomSplitLLamaForCausalLM"]
-    frozen = {n: t for n, t in start.state_dict().items() if not n.startswith("model.adapter.")}
-    assert all(exported.state_dict()[n].equal(t) for n, t in frozen.items()), "a frozen part changed"
+    # what finetune=last leaves out (the adapter and the large donor's layers train: here with zero advantages)
+    frozen = {n: t for n, t in start.state_dict().items() if not n.startswith(TRAINED_BY_LAST)}
+    assert len(frozen) > 10 and all(exported.state_dict()[n].equal(t) for n, t in frozen.items()), "a frozen part changed"
+
+
+# ------------------------------------------------------------------ GRPO learns
+#: the tensors ``finetune=last`` (the default ``finetune.trainable: [adapter, last]``) trains, by their names in the split model
+TRAINED_BY_LAST = ("model.adapter.", "model.layers_last.")
+
+#: three GRPO steps of 4 prompts x 4 completions of 8 tokens on the shipped donors' default split, from a saved model
+#: (task.model_dir), evaluated before and after on 16 other held-out prompts x 4 samples; the KL term off (beta=0), so
+#: only the reward moves the policy; a constant learning rate. ``adapter.init=random``: the model is loaded, not
+#: assembled, so no calibration data is needed (setup.load builds it for lstsq even with task.model_dir).
+LEARNING_RUN = ["task=grpo", "logger=csv", "eval.references=false", "adapter.init=random", "trainer.max_steps=3",
+                "optim.warmup_steps=0", "optim.min_lr_ratio=1.0", "task.grpo.beta=0", "task.grpo.prompts=64",
+                "task.grpo.eval_prompts=16", "task.grpo.eval_every=3", "task.grpo.prompts_per_step=4", "task.grpo.num_generations=4",
+                "task.grpo.max_completion_length=8"]
+
+
+@pytest.fixture(scope="module")
+def varied_start(embedded_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default split of the shipped donors (all 4 small layers, least-squares adapter on 16 blocks of training
+    files, the last 3 large layers), saved. Its completions of held-out headers parse about one time in four (0.27),
+    so the rewards within a group differ and GRPO has an advantage to follow (on ``debug=quick`` donors all are 0)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from splitllama import build_split_model
+    from splitllama.data import in_validation
+    from splitllama.embedded import SHIPPED_DONORS
+
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_DONORS / "small")
+    ids: list[int] = []
+    for document in (d for d in stdlib_source(embedded_cache) if not in_validation(d, 0.05)):
+        ids += tokenizer(document, add_special_tokens=False)["input_ids"]
+        if len(ids) >= 16 * 128:
+            break
+    model = build_split_model(SHIPPED_DONORS / "small", SHIPPED_DONORS / "large", 4, 3, adapter="linear", adapter_init="lstsq",
+                              calibration=torch.tensor(ids[: 16 * 128]).view(16, 128))
+    out = tmp_path_factory.mktemp("grpo_start") / "model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def parse_rate(history: list[dict], when: str) -> float:
+    """The share of evaluation completions whose header parses (TRL's mean of the ``header_parses`` reward, unweighted)."""
+    rows = [r for r in history if "eval_rewards/header_parses/mean" in r]
+    assert len(rows) == 2, history  # before (step 0) and after the last step
+    return rows[0 if when == "before" else -1]["eval_rewards/header_parses/mean"]
+
+
+@pytest.mark.parametrize("sign", [1, -1], ids=["reward", "reward flipped"])
+def test_grpo_raises_the_reward_it_is_given(run_py: RunPy, varied_start: Path, tmp_path: Path, sign: int) -> None:
+    """Before: GRPO's only run was on donors whose rewards were all 0, where nothing can change, and its "frozen
+    part changed" check counted the trained large layers as frozen. From a model whose rewards vary, 3 steps
+    raise the share of held-out headers that parse (on 64 samples); with the rewards' weights at -1
+    (``task.grpo.reward_weights=[-1,-1]``) the same steps drive it down. The adapter and the last layers
+    (``finetune=last``) change, every other tensor stays bit for bit."""
+    from safetensors.torch import load_file
+
+    run_py.inline(*LEARNING_RUN, f"task.model_dir={varied_start}", f"task.grpo.reward_weights=[{sign},{sign}]",
+                  f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    results = read_results(tmp_path)
+    assert results["status"] == "ok" and results["metrics"]["steps"] == 3
+    before, after = parse_rate(results["grpo"]["history"], "before"), parse_rate(results["grpo"]["history"], "after")
+    assert 0.15 < before < 0.85, before  # rewards that vary: something to learn from, either way
+    # measured on 2 CPU cores: 0.27 -> 0.80 (reward), 0.27 -> 0.0 (flipped); lr 0 leaves it within sampling noise
+    moved = (after - before) * sign
+    assert moved >= 0.15, (f"task.grpo.reward_weights=[{sign},{sign}]: the share of held-out headers that parse went {before:.3f} -> "
+                           f"{after:.3f}, not {'up' if sign > 0 else 'down'} by 0.15")
+
+    start = load_file(varied_start / "model.safetensors")
+    end = load_file(Path(results["paths"]["export_dir"]) / "model.safetensors")
+    assert start.keys() == end.keys()
+    trained = sorted(n for n in start if n.startswith(TRAINED_BY_LAST))
+    assert results["trainable"]["tensors"] == len(trained) == 2 + 9 * 3
+    unchanged = sorted(n for n in trained if start[n].equal(end[n]))
+    assert unchanged == [], f"trainable tensors GRPO did not change: {unchanged}"
+    changed = sorted(n for n in start if not n.startswith(TRAINED_BY_LAST) and not start[n].equal(end[n]))
+    assert changed == [], f"frozen tensors (not in finetune.trainable) that changed: {changed}"
 
 
 @pytest.mark.parametrize(("override", "named"), [

@@ -42,18 +42,15 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         hint = "give a .ckpt file or a run directory that has checkpoints/last.ckpt"
     if not (path.is_file() or is_sharded_checkpoint(path)):
         raise RunConfigError(f"ckpt_path={value}: no checkpoint at {path}; {hint}")
-    import zipfile
+    from ..training.callbacks import checkpoint_archive_problem
 
-    # a torch checkpoint is a zip archive; a truncated one lacks the directory at its end (a sharded
-    # one, parallel=fsdp, is a directory whose meta.pt is such an archive)
+    # a torch checkpoint is a zip archive: truncated, it lacks the directory at its end; changed bytes fail a
+    # member's CRC (a sharded one, parallel=fsdp, is a directory whose meta.pt is such an archive). Checked here,
+    # before donors, data or references are loaded.
     archive = path / "meta.pt" if is_sharded_checkpoint(path) else path
-    try:
-        zipfile.ZipFile(archive).close()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise RunConfigError(
-            f"ckpt_path={value}: {path} is not a readable checkpoint (truncated or corrupt: {exc}); "
-            f"resume from another .ckpt in {path.parent} or start a new run"
-        ) from None
+    problem = checkpoint_archive_problem(archive)
+    if problem:
+        raise RunConfigError(f"ckpt_path={value}: {path} is {problem}; resume from another .ckpt in {path.parent} or start a new run")
     return str(path)
 
 
@@ -79,14 +76,22 @@ def last_checkpoint(cfg: DictConfig) -> str | None:
 #: the config keys whose values decide what training produces; with the resolved layers and the fingerprints of
 #: the donors, the documents and the tokenizer (:func:`trained_result`) they are saved in every checkpoint, and a
 #: resume (``ckpt_path``) must keep each (:func:`check_resume`). Where the files lie (donor and data paths) is not
-#: among them: their content is.
+#: among them: their content is. Besides the model, objective, data, optimiser and schedule: the classes the
+#: groups name (``_target_``: one's own optimiser or data module is another run), the callbacks of one's own
+#: (``callbacks.extra``: stochastic weight averaging, a batch-size schedule), the batches Lightning repeats
+#: (``trainer.overfit_batches``), the data-parallel size that multiplies the batch (``parallel.devices``,
+#: ``parallel.num_nodes``), FSDP's parameter dtype, and the validation blocks the result is scored on
+#: (``data.max_val_blocks``: a resume keeps the first attempt's ``val_loss_before``). Every other config key is
+#: classified, with its reason, in ``tests/test_resume_fields.py``.
 TRAINED_RESULT_KEYS = (
     "adapter.kind", "adapter.init", "adapter.hidden_size", "adapter.rank", "adapter.bias", "adapter.checkpoint",
-    "adapter.calibration_blocks", "finetune.trainable", "finetune.lora", "objective.kind", "objective.lm_weight",
-    "objective.distill_weight", "objective.temperature", "data.source", "data.text_field", "data.min_doc_chars",
-    "data.seq_len", "data.batch_size", "data.val_fraction", "seed", "trainer.max_steps", "trainer.accumulate_grad_batches",
-    "trainer.gradient_clip_val", "trainer.precision", "optim.lr", "optim.weight_decay", "optim.betas", "optim.eps",
-    "optim.warmup_steps", "optim.min_lr_ratio", "backend.name", "backend.dtype",
+    "adapter.calibration_blocks", "finetune.trainable", "finetune.lora", "objective._target_", "objective.kind",
+    "objective.lm_weight", "objective.distill_weight", "objective.temperature", "data._target_", "data.source",
+    "data.text_field", "data.min_doc_chars", "data.seq_len", "data.batch_size", "data.val_fraction", "data.max_val_blocks",
+    "seed", "trainer.max_steps", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val", "trainer.precision",
+    "trainer.overfit_batches", "optim._target_", "optim.lr", "optim.weight_decay", "optim.betas", "optim.eps",
+    "optim.warmup_steps", "optim.min_lr_ratio", "backend._target_", "backend.name", "backend.dtype", "parallel.devices",
+    "parallel.num_nodes", "parallel.fsdp_param_dtype", "callbacks.extra",
 )
 
 
