@@ -5,6 +5,10 @@ any weights are used: truncated and missing shards, a missing tensor, a wrong sh
 untied donor without its head, a config or a checkpoint that is not LLaMA, a saved split model
 without its weights, a truncated training checkpoint, a malformed data file. None may load as
 something else (a random adapter, an embedding used as the head, a silently cast tensor).
+
+And what goes wrong in a run itself: a loss that becomes non-finite (status diverged, exit 3, nothing
+exported, a sweep's worst trial), two writers in one run directory or one run's output over another's,
+a checkpoint whose bytes changed, and a record that says other than what ran.
 """
 
 from __future__ import annotations
@@ -265,6 +269,7 @@ def finished_training_run(run_dir: Path) -> dict[str, bytes]:
     record.claim(resume=False)
     record.update("metrics", {"val_loss": 5.0, "steps": 8})
     record.write("ok")
+    record.release()  # the run has ended: its process no longer holds the directory
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "config.yaml").write_text("optim:\n  lr: 0.001\n")
     (run_dir / ".hydra" / "overrides.yaml").write_text("- debug=quick\n")
@@ -562,6 +567,7 @@ def test_results_json_on_a_full_disk_leaves_no_temporary_file(small_disk: Path) 
     FillDisk(str(small_disk), step=None, free=0).on_train_end(None)
     with pytest.raises(OSError, match="No space left on device"):
         record.write("failed")
+    record.release()
     assert sorted(p.name for p in (small_disk / "run").iterdir()) == [".run_claim"]
 
 
@@ -684,3 +690,335 @@ def test_a_saved_split_model_holding_tensors_its_config_has_no_place_for_is_refu
     save_file({**state, **extra}, saved_split_model / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=re.escape(f"{saved_split_model}: checkpoint holds {len(extra)} tensor(s) its config.json has no place for")):
         AutoModelForCausalLM.from_pretrained(saved_split_model)
+
+
+# ------------------------------------------------------------------ a diverged run is not ok
+#: a run that diverges in its first steps (lr 100 from step 0), with nothing else to pay for: no scoring before
+#: training, no least-squares adapter fit, no donor references, no logger
+DIVERGING = ("debug=quick", "logger=none", "eval.references=false", "task.eval_before=false", "adapter.init=random",
+             "optim.lr=100", "optim.warmup_steps=0")
+
+
+def test_a_diverging_run_ends_diverged_exports_nothing_and_exits_3(run_py: RunPy, tmp_path: Path) -> None:
+    """Before: ``optim.lr=100`` exited 0 with ``status: ok``, ``val_loss: "nan"``, an hf_model/ of NaN weights and
+    checkpoints of them (a resume trained on NaN). Now: status diverged (the step, the loss, the last finite loss),
+    no export, no checkpoint of non-finite weights, exit status 3 (a process: what a shell or a scheduler sees).
+    ``trainer.nonfinite_patience=3`` goes on past the first NaN loss (step 3) until the checkpoint due at step 4
+    would hold NaN weights: it is not written, and the run ends there (the sweep test below stops at once, patience 0)."""
+    import math
+
+    from splitllama.results import read_results
+
+    run_dir = tmp_path / "run"
+    proc = run_py(*DIVERGING, "trainer.nonfinite_patience=3", f"hydra.run.dir={run_dir}", cwd=tmp_path, ok=False)
+    assert proc.returncode == 3, (proc.stdout[-2000:], proc.stderr[-3000:])  # splitllama.results.DIVERGED_EXIT_STATUS
+    results = read_results(run_dir)
+    assert results["status"] == "diverged" and results["error"]["type"] == "RunDiverged"
+    diverged = results["diverged"]
+    assert diverged["where"] == "checkpoint" and diverged["step"] == 4 == results["metrics"]["steps"]
+    assert diverged["step"] > diverged["last_finite_step"] + 1 and math.isfinite(diverged["last_finite_loss"])  # it went on past one
+    assert "val_loss" not in results["metrics"]
+    assert not (run_dir / "hf_model").exists() and not (run_dir / "checkpoints").exists()
+    message = results["error"]["message"]
+    assert message.startswith("training diverged at step 4: the weights hold NaN or infinite values (") and "Lower optim.lr" in message
+    assert message in proc.stdout + proc.stderr
+
+
+def test_a_checkpoint_with_nonfinite_tensors_is_not_saved(tmp_path: Path) -> None:
+    """The writer itself refuses (checkpoints saved without the training callbacks too, e.g. by a signal).
+    Before: written like any other."""
+    from splitllama.training.callbacks import AtomicCheckpointIO
+
+    weights = {"state_dict": {"layer.weight": torch.tensor([1.0, float("nan")])}, "global_step": 5}
+    with pytest.raises(Exception, match=re.escape(f"the checkpoint of step 5 was not saved to {tmp_path / 'last.ckpt'}: "
+                                                  "1 tensor(s) (state_dict.layer.weight) hold NaN or infinite values")) as refused:
+        AtomicCheckpointIO().save_checkpoint(weights, tmp_path / "last.ckpt")
+    assert type(refused.value).__name__ == "RunDiverged"  # splitllama.results: run.py records status diverged
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["bytes changed", "NaN weights"])
+def test_a_checkpoint_is_checked_whole_when_a_resume_loads_it(tmp_path: Path, damage: str) -> None:
+    """Before: bytes changed inside last.ckpt (a disk, a copy) resumed as other weights (torch.load checks no CRC: the
+    run ended ok with val_loss nan); a checkpoint of NaN weights resumed too. The Trainer's checkpoint reader refuses
+    both, naming the file and where to resume from instead."""
+    from splitllama.errors import RunConfigError
+    from splitllama.run.trainer import make_trainer
+
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": {"w": torch.ones(64) if damage == "bytes changed" else torch.full((64,), float("nan"))},
+                "global_step": 3}, ckpt)
+    if damage == "bytes changed":
+        data = bytearray(ckpt.read_bytes())
+        at = data.index(b"\x00\x00\x80\x3f" * 64)  # the tensor's 64 float32 ones, stored uncompressed
+        data[at + 3] = 0x40  # 1.0 -> 4.0: a finite value, nothing but the CRC can tell
+        ckpt.write_bytes(bytes(data))
+        assert torch.load(ckpt, weights_only=True)["state_dict"]["w"][0] == 4.0  # torch reads it as other weights
+        expected = f"ckpt_path: the checkpoint {ckpt} is damaged: its member last/data/0 fails its CRC-32 check"
+    else:
+        expected = f"ckpt_path: the checkpoint {ckpt} holds NaN or infinite values in 1 tensor(s) (state_dict.w): the run it continues had diverged"
+    reader = make_trainer(compose_run_config("debug=quick", f"paths.output_dir={tmp_path}"), [], []).strategy.checkpoint_io
+    with pytest.raises(RunConfigError, match="^" + re.escape(expected)) as refused:
+        reader.load_checkpoint(ckpt)
+    assert str(refused.value).endswith(f"resume from another .ckpt in {ckpt.parent} (ckpt_path=<that file>), or start a new run "
+                                       "(no ckpt_path, a new run directory)")
+
+
+def test_a_sweep_goes_on_past_a_diverged_trial_and_optuna_counts_it_worst(run_py: RunPy, tmp_path: Path) -> None:
+    """Before: ``-m optim.lr=1e-3,100``: the NaN run was ok with val_loss "nan", the summary raised comparing a float
+    with that string (no table, no figures), and Optuna's study aborted on the NaN value. Now the diverged trial
+    is +inf to Optuna, whose study goes on and picks the finite one; the summary lists it last."""
+    import yaml
+
+    from splitllama.analysis import load_sweep
+    from splitllama.results import read_results
+
+    sweep_dir = tmp_path / "s"
+    run_py.inline("-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", "hydra.sweeper.direction=minimize",
+                  "hydra.sweeper.n_trials=2", *DIVERGING[:-2], "optim.warmup_steps=0", "optim.lr=choice(0.001,100)",
+                  "trainer.max_steps=3", "trainer.val_check_interval=3", "task.export=false", "hydra.callbacks.sweep_summary.figures=false",
+                  f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    report = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert report["best_params"] == {"optim.lr": 0.001} and report["best_value"] < 10
+    df = load_sweep(sweep_dir).set_index("status")
+    assert sorted(df.index) == ["diverged", "ok"] and df.loc["diverged", "error"].startswith("RunDiverged: training diverged at step ")
+    diverged = read_results(df.loc["diverged", "run_dir"])["diverged"]
+    assert diverged["where"] == "train" and diverged["step"] == diverged["last_finite_step"] + 1  # at once: patience 0
+    assert sorted(line.split(",")[1] for line in (sweep_dir / "summary.csv").read_text().splitlines()[1:]) == ["diverged", "ok"]
+
+
+def test_the_sweep_summary_reads_a_nonfinite_loss_written_as_a_string(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """results.json writes a non-finite number as a string ("nan": JSON has none), as the runs that diverged with
+    status ok did; one such string in the loss column made the sweep's summary callback raise (its heatmap compared
+    it with a float): no table, no figures. The summary now reads it as NaN and lists the runs that are not ok last."""
+    from omegaconf import OmegaConf
+
+    from splitllama.sweeps import SweepSummary
+
+    for job, status, loss, n70 in (("0", "ok", 5.0, 2), ("1", "ok", "nan", 3), ("2", "diverged", None, 4)):
+        (tmp_path / job).mkdir()
+        metrics = {"val_loss": loss, "val_ppl": loss} if loss is not None else {}
+        split = {"n8": 2, "n70": n70, "adapter": "linear"}
+        (tmp_path / job / "results.json").write_text(json.dumps({"status": status, "metrics": metrics, "config": {}, "split": split}))
+    SweepSummary(figures=True).on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    table = capsys.readouterr().out.splitlines()
+    assert table[1] == f"sweep {tmp_path}: 3 runs (2 ok, 1 diverged)"
+    assert [line.split()[1] for line in table[5:8]] == ["ok", "ok", "diverged"]
+    assert (tmp_path / "heatmap.png").read_bytes().startswith(b"\x89PNG")
+
+
+# ------------------------------------------------------------------ one writer per run
+def test_a_second_live_process_in_a_run_directory_is_refused_naming_it(tmp_path: Path) -> None:
+    """Before: two resumes of one run started 2 s apart both ran (both ok; the first one's result was in neither
+    results.json nor results_history/). Now a run directory has one live process: the second is refused before it
+    writes anything, naming the holder (pid, host, start, command)."""
+    import socket
+
+    from splitllama.results import RunRecord
+
+    run_dir = tmp_path / "run"
+    finished_training_run(run_dir)
+    holder = RunRecord(run_dir, task="train", config={})
+    holder.claim(resume=True)  # a resume of the run, still running (this process)
+    before = tree_bytes(run_dir)
+    code = run_main("debug=quick", "ckpt_path=last", "logger=none", f"hydra.run.dir={run_dir}")
+    assert isinstance(code, str) and code.startswith(
+        f"error: run directory {run_dir} is in use by a running process (pid {os.getpid()} on {socket.gethostname()}, "
+        f"started {holder.data['started']}: `"), code
+    assert code.endswith("); one process at a time writes a run directory. Wait for it to end (or stop it), then run again; "
+                         "or give this run its own directory (leave hydra.run.dir to its default)")
+    assert tree_bytes(run_dir) == before
+    holder.release()
+    # the lock was all that stood in the way: the resume now gets as far as the (fake) checkpoint
+    assert "is not a readable checkpoint" in run_main("debug=quick", "ckpt_path=last", "logger=none", f"hydra.run.dir={run_dir}")
+
+
+def test_a_fresh_run_racing_another_for_its_directory_writes_nothing(tmp_path: Path) -> None:
+    """Before: two fresh runs passed the run-dir guard together (the claim came later, in the task), so the loser
+    wrote its .hydra/config.yaml and run.log beside the winner's result. The guard now claims the directory."""
+    from splitllama.results import RunDirGuard, RunRecord
+
+    run_dir = tmp_path / "run"
+    RunDirGuard().on_run_start(compose_run_config("debug=quick", f"hydra.run.dir={run_dir}", hydra_node=True))  # the winner
+    code = run_main("debug=quick", "optim.lr=-1", "logger=none", f"hydra.run.dir={run_dir}")
+    assert isinstance(code, str) and code.startswith(f"error: run directory {run_dir} is in use by a running process (pid {os.getpid()} "), code
+    assert sorted(p.name for p in run_dir.iterdir()) == [".run_claim"]
+    winner = RunRecord(run_dir, task="train", config={})
+    winner.claim(resume=False)  # run.py's claim takes over the guard's
+    winner.release()
+
+
+def test_a_killed_holder_leaves_the_run_directory_free(tmp_path: Path) -> None:
+    """The lock is the kernel's (flock): a process killed with SIGKILL holds nothing, so its run resumes at once."""
+    import signal
+
+    from splitllama.results import RunDirInUse, RunRecord
+
+    run_dir = tmp_path / "run"
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the holder: a run that claimed its directory and is running
+        try:
+            record = RunRecord(run_dir, task="train", config={})
+            record.claim(resume=False)
+            os.write(ready_w, b"1")
+            signal.pause()
+        finally:
+            os._exit(1)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        with pytest.raises(RunDirInUse, match=re.escape(f"is in use by a running process (pid {pid} on ")):
+            RunRecord(run_dir, task="train", config={}).claim(resume=True)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    resumed = RunRecord(run_dir, task="train", config={})
+    resumed.claim(resume=True)
+    assert json.loads((run_dir / ".run_claim").read_text())["pid"] == os.getpid()
+    resumed.release()
+
+
+@pytest.mark.parametrize("case", ["export into another run", "checkpoints into another run", "export over its own run",
+                                  "export over files no run wrote", "run directory inside another run"])
+def test_a_run_writes_only_its_own_directory_or_places_no_run_records(embedded_cache: Path, tmp_path: Path, case: str) -> None:
+    """Before: ``task=assemble paths.export_dir=<a finished run>/hf_model`` exited 0, the trained model replaced by an
+    untrained assembly while the victim's results.json still said ok; an export over a folder replaced the folder
+    whole (its files gone). Each is refused before any work, naming the setting, whose the place is and what to give."""
+    from splitllama.results import read_results
+
+    victim = tmp_path / "victim"
+    finished_training_run(victim)
+    new = tmp_path / "new"
+    common = ("debug=quick", "logger=none", "adapter.init=random", "eval.references=false", f"paths.cache_dir={embedded_cache}")
+    recorded = f"a task=train run with status 'ok' started {read_results(victim)['started']}"
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    overrides, message = {
+        "export into another run": (["task=assemble", f"paths.export_dir={victim}/hf_model"],
+                                    f"paths.export_dir={victim}/hf_model: lies in the run directory {victim} of {recorded}, whose files a run "
+                                    "must not replace"),
+        "checkpoints into another run": (["trainer.max_steps=2", f"paths.checkpoint_dir={victim}/checkpoints"],
+                                         f"paths.checkpoint_dir={victim}/checkpoints: lies in the run directory {victim} of {recorded}"),
+        "export over its own run": (["task=assemble", f"paths.export_dir={tmp_path}"],
+                                    f"paths.export_dir={tmp_path}: is this run's directory or holds it ({new}), which the run's output "
+                                    f"would replace; leave paths.export_dir to its default (inside this run's directory {new})"),
+        "export over files no run wrote": (["task=assemble", f"paths.export_dir={foreign}"],
+                                           f"paths.export_dir={foreign}: holds files no run wrote (todo.txt), which the run would replace "
+                                           "or mix with its own; give a new or empty directory"),
+        "run directory inside another run": (["task=assemble", f"hydra.run.dir={victim}/hf_model/run"], ""),
+    }[case]
+    before, notes = tree_bytes(victim), tree_bytes(foreign)
+    run_dir = victim / "hf_model" / "run" if case == "run directory inside another run" else new
+    code = run_main(*common, *overrides, *([] if "hydra.run.dir" in overrides[-1] else [f"hydra.run.dir={new}"]))
+    if case == "run directory inside another run":
+        assert code == (f"error: run directory {run_dir} lies inside the run directory {victim} of {recorded}; a run's directory holds "
+                        "only its own files. Give hydra.run.dir a path outside other runs' directories (or leave it to its default)")
+    else:
+        assert isinstance(code, str) and code.startswith(f"error: {message}"), code
+        assert read_results(new)["status"] == "failed" and "timings" in read_results(new)  # recorded, before any work
+        assert "donors_s" not in read_results(new)["timings"]
+    assert tree_bytes(victim) == before and tree_bytes(foreign) == notes
+
+
+def test_an_export_outside_the_run_directory_is_marked_and_no_later_run_replaces_it(embedded_cache: Path, tmp_path: Path) -> None:
+    """An export outside its run's directory is allowed, and marked with the run that wrote it; another run pointed at
+    it is refused while that run records it. Before: the second assembly replaced the first one's model silently."""
+    from splitllama.results import read_results
+
+    models = tmp_path / "models" / "split"
+    common = ("debug=quick", "task=assemble", "logger=none", "adapter.init=random", f"paths.cache_dir={embedded_cache}",
+              f"paths.export_dir={models}")
+    assert run_main(*common, f"hydra.run.dir={tmp_path / 'a'}") == 0
+    assert (models / "config.json").is_file() and read_results(tmp_path / "a")["paths"]["export_dir"] == str(models)
+    exported = tree_bytes(models)
+    code = run_main(*common, f"hydra.run.dir={tmp_path / 'b'}")
+    assert isinstance(code, str) and code.startswith(
+        f"error: paths.export_dir={models}: was written by the run in {tmp_path / 'a'} (a task=assemble run with status 'ok' started "), code
+    assert code.endswith(f"give a new directory, or leave paths.export_dir to its default (inside this run's directory {tmp_path / 'b'}) "
+                         f"(remove {models} first if that run's output may go)")
+    assert tree_bytes(models) == exported
+    from splitllama.results import OUTPUT_MARK
+
+    assert json.loads((models / OUTPUT_MARK).read_text()) == {"run_dir": str(tmp_path / "a")}
+
+
+# ------------------------------------------------------------------ what is recorded is what ran
+def test_results_json_records_what_the_trainer_ran(run_py: RunPy, tmp_path: Path) -> None:
+    """Before: ``trainer.precision=16`` on a CPU trained in bf16-mixed while results.json said 16; with
+    ``accumulate_grad_batches=2`` validation came every val_check_interval *batches* (twice as often as configured)
+    and nothing recorded the effective batch; ``data.max_val_blocks`` above the split's blocks validated on fewer,
+    unsaid; a warmup as long as the run went by without a word. Now results.json's ``ran`` says what ran and
+    ``warnings`` each setting that defeats part of itself."""
+    import csv
+
+    from splitllama.results import read_results
+
+    run_dir = tmp_path / "run"
+    run_py.inline("debug=quick", "logger=csv", "eval.references=false", "task.eval_before=false", "adapter.init=random",
+                  "task.export=false", "trainer.precision=16", "trainer.accumulate_grad_batches=2", "trainer.max_steps=2",
+                  "trainer.val_check_interval=1", "trainer.checkpoint_every_n_steps=4", "optim.warmup_steps=2", "data.batch_size=2",
+                  "data.val_fraction=0.001", "data.max_val_blocks=1000", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    results = read_results(run_dir)
+    ran = results["ran"]
+    assert ran["precision"] == "bf16-mixed" and results["config"]["trainer"]["precision"] == "16"
+    assert (ran["accelerator"], ran["devices"], ran["world_size"]) == ("cpu", 1, 1)
+    assert ran["batch"] == {"per_replica": 2, "accumulate_grad_batches": 2, "data_parallel": 1, "effective": 4, "tokens_per_step": 256}
+    assert ran["schedule"]["warmup_steps"] == 2 and ran["schedule"]["validate_every_steps"] == 1
+    blocks = ran["val_blocks"]
+    assert 1 <= blocks < 1000
+    assert results["warnings"] == [
+        "optim.warmup_steps=2 >= trainer.max_steps=2: the learning rate warms up for the whole run, reaching 100% of optim.lr=0.001 "
+        "at the last step, and never decays; give optim.warmup_steps below 2 (a tenth of the steps is usual) for the schedule to run",
+        "trainer.checkpoint_every_n_steps=4 > trainer.max_steps=2: no checkpoint before training ends (a crash restarts it from "
+        "step 0; a signal still checkpoints); give trainer.checkpoint_every_n_steps <= 2",
+        "trainer.precision=16: Lightning runs bf16-mixed here (cpu; fp16 mixed precision needs a GPU), and results.json's "
+        "ran.precision records that; give trainer.precision=bf16-mixed to ask for what runs, or run on a GPU for fp16",
+        f"data.max_val_blocks=1000: the validation split holds {blocks} blocks, so the run validates on {blocks} (results.json's "
+        "ran.val_blocks); raise data.val_fraction for more",
+    ]
+    with open(results["paths"]["metrics_csv"]) as f:
+        validations = [row for row in csv.DictReader(f) if row.get("val/loss")]
+    assert len(validations) == 2  # at each of the 2 optimizer steps (Lightning counted batches: 4 passes)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["task.stop_after_steps=8"], "task.stop_after_steps=8: must be below trainer.max_steps=8: training ends there first (and exports), "
+                                  "so the stop would never happen; give a step below 8, or null for a whole run"),
+    (["trainer.precision=banana"], "trainer.precision=banana: must be one of 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, 64-true, "
+                                   "transformer-engine, transformer-engine-float16, 32, 16, bf16, 64 (trainer=bf16 sets bf16-mixed for a "
+                                   "GPU; 32-true runs anywhere)"),
+    (["trainer.nonfinite_patience=-1"], "trainer.nonfinite_patience=-1: must be >= 0 (optimizer steps with a non-finite loss before the "
+                                        "run stops as diverged; 0: at the first)"),
+], ids=["a stop that never comes", "a precision Lightning has not", "negative patience"])
+def test_settings_that_defeat_themselves_are_refused_before_work(overrides: list[str], message: str) -> None:
+    """Before: a stop after the last step ran a whole run and exported it; ``precision=banana`` failed in Lightning's
+    Trainer, after the donors and data were loaded, with a message naming no setting."""
+    from splitllama.errors import RunConfigError
+    from splitllama.run.checks import validate
+
+    with pytest.raises(RunConfigError, match="^" + re.escape(message) + "$"):
+        validate(compose_run_config("debug=quick", *overrides))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["optim.warmup_steps=10"], "optim.warmup_steps=10 >= trainer.max_steps=8: the learning rate warms up for the whole run, reaching "
+                                "80% of optim.lr=0.001 at the last step, and never decays; give optim.warmup_steps below 8 (a tenth of the "
+                                "steps is usual) for the schedule to run"),
+    (["trainer.val_check_interval=20"], "trainer.val_check_interval=20 > trainer.max_steps=8: no validation during training, only the "
+                                        "final one; give trainer.val_check_interval <= 8 for a validation curve"),
+    (["trainer.checkpoint_every_n_steps=20"], "trainer.checkpoint_every_n_steps=20 > trainer.max_steps=8: no checkpoint before training "
+                                              "ends (a crash restarts it from step 0; a signal still checkpoints); give "
+                                              "trainer.checkpoint_every_n_steps <= 8"),
+    (["trainer.log_every_n_steps=20"], "trainer.log_every_n_steps=20 > trainer.max_steps=8: no training step is logged; give "
+                                       "trainer.log_every_n_steps <= 8"),
+], ids=["warmup past the run", "validation past the run", "checkpoint past the run", "logging past the run"])
+def test_settings_that_defeat_part_of_themselves_are_warned_before_work(overrides: list[str], message: str) -> None:
+    """Each ran without a word before (the warmup case: the learning rate never reached its peak). A warning names
+    the setting, what it does to the run and the fix; run.py records it in results.json (see the test above)."""
+    from splitllama.run.settings import setting_warnings
+
+    cfg = compose_run_config("debug=quick", *overrides)
+    assert setting_warnings(cfg) == [message]
+    assert setting_warnings(compose_run_config("debug=quick")) == []

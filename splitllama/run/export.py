@@ -12,11 +12,24 @@ def export_model(backend: Any, export_dir: str | os.PathLike[str], tokenizer: An
     """``backend.export_hf`` into ``.<name>.partial`` beside ``export_dir``, renamed to ``export_dir`` once
     complete (replacing an earlier export of the run); on a failure (a full disk) the partial directory is
     removed, so no half-saved model is left under the export's name. ``writer``: this process writes (rank 0;
-    the other ranks of a collective export only take part in the gather)."""
+    the other ranks of a collective export only take part in the gather).
+
+    Whose ``export_dir`` is was checked before the run started (:func:`~splitllama.run.outcome.check_outputs`);
+    here, as a last guard, a directory that is a run's (its ``results.json`` or claim) or holds one is never
+    replaced, and the mark naming the run that owns an export outside its run directory is kept."""
     import shutil
+
+    from ..errors import RunConfigError
+    from ..results import OUTPUT_MARK, enclosing_run
 
     out = Path(export_dir)
     partial, old = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.old")
+    if writer and out.exists():
+        resolved = out.resolve()
+        owner = enclosing_run(resolved)
+        if owner == resolved or (owner is None and Path.cwd().resolve().is_relative_to(resolved)):
+            raise RunConfigError(f"paths.export_dir={export_dir}: {out} is a run directory or holds the working directory, "
+                                 "which an export would replace whole; give a new directory for the export")
     if writer:
         shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -26,6 +39,8 @@ def export_model(backend: Any, export_dir: str | os.PathLike[str], tokenizer: An
             shutil.rmtree(partial, ignore_errors=True)
         raise
     if writer:
+        if (out / OUTPUT_MARK).is_file():
+            shutil.copy2(out / OUTPUT_MARK, partial / OUTPUT_MARK)
         if out.exists():
             os.replace(out, old)
         os.replace(partial, out)

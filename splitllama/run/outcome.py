@@ -1,9 +1,13 @@
 """How a task ends: the run directory claimed, the task run, ``results.json`` written for every way it ends.
 
 :func:`execute` is the body of ``run.py``'s ``main``: it claims the run directory (a used one is refused
-unless the run resumes it), runs the task, and records the outcome: ``ok``, ``interrupted`` (Ctrl-C,
-SIGTERM: training stops with a checkpoint; exit 130 / 143) or ``failed`` (the error, and in a multirun
-the sweep goes on with this job as its worst trial). What it returns is what a Hydra sweeper optimises.
+unless the run resumes it; one live process at a time), checks that the output directories it will write
+are its own (:func:`~splitllama.results.output_refusal`), records the settings that defeat part of
+themselves (``warnings``), runs the task, and records the outcome: ``ok``, ``interrupted`` (Ctrl-C,
+SIGTERM: training stops with a checkpoint; exit 130 / 143), ``diverged`` (the loss became non-finite:
+the step and the last finite loss, nothing exported; exit :data:`~splitllama.results.DIVERGED_EXIT_STATUS`,
+3) or ``failed`` (the error; exit 1). In a multirun a diverged or failed job returns +inf, the worst trial,
+and the sweep goes on. What it returns is what a Hydra sweeper optimises.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from omegaconf import DictConfig
 
 from ..configuration_split_llama import SplitConfigError
 from ..errors import RunConfigError
-from ..results import RunDirInUse, RunInterrupted, RunRecord, RunSignals, is_first_rank, outcome_line, resumes_run
+from ..results import (DIVERGED_EXIT_STATUS, RunDirInUse, RunDiverged, RunInterrupted, RunRecord, RunSignals, claim_output, is_first_rank,
+                       outcome_line, output_refusal, resumes_run)
 from .resume import last_checkpoint
 from .schema import SweepObjective
-from .settings import config_dict, plain
+from .settings import config_dict, plain, setting_warnings, written_paths
 from .trainer import apply_cpu_threads
 
 logger = logging.getLogger("splitllama.run")
@@ -33,6 +38,8 @@ def sweep_value(cfg: DictConfig, val_loss: float | None, flops: dict) -> float |
     """What a Hydra sweeper sees (``sweep.objective``): the validation loss, the loss penalised
     for exceeding ``sweep.flops_budget`` training FLOPs per token, or [loss, GFLOPs per token]."""
     objective = cfg.sweep.objective
+    if val_loss is not None and not math.isfinite(val_loss):
+        val_loss = math.inf  # the worst trial: Optuna's sweeper aborts a study on nan
     if val_loss is None or objective == SweepObjective.val_loss:
         return val_loss
     train_flops = flops.get("train_flops_per_token", float("nan"))
@@ -63,24 +70,16 @@ def execute(cfg: DictConfig, tasks: Mapping[str, Task], signals: RunSignals, *, 
     record = RunRecord(cfg.paths.output_dir, task=task, config=config_dict(cfg), repo_dir=repo_dir)
     if rank_zero:  # other ranks run in the directory rank 0 claimed
         try:
-            record.claim(resume=resumes_run(cfg.ckpt_path), hint=", or resume it with ckpt_path=last" if task == "train" else "")
+            resume = resumes_run(cfg.ckpt_path)
+            record.claim(resume=resume, hint=", or resume it with ckpt_path=last" if task == "train" and not resume else "")
         except RunDirInUse as exc:
             raise SystemExit(f"error: {exc}") from None
         signals.install()
     try:
-        record.update("paths", {"hydra_config": str(Path(cfg.paths.output_dir) / config_subdir())})
-        threads = apply_cpu_threads(cfg)
-        if threads is not None:
-            record.data["cpu_threads"] = threads
-        metric = tasks[task](cfg, record)
-        status = "interrupted" if record.data.get("interrupted") else "ok"
-        if rank_zero:
-            path = record.write(status)
-            logger.info("%s: %s", status, path)
-            summary = outcome_line(record.data)
-            if summary:
-                logger.info("%s", summary)
-        return sweep_value(cfg, metric, record.data.get("flops", {}))
+        with record.executing(cfg):
+            return _run_task(cfg, tasks[task], record, rank_zero)
+    except RunDiverged as exc:
+        return _diverged(cfg, record, exc, rank_zero)
     except BaseException as exc:
         if signals.received is not None or isinstance(exc, (KeyboardInterrupt, RunInterrupted)):
             # Ctrl-C (Lightning turns it into SystemExit), SIGTERM (SLURM before a kill), a clean stop on either
@@ -96,10 +95,7 @@ def execute(cfg: DictConfig, tasks: Mapping[str, Task], signals: RunSignals, *, 
             raise SystemExit(143 if signals.received == "SIGTERM" else 130) from None
         record.fail(exc)
         if rank_zero:
-            try:
-                record.write()
-            except OSError as write_error:  # a full disk: the temporary file is gone, the error is in the log
-                logger.error("could not write results.json (%s) to record: %s: %s", write_error, type(exc).__name__, exc)
+            _write_ending(record)
         if not isinstance(exc, Exception):
             raise
         if is_multirun():  # record the failure and let the sweep go on
@@ -109,6 +105,64 @@ def execute(cfg: DictConfig, tasks: Mapping[str, Task], signals: RunSignals, *, 
         if isinstance(exc, (RunConfigError, SplitConfigError)):
             raise SystemExit(f"error: {exc}") from None
         raise
+    finally:
+        record.release()
 
 
-__all__ = ["Task", "config_subdir", "execute", "is_multirun", "sweep_value"]
+def _run_task(cfg: DictConfig, task: Task, record: RunRecord, rank_zero: bool) -> float | list[float] | None:
+    """The task itself, between the checks that need no work (output directories, settings) and ``results.json``."""
+    record.update("paths", {"hydra_config": str(Path(cfg.paths.output_dir) / config_subdir())})
+    if rank_zero:
+        check_outputs(cfg, record)
+        for message in setting_warnings(cfg):
+            record.warn(message)
+    threads = apply_cpu_threads(cfg)
+    if threads is not None:
+        record.data["cpu_threads"] = threads
+    metric = task(cfg, record)
+    status = "interrupted" if record.data.get("interrupted") else "ok"
+    if rank_zero:
+        path = record.write(status)
+        logger.info("%s: %s", status, path)
+        summary = outcome_line(record.data)
+        if summary:
+            logger.info("%s", summary)
+    return sweep_value(cfg, metric, record.data.get("flops", {}))
+
+
+def check_outputs(cfg: DictConfig, record: RunRecord) -> None:
+    """One writer per run: each output directory the task writes (:func:`~splitllama.run.settings.written_paths`) lies
+    in the run's own directory or in a place no other run's record names (:func:`~splitllama.results.output_refusal`);
+    one outside is marked as this run's (:func:`~splitllama.results.claim_output`). Before any work."""
+    written = written_paths(cfg)
+    for key, path in written.items():
+        refusal = output_refusal(path, record.run_dir, key)
+        if refusal:
+            raise RunConfigError(refusal)
+    for path in written.values():
+        claim_output(path, record.run_dir)
+
+
+def _write_ending(record: RunRecord, status: str | None = None) -> None:
+    try:
+        record.write(status)
+    except OSError as write_error:  # a full disk: the temporary file is gone, the error is in the log
+        error = record.data.get("error") or {}
+        logger.error("could not write results.json (%s) to record: %s: %s", write_error, error.get("type"), error.get("message"))
+
+
+def _diverged(cfg: DictConfig, record: RunRecord, exc: RunDiverged, rank_zero: bool) -> float | list[float] | None:
+    """A loss that became non-finite: ``status: diverged`` with the step and the last finite loss; exit 3, or +inf to a sweep."""
+    record.fail(exc)
+    record.data["diverged"] = exc.details
+    if exc.details.get("step") is not None:
+        record.update("metrics", {"steps": exc.details["step"]})
+    if rank_zero:
+        _write_ending(record, "diverged")
+        logger.error("%s; results.json records it (status: diverged)", exc)
+    if is_multirun():  # the sweep goes on: a diverged job is its worst trial
+        return sweep_value(cfg, math.inf, {"train_flops_per_token": math.inf})
+    raise SystemExit(DIVERGED_EXIT_STATUS) from None
+
+
+__all__ = ["Task", "check_outputs", "config_subdir", "execute", "is_multirun", "sweep_value"]

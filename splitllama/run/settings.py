@@ -122,6 +122,10 @@ def validate_run_settings(cfg: Any) -> None:
     check_setting(cfg.trainer.max_steps >= 1, "trainer.max_steps", cfg.trainer.max_steps, "must be >= 1")
     check_setting(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches, "must be >= 1")
     check_setting(cfg.trainer.checkpoint_every_n_steps >= 1, "trainer.checkpoint_every_n_steps", cfg.trainer.checkpoint_every_n_steps, "must be >= 1")
+    check_setting(cfg.trainer.nonfinite_patience >= 0, "trainer.nonfinite_patience", cfg.trainer.nonfinite_patience,
+                  "must be >= 0 (optimizer steps with a non-finite loss before the run stops as diverged; 0: at the first)")
+    check_setting(str(cfg.trainer.precision) in PRECISIONS, "trainer.precision", cfg.trainer.precision,
+                  f"must be one of {', '.join(PRECISIONS)} (trainer=bf16 sets bf16-mixed for a GPU; 32-true runs anywhere)")
     check_setting(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
     check_setting(cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay, "must be >= 0")
     check_setting(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", cfg.optim.warmup_steps, "must be >= 0")
@@ -164,6 +168,10 @@ def validate_run_settings(cfg: Any) -> None:
     check_setting(cfg.sweep.penalty >= 0, "sweep.penalty", cfg.sweep.penalty, "must be >= 0")
     if cfg.task.stop_after_steps is not None:
         check_setting(cfg.task.stop_after_steps >= 1, "task.stop_after_steps", cfg.task.stop_after_steps, "must be >= 1")
+        if cfg.task.name == TaskName.train:
+            check_setting(cfg.task.stop_after_steps < cfg.trainer.max_steps, "task.stop_after_steps", cfg.task.stop_after_steps,
+                          f"must be below trainer.max_steps={cfg.trainer.max_steps}: training ends there first (and exports), so "
+                          f"the stop would never happen; give a step below {cfg.trainer.max_steps}, or null for a whole run")
     if cfg.task.name in (TaskName.eval, TaskName.generate, TaskName.grpo) and cfg.task.model_dir is not None:
         from pathlib import Path
 
@@ -174,6 +182,52 @@ def validate_run_settings(cfg: Any) -> None:
             from pathlib import Path
 
             check_setting(Path(value).expanduser().is_dir(), f"donors.{key}", value, "is not a directory (a Hugging Face LLaMA checkpoint)")
+
+
+#: what ``trainer.precision`` takes: Lightning's names (its Trainer refuses anything else, once the donors are loaded)
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
+              "transformer-engine-float16", "32", "16", "bf16", "64")
+
+
+def setting_warnings(cfg: Any) -> list[str]:
+    """Settings a run takes but that defeat part of themselves, one line each naming the setting, what it does to
+    the run and the fix (run.py logs them and keeps them in results.json's ``warnings``, before any work). The ones
+    that defeat the whole of themselves are refused by :func:`validate_run_settings` instead
+    (``task.stop_after_steps`` at or past ``trainer.max_steps``: the stop it asks for never comes)."""
+    if cfg.task.name != TaskName.train:
+        return []
+    from ..training.module import warmup_cosine
+
+    t, o = cfg.trainer, cfg.optim
+    steps, warned = t.max_steps, []
+    if o.warmup_steps >= steps:
+        reached = warmup_cosine(steps - 1, o.warmup_steps, steps, o.min_lr_ratio)
+        warned.append(f"optim.warmup_steps={o.warmup_steps} >= trainer.max_steps={steps}: the learning rate warms up for the whole run, "
+                      f"reaching {reached:.0%} of optim.lr={o.lr:g} at the last step, and never decays; give optim.warmup_steps "
+                      f"below {steps} (a tenth of the steps is usual) for the schedule to run")
+    if t.val_check_interval is not None and t.val_check_interval > steps:
+        warned.append(f"trainer.val_check_interval={t.val_check_interval} > trainer.max_steps={steps}: no validation during training, "
+                      f"only the final one; give trainer.val_check_interval <= {steps} for a validation curve")
+    if t.checkpoint_every_n_steps > steps:
+        warned.append(f"trainer.checkpoint_every_n_steps={t.checkpoint_every_n_steps} > trainer.max_steps={steps}: no checkpoint "
+                      f"before training ends (a crash restarts it from step 0; a signal still checkpoints); give "
+                      f"trainer.checkpoint_every_n_steps <= {steps}")
+    if t.log_every_n_steps > steps:
+        warned.append(f"trainer.log_every_n_steps={t.log_every_n_steps} > trainer.max_steps={steps}: no training step is logged; "
+                      f"give trainer.log_every_n_steps <= {steps}")
+    return warned
+
+
+def written_paths(cfg: Any) -> dict[str, str]:
+    """The output directories a task writes that the user may point elsewhere, by the key that sets each
+    (checked against other runs' directories before the task starts: :func:`splitllama.results.output_refusal`)."""
+    task, out = cfg.task.name, {}
+    if task == TaskName.train:
+        out["paths.checkpoint_dir"] = cfg.paths.checkpoint_dir
+    if (task == TaskName.train and cfg.task.export) or task == TaskName.assemble or (task == TaskName.grpo and cfg.task.export) \
+            or (task == TaskName.generate and not cfg.task.model_dir):
+        out["paths.export_dir"] = cfg.paths.export_dir
+    return out
 
 
 def _validate_grpo(cfg: Any) -> None:
@@ -287,4 +341,5 @@ def run_name(cfg: DictConfig) -> str:
     return cfg.logger.name or f"{plain(cfg.task.name)}-{plain(cfg.adapter.kind)}-n8_{n8}-n70_{n70}-{plain(cfg.objective.kind)}"
 
 
-__all__ = ["SPLIT_FIELD_TO_KEY", "cache_dir", "config_dict", "embedded_recipe", "explain_split_error", "layer_selection", "plain", "run_name", "saved_model_dir", "uses_embedded_donors", "validate_run_settings"]
+__all__ = ["PRECISIONS", "SPLIT_FIELD_TO_KEY", "cache_dir", "config_dict", "embedded_recipe", "explain_split_error", "layer_selection", "plain", "run_name", "saved_model_dir", "setting_warnings", "uses_embedded_donors",
+           "validate_run_settings", "written_paths"]

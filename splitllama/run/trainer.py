@@ -73,7 +73,8 @@ def make_callbacks(cfg: DictConfig, signals: Any) -> list[Any]:
     """The callbacks of ``callbacks``, each built from its ``_target_``: checkpoints every
     ``trainer.checkpoint_every_n_steps`` (and ``last.ckpt``), and a clean stop on a signal or at
     ``task.stop_after_steps`` (:class:`~splitllama.training.callbacks.GracefulStop`), then the user's
-    ``callbacks.extra`` in their order. A callback whose config has a ``signals`` key gets the run's ``signals``."""
+    ``callbacks.extra`` in their order. A callback whose config has a ``signals`` key gets the run's ``signals``.
+    (A run's own Trainer adds :class:`~splitllama.training.callbacks.DivergenceGuard` before them: :func:`make_trainer`.)"""
     from hydra.utils import instantiate
 
     # validate_run_settings has checked that each node names an importable _target_
@@ -94,13 +95,75 @@ def final_val_loss(trainer: Any, module: Any, data: Any) -> float:
     return trainer.validate(module, data, verbose=False)[0]["val/loss"]
 
 
+#: Lightning's short precision names, as its Trainer resolves them (``trainer.precision`` after construction)
+PRECISION_ALIASES = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}
+
+
+def describe_run(cfg: DictConfig, trainer: Any, module: Any) -> tuple[dict[str, Any], list[str]]:
+    """What ``trainer`` runs with, for results.json's ``ran`` (:class:`~splitllama.training.callbacks.RecordWhatRan`),
+    and a warning for each way it differs from what the config asked: the precision Lightning resolved (``16`` on
+    a CPU trains in bf16-mixed), the devices, processes and strategy; for training, the effective batch (batch x
+    accumulated batches x data-parallel replicas) and the schedule; the validation blocks the data holds."""
+    requested = str(cfg.trainer.precision)
+    ran: dict[str, Any] = {
+        "precision": str(trainer.precision), "accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
+        "devices": trainer.num_devices, "num_nodes": trainer.num_nodes, "world_size": trainer.world_size,
+        "strategy": type(trainer.strategy).__name__,
+    }
+    warned = []
+    asked = PRECISION_ALIASES.get(requested, requested)
+    if asked != ran["precision"]:
+        why = "; fp16 mixed precision needs a GPU" if asked == "16-mixed" and ran["precision"] == "bf16-mixed" else ""
+        warned.append(f"trainer.precision={requested}: Lightning runs {ran['precision']} here ({ran['accelerator']}{why}), and "
+                      f"results.json's ran.precision records that; give trainer.precision={ran['precision']} to ask for what runs"
+                      f"{', or run on a GPU for fp16' if why else ''}")
+    if plain(cfg.task.name) == "train":
+        try:
+            replicas = int(module.data_parallel_size())
+        except Exception:  # noqa: BLE001 - a module without the method, or a process group not up yet
+            spec = backend_spec(cfg)
+            replicas = max(1, trainer.world_size // (spec.tp * spec.pp))
+        t, o = cfg.trainer, cfg.optim
+        effective = cfg.data.batch_size * t.accumulate_grad_batches * replicas
+        ran["batch"] = {"per_replica": cfg.data.batch_size, "accumulate_grad_batches": t.accumulate_grad_batches,
+                        "data_parallel": replicas, "effective": effective, "tokens_per_step": effective * cfg.data.seq_len}
+        ran["schedule"] = {"max_steps": t.max_steps, "warmup_steps": o.warmup_steps, "peak_lr": o.lr, "final_lr": o.lr * o.min_lr_ratio,
+                           "validate_every_steps": t.val_check_interval, "checkpoint_every_steps": t.checkpoint_every_n_steps,
+                           "nonfinite_patience": t.nonfinite_patience}
+    val_blocks = getattr(getattr(trainer, "datamodule", None), "val_blocks", None)
+    if val_blocks is not None:
+        ran["val_blocks"] = int(val_blocks.shape[0])
+        asked = cfg.data.max_val_blocks
+        if asked is not None and ran["val_blocks"] < asked:
+            warned.append(f"data.max_val_blocks={asked}: the validation split holds {ran['val_blocks']} blocks, so the run "
+                          f"validates on {ran['val_blocks']} (results.json's ran.val_blocks); raise data.val_fraction for more")
+    return ran, warned
+
+
 def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> Any:
+    """The Lightning Trainer of ``cfg``. ``trainer.val_check_interval`` counts optimizer steps (Lightning counts
+    batches: with ``accumulate_grad_batches`` > 1 it is scaled, so validation comes every that many steps).
+
+    A run's own Trainer (of the config run.py executes, :meth:`~splitllama.results.RunRecord.of`) stops on a
+    non-finite loss (:class:`~splitllama.training.callbacks.DivergenceGuard`, first, so no checkpoint of that step
+    is written; ``trainer.nonfinite_patience``) and records what it runs with (:func:`describe_run`). Other Trainers
+    of a run (the donors trained alike, each on a copy of the config) keep a non-finite loss as their result."""
     import lightning.pytorch as pl
 
-    from ..training.callbacks import AtomicCheckpointIO, HangWatchdog
+    from ..results import RunRecord
+    from ..training.callbacks import (
+        AtomicCheckpointIO,
+        DivergenceGuard,
+        HangWatchdog,
+        RecordWhatRan,
+    )
 
     t = cfg.trainer
-    interval = t.val_check_interval
+    interval = t.val_check_interval * t.accumulate_grad_batches if t.val_check_interval else None
+    record = RunRecord.of(cfg)
+    if record is not None:
+        callbacks = [DivergenceGuard(t.nonfinite_patience), *callbacks,
+                     RecordWhatRan(record, lambda trainer, module: describe_run(cfg, trainer, module))]
     return pl.Trainer(
         accelerator=cfg.parallel.accelerator,
         devices=cfg.parallel.devices,
@@ -108,7 +171,7 @@ def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> A
         strategy=make_strategy(cfg),
         max_steps=t.max_steps,
         max_epochs=-1,
-        # iteration-based validation: every `interval` training batches, across epochs
+        # iteration-based validation: every `interval` training batches (val_check_interval steps), across epochs
         val_check_interval=interval if interval else 1.0,
         check_val_every_n_epoch=None if interval else 1,
         precision=t.precision,
@@ -157,4 +220,4 @@ def finish_wandb(loggers: list[Any]) -> None:
         wandb.finish(exit_code=0 if sys.exc_info()[0] is None else 1)
 
 
-__all__ = ["apply_cpu_threads", "final_val_loss", "finish_wandb", "make_callbacks", "make_loggers", "make_strategy", "make_trainer", "seed_everything", "sweep_group"]
+__all__ = ["PRECISION_ALIASES", "apply_cpu_threads", "describe_run", "final_val_loss", "finish_wandb", "make_callbacks", "make_loggers", "make_strategy", "make_trainer", "seed_everything", "sweep_group"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ..results import RunInterrupted, RunSignals, atomic_write
+from ..errors import RunConfigError
+from ..results import RunDiverged, RunInterrupted, RunSignals, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +63,73 @@ class GracefulStop(pl.Callback):
             self.signals.checkpoint, self.signals.step = self.checkpoint_path, trainer.global_step
 
 
+def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
+    """The names (dotted paths) of the floating-point tensors in ``tree`` (nested dicts and lists, as a
+    checkpoint holds them) that hold a NaN or an infinity.
+
+    Read off each tensor's minimum and maximum (a NaN makes both NaN, an infinity is one of them): exact, and on
+    a CPU five times faster than ``isfinite(t).all()``, which writes a mask the size of the tensor."""
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        local = tree.to_local() if hasattr(tree, "to_local") else tree  # a DTensor shard: this rank's part
+        if not local.is_floating_point() or local.device.type == "meta" or local.numel() == 0:
+            return []
+        return [] if bool(torch.stack(torch.aminmax(local.detach())).isfinite().all()) else [prefix]
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return []
+    return [name for key, value in items for name in nonfinite_tensors(value, f"{prefix}.{key}" if prefix else str(key))]
+
+
+#: the parts of a Lightning checkpoint that hold what training learned (weights, optimizer moments)
+CHECKPOINT_TENSORS = ("state_dict", "optimizer_states")
+
+
+def _named(names: list[str]) -> str:
+    return f"{len(names)} tensor(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+
+def checkpoint_archive_problem(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with the archive of the torch checkpoint at ``path`` (``None``: it reads whole).
+
+    A torch checkpoint is a zip archive, and ``torch.load`` checks neither that it is complete nor the CRC-32
+    its writer stored for each member: bytes changed on disk or in a copy load as other weights (NaN, a
+    diverged resume). :meth:`zipfile.ZipFile.testzip` reads every member against its CRC (one read of the file).
+    """
+    import zipfile
+    import zlib
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:
+        return f"not a readable checkpoint (truncated or corrupt: {exc})"
+    if bad is not None:
+        return f"damaged: its member {bad} fails its CRC-32 check (its bytes changed after the checkpoint was written)"
+    return None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's torch checkpoint writer, safe on a full disk: each checkpoint is written beside its name and
     renamed when complete (:func:`~splitllama.results.atomic_write`). Lightning's own writer staged it in the
     system's temporary directory and copied it over, so an ENOSPC left half a checkpoint under its real name
-    and the staged copy behind, and the space they took kept results.json from recording the failure."""
+    and the staged copy behind, and the space they took kept results.json from recording the failure.
+
+    A checkpoint whose weights or optimizer state hold a NaN or an infinity is not saved (:class:`RunDiverged`:
+    ``last.ckpt`` stays the last finite one); on loading (a resume), the archive is checked whole against its
+    CRCs (:func:`checkpoint_archive_problem`) and its tensors for non-finite values, each refusal naming the file."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        bad = nonfinite_tensors({k: checkpoint[k] for k in CHECKPOINT_TENSORS if k in checkpoint})
+        if bad:
+            step = checkpoint.get("global_step")
+            raise RunDiverged(f"training diverged: the checkpoint of step {step} was not saved to {path}: {_named(bad)} hold NaN or "
+                              "infinite values; the checkpoints before it are the last finite ones. Lower optim.lr or lengthen "
+                              "optim.warmup_steps, and start a new run", step=step, loss=None, where="checkpoint")
         if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own writer
             return super().save_checkpoint(checkpoint, path, storage_options)
         import io
@@ -80,6 +143,122 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:
             f.write(buffer.getbuffer())
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        local = "://" not in str(path)
+        where = f"ckpt_path: the checkpoint {path}"
+        way_out = (f"resume from another .ckpt in {Path(path).parent} (ckpt_path=<that file>), or start a new run (no ckpt_path, "
+                   "a new run directory)")
+        problem = checkpoint_archive_problem(path) if local and Path(path).is_file() else None
+        if problem:
+            raise RunConfigError(f"{where} is {problem}; {way_out}")
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        checkpoint = super().load_checkpoint(path, weights_only=weights_only, **kwargs)
+        bad = nonfinite_tensors({k: checkpoint[k] for k in CHECKPOINT_TENSORS if k in checkpoint})
+        if bad:
+            raise RunConfigError(f"{where} holds NaN or infinite values in {_named(bad)}: the run it continues had diverged, "
+                                 f"or the file is damaged; {way_out}")
+        return checkpoint
+
+
+class DivergenceGuard(pl.Callback):
+    """Stop a run whose loss becomes non-finite, with :class:`~splitllama.results.RunDiverged` (status
+    ``diverged``: nothing is exported; run.py exits non-zero, a sweep counts the job as its worst trial).
+
+    Training: after ``patience`` optimizer steps in a row with a non-finite loss (0: at the first; a step is
+    non-finite when any of its accumulated batches' loss is). Validation after the first step (during fit,
+    or the final pass after it): at once, since a non-finite validation loss scores the weights themselves.
+    Weights that became non-finite before a checkpoint is due are caught there too, on every rank. Every
+    rank takes part in each decision (one collective per step), so all ranks stop at the same step. Its
+    state (the last finite loss) is saved in checkpoints and restored on resume.
+    """
+
+    def __init__(self, patience: int = 0) -> None:
+        if patience < 0:
+            raise RunConfigError(f"trainer.nonfinite_patience={patience}: must be >= 0 (0: stop at the first non-finite step)")
+        self.patience = int(patience)
+        self.bad_steps = 0
+        self.last_finite_step: int | None = None
+        self.last_finite_loss: float | None = None
+        self._seen_step: int | None = None
+        self._step_bad = False
+        self._step_loss: float | None = None
+
+    @staticmethod
+    def _value(loss: Any) -> float | None:
+        if loss is None:
+            return None
+        return float(loss.detach().float().item()) if hasattr(loss, "detach") else float(loss)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._seen_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = self._value(outputs.get("loss") if isinstance(outputs, dict) else outputs)
+        if loss is not None:
+            self._step_bad = self._step_bad or not math.isfinite(loss)
+            self._step_loss = loss if self._step_loss is None or math.isfinite(self._step_loss) else self._step_loss
+        if trainer.global_step == self._seen_step:  # inside an accumulated step: decide at its optimizer step
+            return
+        self._seen_step = trainer.global_step
+        bad, loss, self._step_bad, self._step_loss = self._step_bad, self._step_loss, False, None
+        if not trainer.strategy.reduce_boolean_decision(bad, all=False):
+            self.bad_steps = 0
+            if loss is not None:
+                self.last_finite_step, self.last_finite_loss = trainer.global_step, loss
+            return
+        self.bad_steps += 1
+        if self.bad_steps > self.patience:
+            self._stop(trainer, "train", loss, f"the training loss has been non-finite for {self.bad_steps} step(s)" if self.patience
+                       else "the training loss is non-finite")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.global_step == 0:  # before any training: the assembly's score, not a divergence
+            return
+        loss = self._value(trainer.callback_metrics.get("val/loss"))
+        if trainer.strategy.reduce_boolean_decision(loss is not None and not math.isfinite(loss), all=False):
+            self._stop(trainer, "val", loss, "the validation loss is non-finite")
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        bad = nonfinite_tensors(checkpoint.get("state_dict", {}))
+        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            self._stop(trainer, "checkpoint", None, f"the weights hold NaN or infinite values ({_named(bad)})" if bad
+                       else "another rank's weights hold NaN or infinite values", saved=False)
+
+    def _stop(self, trainer: pl.Trainer, where: str, loss: float | None, what: str, saved: bool = True) -> None:
+        step = trainer.global_step
+        lr = trainer.optimizers[0].param_groups[0].get("lr") if trainer.optimizers else None
+        last = (f"the last finite training loss was {self.last_finite_loss:.4g}, at step {self.last_finite_step}"
+                if self.last_finite_step is not None else "no step had a finite training loss")
+        at_lr = f" (the learning rate at this step: {lr:.4g})" if lr is not None else ""
+        raise RunDiverged(
+            f"training diverged at step {step}: {what}{'' if loss is None else f' ({loss})'}; {last}. Nothing is exported"
+            f"{'' if saved else ', and this step is not checkpointed'}. Lower optim.lr{at_lr} or lengthen optim.warmup_steps, "
+            "and keep trainer.gradient_clip_val set; where only a few steps overflow (16-mixed), trainer.nonfinite_patience=<steps> "
+            "lets a run go on through them", step=step, loss=loss, where=where, last_finite_step=self.last_finite_step,
+            last_finite_loss=self.last_finite_loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_finite_step": self.last_finite_step, "last_finite_loss": self.last_finite_loss}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_finite_step, self.last_finite_loss = state_dict.get("last_finite_step"), state_dict.get("last_finite_loss")
+
+
+class RecordWhatRan(pl.Callback):
+    """Record what the Trainer runs with, once its devices are up and the data is set up (its ``setup``, before
+    the first step): ``describe(trainer, module)`` gives ``(facts, warnings)``; the facts go to the run record's ``ran``,
+    each warning to its ``warnings``. The config says what was asked for; this says what ran (Lightning trains
+    ``precision=16`` in bf16-mixed on a CPU, ``devices=auto`` is a number only here)."""
+
+    def __init__(self, record: Any, describe: Callable[[pl.Trainer, pl.LightningModule], tuple[dict[str, Any], list[str]]]) -> None:
+        self.record, self.describe = record, describe
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        facts, warned = self.describe(trainer, pl_module)
+        self.record.update("ran", facts)
+        for message in warned:
+            self.record.warn(message)
 
 
 class RecordTrainedResult(pl.Callback):
@@ -209,4 +388,5 @@ def wandb_run_file(loggers: list[Logger]) -> str | None:
     return None
 
 
-__all__ = ["AtomicCheckpointIO", "GracefulStop", "RecordTrainedResult", "csv_metrics_file", "make_loggers", "wandb_run_file"]
+__all__ = ["CHECKPOINT_TENSORS", "AtomicCheckpointIO", "DivergenceGuard", "GracefulStop", "RecordTrainedResult", "RecordWhatRan",
+           "checkpoint_archive_problem", "csv_metrics_file", "make_loggers", "nonfinite_tensors", "wandb_run_file"]
