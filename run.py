@@ -35,7 +35,7 @@ SIGNALS = RunSignals()  # SIGINT / SIGTERM (installed on rank 0): training stops
 
 def train(cfg: DictConfig, record: RunRecord) -> float:
     """Build (or reuse) donors, assemble, train what the config says, evaluate, export."""
-    from splitllama.run import fit, model, resume, setup, trainer
+    from splitllama.run import fit, model, references, resume, setup, trainer
     from splitllama.training.callbacks import RecordTrainedResult
 
     run = setup.check(cfg, record)
@@ -47,6 +47,7 @@ def train(cfg: DictConfig, record: RunRecord) -> float:
     trained = resume.trained_result(cfg, run.split, run.donors, run.data)
     if ckpt_path is not None:  # and the donors' and the data's content
         resume.check_resume(cfg, ckpt_path, trained, record)
+    run.tuned = references.references_trained_alike(cfg, record, run.donors, run.data)  # the donors trained alike
     fit.record_donors(record, run)
     module = model.make_module(cfg, run.spec(cfg), teacher_path=run.donors.path70b)
     loggers = trainer.make_loggers(cfg, record, group=trainer.sweep_group(cfg))

@@ -9,7 +9,8 @@ by ``run.py`` for every job, failed ones included) or a W&B project/group (onlin
     plot_heatmaps(df, out="heatmap.png")          # validation loss over (n8, n70), one panel per adapter
     plot_pareto(df, x="flops_per_token", out="pareto.png")
 
-Columns: ``job``, ``status`` (ok | interrupted | failed), ``error``, ``task``, ``adapter``, ``n8``,
+Columns: ``job``, ``status`` (ok | interrupted | failed | diverged: every status but ok counts as a failed
+trial, kept out of the figures and listed last), ``error``, ``task``, ``adapter``, ``n8``,
 ``n70`` (the layers the run used; the requested ones if it failed before resolving them),
 ``val_loss``, ``val_loss_before``, ``val_ppl``, ``steps``, ``params``, ``trainable``,
 ``flops_per_token`` (training FLOPs per token), ``runtime_s``, ``overrides``, ``run_dir``; and,
@@ -36,12 +37,13 @@ import pandas as pd
 from .results import RESULTS_FILE
 
 #: the donors as references, scored on each run's validation blocks (results.json ``references``, ``metrics.gap_closed``)
-REFERENCE_COLUMNS = ["small_val_loss", "large_val_loss", "gap_closed", "gap_closed_before"]
+REFERENCE_COLUMNS = ["small_val_loss", "large_val_loss", "gap_closed", "gap_closed_before", "small_tuned_val_loss",
+                     "large_tuned_val_loss", "gap_closed_tuned"]
 COLUMNS = ["job", "status", "adapter", "init", "finetune", "seed", "n8", "n70", "val_loss", "val_loss_before", "val_ppl", *REFERENCE_COLUMNS, "steps",
            "params", "trainable", "flops_per_token", "runtime_s", "task", "error", "overrides", "run_dir"]
 #: the columns :func:`summary_table` shows
-SUMMARY_COLUMNS = ["job", "status", "adapter", "n8", "n70", "val_loss", "val_loss_before", "gap_closed", "params",
-                   "trainable", "flops_per_token", "runtime_s"]
+SUMMARY_COLUMNS = ["job", "status", "adapter", "n8", "n70", "val_loss", "val_loss_before", "gap_closed", "gap_closed_tuned",
+                   "params", "trainable", "flops_per_token", "runtime_s"]
 
 
 def _hydra_overrides(run_dir: Path) -> list[str]:
@@ -61,7 +63,8 @@ def _requested_layers(config: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def _number(value: Any) -> float:
-    """A metric as a float; ``None`` (undefined, e.g. ``gap_closed`` of equal donors) and strings as NaN."""
+    """A metric as a float; ``None`` (undefined, e.g. ``gap_closed`` of equal donors) and strings (``"nan"``, ``"inf"``:
+    how results.json writes a non-finite number) as NaN."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
@@ -73,6 +76,10 @@ def reference_values(results: dict[str, Any]) -> dict[str, float]:
         "large_val_loss": _number((references.get("large") or {}).get("val_loss")),
         "gap_closed": _number(metrics.get("gap_closed")),
         "gap_closed_before": _number(metrics.get("gap_closed_before")),
+        # the donors trained alike (eval.tuned_references): the reference that says whether splitting paid
+        "small_tuned_val_loss": _number((references.get("small_tuned") or {}).get("val_loss")),
+        "large_tuned_val_loss": _number((references.get("large_tuned") or {}).get("val_loss")),
+        "gap_closed_tuned": _number(metrics.get("gap_closed_tuned")),
     }
 
 
@@ -99,9 +106,10 @@ def run_row(results: dict[str, Any], run_dir: str | os.PathLike[str] | None = No
         **_training_setup(config),
         "n8": n8,
         "n70": n70,
-        "val_loss": metrics.get("val_loss", math.nan),
-        "val_loss_before": metrics.get("val_loss_before", math.nan),
-        "val_ppl": metrics.get("val_ppl", math.nan),
+        # _number: a non-finite loss is written as the string "nan" (JSON has no NaN); one such string broke the summary
+        "val_loss": _number(metrics.get("val_loss")),
+        "val_loss_before": _number(metrics.get("val_loss_before")),
+        "val_ppl": _number(metrics.get("val_ppl")),
         **reference_values(results),
         "steps": metrics.get("steps"),
         "params": params.get("total"),
@@ -191,7 +199,7 @@ def _fmt(value: Any) -> str:
 
 
 def summary_table(df: pd.DataFrame, columns: Sequence[str] | None = None, *, markdown: bool = False) -> str:
-    """The sweep as a text (or Markdown) table, best validation loss first, failed runs last
+    """The sweep as a text (or Markdown) table, best validation loss first, runs that did not end ok (failed, diverged) last
     (default columns: SUMMARY_COLUMNS and each downstream task's headline score)."""
     columns = list(columns) if columns is not None else SUMMARY_COLUMNS + harness_summary_columns(df)
     ordered = df.assign(_failed=df["status"] != "ok").sort_values(["_failed", "val_loss"], na_position="last")
@@ -213,14 +221,14 @@ def donor_losses(df: pd.DataFrame) -> dict[str, float]:
     different blocks (``data.max_val_blocks`` swept) get the median, and :func:`reference_summary`
     says how far they spread.
     """
-    return {which: float(df[f"{which}_val_loss"].median()) if df[f"{which}_val_loss"].notna().any() else math.nan
-            for which in ("small", "large")}
+    return {which: float(df[f"{which}_val_loss"].median()) if f"{which}_val_loss" in df and df[f"{which}_val_loss"].notna().any()
+            else math.nan for which in ("small", "large", "small_tuned", "large_tuned")}
 
 
 def reference_summary(df: pd.DataFrame) -> str:
     """One line naming the donors' losses, the scale ``gap_closed`` is on (or why there is none)."""
     refs = donor_losses(df)
-    if any(math.isnan(v) for v in refs.values()):
+    if math.isnan(refs["small"]) or math.isnan(refs["large"]):
         return "donors: not scored (eval.references=false, or runs made before donors were scored)"
     spread = max(float(df[f"{w}_val_loss"].max() - df[f"{w}_val_loss"].min()) for w in ("small", "large"))
     line = (f"donors on the runs' validation blocks: small {refs['small']:.4f}, large {refs['large']:.4f} "
@@ -229,15 +237,24 @@ def reference_summary(df: pd.DataFrame) -> str:
         line += f"; the runs' donor scores differ by up to {spread:.3g} (different validation blocks): medians shown"
     if refs["large"] >= refs["small"]:
         line += "; the large donor is not better than the small one, so gap_closed has no meaningful direction"
+    if not math.isnan(refs["small_tuned"]) and not math.isnan(refs["large_tuned"]):
+        line += (f"; trained alike on the runs' data and budget: small {refs['small_tuned']:.4f}, large {refs['large_tuned']:.4f} "
+                 "(gap_closed_tuned: the same scale between them; below 0 the small donor trained alike is better)")
+    else:
+        line += "; donors not trained alike (eval.tuned_references off): gap_closed also counts what training on the data buys"
     return line
 
 
 def _draw_reference_lines(ax: Any, refs: dict[str, float], *, lw: float = 1.2) -> None:
-    """Dashed horizontal lines at the donors' losses on a loss y-axis, labelled."""
+    """Horizontal lines at the donors' losses on a loss y-axis, labelled: dashed as shipped, solid when trained
+    alike (on the runs' data and budget, the reference a split must beat)."""
     for which, color in (("small", "tab:red"), ("large", "tab:green")):
         value = refs.get(which, math.nan)
         if not math.isnan(value):
-            ax.axhline(value, lw=lw, ls="--", color=color, label=f"{which} donor ({value:.3f})")
+            ax.axhline(value, lw=lw, ls="--", color=color, label=f"{which} donor as shipped ({value:.3f})")
+        tuned = refs.get(f"{which}_tuned", math.nan)
+        if not math.isnan(tuned):
+            ax.axhline(tuned, lw=lw, ls="-", color=color, alpha=0.7, label=f"{which} donor trained alike ({tuned:.3f})")
 
 
 def plot_heatmaps(df: pd.DataFrame, value: str = "val_loss", *, out: str | os.PathLike[str] | None = None):
@@ -552,6 +569,9 @@ def _draw_donor_points(ax: Any, refs: dict[str, float], costs: dict[str, float])
         if not (math.isnan(refs.get(which, math.nan)) or math.isnan(costs.get(which, math.nan))):
             ax.plot([costs[which]], [refs[which]], marker="*", ms=13, color=color, ls="none",
                     label=f"{which} donor at its cost ({costs[which]:.2f})")
+        if not (math.isnan(refs.get(f"{which}_tuned", math.nan)) or math.isnan(costs.get(which, math.nan))):
+            ax.plot([costs[which]], [refs[f"{which}_tuned"]], marker="P", ms=11, color=color, ls="none",
+                    label=f"{which} donor trained alike, at its cost")
 
 
 def plot_stitching_curve(df: pd.DataFrame, *, out: str | os.PathLike[str] | None = None):

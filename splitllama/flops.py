@@ -11,11 +11,15 @@ import math
 from typing import Any
 
 
-def count_flops_per_token(config: Any, seq_len: int) -> dict[str, float]:
+def count_flops_per_token(config: Any, seq_len: int, *, teacher: bool = False) -> dict[str, float]:
     """Training FLOPs per token of the split model: ``6 * matmul parameters + 6 * seq * width`` per layer.
 
     Matmul parameters include the LM head and the adapter, not the embeddings; the attention
     term uses each layer's own attention width (heads x head_dim). Forward alone is a third.
+    ``teacher``: the objective distils from the large donor (``objective=distill`` or ``mixed``), whose
+    forward pass (a third of its training FLOPs) runs on every training token: it is part of what
+    training the split costs, so it is in ``train_flops_per_token`` and ``fraction_of_large_donor``
+    (``teacher_flops_per_token`` on its own); inference costs ``forward_flops_per_token`` either way.
     """
     small, large = config.config_8b, config.config_70b
     layer_params = layer_matmul_params
@@ -28,10 +32,13 @@ def count_flops_per_token(config: Any, seq_len: int) -> dict[str, float]:
         config.num_layers_8 * small.num_attention_heads * small.head_dim
         + config.num_layers_70 * large.num_attention_heads * large.head_dim
     )
-    train = 6.0 * matmul + 6.0 * attention
+    split_train = 6.0 * matmul + 6.0 * attention
     large_donor = 6.0 * (large.num_hidden_layers * layer_params(large) + large.hidden_size * config.vocab_size) + 6.0 * seq_len * (
         large.num_hidden_layers * large.num_attention_heads * large.head_dim)
-    return {"train_flops_per_token": train, "forward_flops_per_token": train / 3, "matmul_parameters": float(matmul),
+    teacher_forward = large_donor / 3 if teacher else 0.0
+    train = split_train + teacher_forward
+    return {"train_flops_per_token": train, "forward_flops_per_token": split_train / 3, "matmul_parameters": float(matmul),
+            "teacher_flops_per_token": teacher_forward,
             # the cost the split is for: its FLOPs per token against the whole large donor's, counted the same way
             "large_donor_train_flops_per_token": large_donor, "fraction_of_large_donor": train / large_donor}
 

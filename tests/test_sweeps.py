@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from splitllama.analysis import donor_losses, load_sweep, pareto_front, plot_heatmaps, plot_pareto, stitching_curve, summary_table
+from splitllama.analysis import (donor_losses, load_sweep, pareto_front, plot_heatmaps, plot_pareto, reference_summary, stitching_curve,
+                                 summary_table)
 from splitllama.results import read_results
 from tests.wandb_offline import find_run_file, read_offline_run
 
@@ -27,7 +28,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def sweep(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """``python run.py -m layers.n8=1,2 layers.n70=1,2,99 adapter=linear,mlp``: n70=99 fails in 4 jobs.
+    """``python run.py -m layers.n8=1,2 layers.n70=1,2,99 adapter=linear,mlp``: n70=99 fails in 4 jobs. The donors
+    are trained alike (once for the whole sweep: the jobs share the budget, so the cache serves all but the first).
 
     Run in this process (:meth:`RunPy.inline`): Hydra's basic launcher runs every job in the process that
     runs run.py, so this is the user's multirun without a subprocess's imports. What run.py prints (the
@@ -40,7 +42,7 @@ def sweep(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         run_py.inline("-m", QUICK, "layers.n8=1,2", "layers.n70=1,2,99", "adapter=linear,mlp", "finetune=adapter",
-                      f"hydra.sweep.dir={sweep_dir}", "eval.harness.tasks=[stdlib_docstring_name,stdlib_docstring_next]",
+                      "eval.tuned_references=true", f"hydra.sweep.dir={sweep_dir}", "eval.harness.tasks=[stdlib_docstring_name,stdlib_docstring_next]",
                       "eval.harness.limit=4", cwd=sweep_dir.parent)
     return sweep_dir, stdout.getvalue()
 
@@ -105,7 +107,14 @@ def test_load_sweep_carries_the_donors_and_the_gap_closed(sweep: tuple[Path, str
     assert ok["gap_closed"].to_numpy() == pytest.approx(((small - ok["val_loss"]) / (small - large)).to_numpy())
     assert ok["gap_closed_before"].to_numpy() == pytest.approx(((small - ok["val_loss_before"]) / (small - large)).to_numpy())
     assert df.loc[df["status"] == "failed", "gap_closed"].isna().all()
-    assert donor_losses(df) == {"small": pytest.approx(small), "large": pytest.approx(large)}
+    # and the donors trained alike on the sweep's data and budget, the same for every job (trained once, cached)
+    assert ok["small_tuned_val_loss"].nunique() == 1 and ok["large_tuned_val_loss"].nunique() == 1
+    small_t, large_t = ok["small_tuned_val_loss"].iloc[0], ok["large_tuned_val_loss"].iloc[0]
+    assert small_t < small and large_t < large
+    assert ok["gap_closed_tuned"].to_numpy() == pytest.approx(((small_t - ok["val_loss"]) / (small_t - large_t)).to_numpy())
+    assert donor_losses(df) == {"small": pytest.approx(small), "large": pytest.approx(large),
+                                "small_tuned": pytest.approx(small_t), "large_tuned": pytest.approx(large_t)}
+    assert "trained alike on the runs' data and budget: small" in reference_summary(df)
 
 
 @pytest.mark.slow
@@ -116,8 +125,9 @@ def test_figures_draw_the_donors_as_reference_lines(sweep: tuple[Path, str]) -> 
     refs = donor_losses(df)
     pareto = plot_pareto(df)
     lines = {line.get_label(): line.get_ydata()[0] for line in pareto.axes[0].get_lines()}
-    assert lines[f"small donor ({refs['small']:.3f})"] == pytest.approx(refs["small"])
-    assert lines[f"large donor ({refs['large']:.3f})"] == pytest.approx(refs["large"])
+    assert lines[f"small donor as shipped ({refs['small']:.3f})"] == pytest.approx(refs["small"])
+    assert lines[f"large donor as shipped ({refs['large']:.3f})"] == pytest.approx(refs["large"])
+    assert lines[f"small donor trained alike ({refs['small_tuned']:.3f})"] == pytest.approx(refs["small_tuned"])
     heatmap = plot_heatmaps(df)
     colorbar = heatmap.axes[-1]  # the colour bar spans both donors and marks them
     low, high = sorted(colorbar.get_ylim())

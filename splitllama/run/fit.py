@@ -16,7 +16,7 @@ from .setup import RunSetup
 from .trainer import final_val_loss
 
 #: the metrics every logger gets at the end of a run, under ``final/``
-FINAL_METRICS = ("val_loss", "val_loss_before", "gap_closed", "gap_closed_before")
+FINAL_METRICS = ("val_loss", "val_loss_before", "gap_closed", "gap_closed_before", "gap_closed_tuned")
 
 
 def record_donors(record: Any, run: RunSetup) -> None:
@@ -60,10 +60,13 @@ def fit_and_evaluate(cfg: DictConfig, record: Any, run: RunSetup, module: Any, t
                               "train_tokens_seen": data.batches_consumed * data.batch_size * data.seq_len * module.data_parallel_size()})
     if references is not None:
         record.update("metrics", references.metrics(val_loss, record.data["metrics"].get("val_loss_before")))
+    if run.tuned is not None:
+        record.update("metrics", run.tuned.metrics(val_loss))
     final = {k: v for k, v in record.data["metrics"].items() if k in FINAL_METRICS and v is not None}
     for lg in loggers:
         lg.log_metrics({**{f"final/{k}": v for k, v in final.items()},
-                        **(references.log_values() if references is not None else {})}, step=steps)
+                        **(references.log_values() if references is not None else {}),
+                        **(run.tuned.log_values() if run.tuned is not None else {})}, step=steps)
     record.update("paths", {"checkpoint": str(Path(cfg.paths.checkpoint_dir) / "last.ckpt")})
     record.data["interrupted"] = steps < cfg.trainer.max_steps and not cfg.trainer.fast_dev_run
     # a model-parallel backend gathers its shards: every rank takes part, rank 0 writes

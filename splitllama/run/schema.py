@@ -317,6 +317,9 @@ class TrainerConfig:
     #: seconds without a training or validation batch after which every rank dumps its threads'
     #: stacks and exits (splitllama.training.callbacks.HangWatchdog); null: off
     hang_timeout_s: Optional[float] = None
+    #: optimizer steps in a row with a non-finite training loss before the run stops as ``diverged``
+    #: (splitllama.training.callbacks.DivergenceGuard); 0: at the first
+    nonfinite_patience: int = 0
 
 
 @dataclass
@@ -458,10 +461,19 @@ class EvalConfig:
     results.json, the loggers and the sweep summary carry ``small_val_loss``, ``large_val_loss``
     and ``gap_closed`` (0 at the small donor, 1 at the large). Scores are cached per donor and
     blocks (see :mod:`splitllama.references`); ``false`` skips them.
+    ``tuned_references``: also train each donor on the run's own training data with the run's budget
+    (steps, batch, sequence length, schedule, seed), all its parameters, at the best learning rate of
+    ``tuned_lr_grid`` (chosen on the validation blocks), and report ``gap_closed_tuned`` against those:
+    what splitting buys beyond what training on the data buys. ``null``: on for the embedded donors, off
+    for real checkpoints (it trains both donors whole, ``len(tuned_lr_grid)`` times each; cached per donor,
+    data, budget and grid, so a sweep trains each once; see :mod:`splitllama.run.references`).
     ``harness``: downstream tasks (lm-evaluation-harness), with the donors scored the same way.
     """
 
     references: bool = True
+    tuned_references: Optional[bool] = None
+    #: peak learning rates tried for each donor (at least 3 values over at least 10x)
+    tuned_lr_grid: List[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
     harness: HarnessConfig = field(default_factory=HarnessConfig)
 
 

@@ -19,6 +19,7 @@ from .settings import plain, uses_embedded_donors
 
 if TYPE_CHECKING:
     from ..references import DonorReferences
+    from .references import TunedReferences
 
 
 @dataclass
@@ -32,6 +33,8 @@ class RunSetup:
     tokenizer: Any = None
     data: Any = None
     references: DonorReferences | None = None
+    #: the donors trained alike (:mod:`splitllama.run.references`), for a run that trains
+    tuned: TunedReferences | None = None
     calibration: Any = None
 
     def spec(self, cfg: DictConfig) -> Any:
@@ -62,7 +65,7 @@ def load(cfg: DictConfig, record: Any, setup: RunSetup, *, stage: str | None, re
     setup.tokenizer = load_tokenizer(model_dir or setup.donors.path8b)
     if model_dir is None:
         check_donor_tokenizers(cfg, setup.donors, setup.tokenizer, record)
-    if stage is not None or adapter_init(cfg) == "lstsq":
+    if stage is not None or (model_dir is None and adapter_init(cfg) == "lstsq"):  # a saved model is not initialised
         with record.timed("data"):
             setup.data = make_datamodule(cfg, setup.tokenizer)
             try:

@@ -155,7 +155,8 @@ class SplitLlamaLitModule(pl.LightningModule):
         return self.backend.parameter_counts()
 
     def flops(self) -> dict[str, float]:
-        return count_flops_per_token(self.backend.config, self.seq_len)
+        """Training FLOPs per token, the teacher's forward included when the objective distils."""
+        return count_flops_per_token(self.backend.config, self.seq_len, teacher=self.objective.needs_teacher)
 
     # ------------------------------------------------------------------ steps
     def _teacher_logits(self, input_ids: torch.Tensor) -> torch.Tensor | None:
