@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     register_configs()
     register_run_dir_resolver()
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["eval.tuned_references=true", "logger=none", *overrides])
+        cfg = compose("config", overrides=["eval.tuned_references=true", "logger=none", "eval.harness.tasks=[]", *overrides])
     work = Path(cfg.paths.cache_dir).expanduser() / "references" / "work"
     cfg.paths.output_dir, cfg.paths.checkpoint_dir = str(work), str(work / "checkpoints")
     validate(cfg)
