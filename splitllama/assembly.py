@@ -27,7 +27,7 @@ from transformers import LlamaConfig
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from .checkpoint import CheckpointError, LazyCheckpoint, load_adapter_state
+from .checkpoint import CheckpointError, LazyCheckpoint, check_model_dir, load_adapter_state
 from .configuration_split_llama import SplitLlamaConfig, field_error
 from .dtypes import resolve_dtype
 from .modeling_split_llama import CustomSplitLLamaForCausalLM, CustomSplitLLamaModel, CustomSplitLLamaPreTrainedModel
@@ -255,8 +255,11 @@ def assemble(
     init = _resolve_adapter_init(config, adapter_init, adapter_checkpoint is not None)
     if init == "lstsq" and calibration is None:
         raise ValueError("adapter_init: 'lstsq' needs calibration texts or token ids (calibration=...)")
-    small = LazyCheckpoint(config.path8b, role="path8b")
-    large = LazyCheckpoint(config.path70b, role="path70b")
+    # both donors whole (config, index, tokenizer and generation JSON, every shard's header against its size)
+    # before a tensor of either is read
+    small = check_model_dir(config.path8b, "path8b", model_types=None)
+    large = check_model_dir(config.path70b, "path70b", model_types=None)
+    assert small is not None and large is not None
     adapter_state = load_adapter_state(adapter_checkpoint) if adapter_checkpoint is not None else None
 
     config._attn_implementation = attn_implementation

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from .errors import RunConfigError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -39,8 +41,10 @@ _ST_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory or file is missing, malformed, or lacks a tensor; names the file."""
+class CheckpointError(RunConfigError):
+    """A checkpoint directory or file is missing, malformed, or lacks a tensor; names the file.
+
+    A :class:`~splitllama.errors.RunConfigError` (so a :class:`ValueError`): ``run.py`` ends with its one line."""
 
 
 #: the largest header the format allows (the reference reader's ``MAX_HEADER_SIZE``)
@@ -285,6 +289,64 @@ class LazyCheckpoint:
         self.close()
 
 
+#: the JSON files of a model directory that a loader reads (transformers' config, generation and tokenizer files;
+#: the safetensors index): :func:`check_model_dir` parses each one present
+MODEL_JSON_FILES = ("config.json", "generation_config.json", INDEX_FILE, "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json", "chat_template.json")
+
+
+def check_model_dir(path: str | os.PathLike[str], setting: str, *, model_types: tuple[str, ...] | None = ("llama",),
+                    weights: bool = True, fix: str = "") -> LazyCheckpoint | None:
+    """Check a model directory (a donor, a saved split model) where it is first read, before anything heavy:
+    no tensor's bytes are read, only each file's first bytes and headers.
+
+    - it is a directory holding ``config.json``, a JSON object whose ``model_type`` is one of ``model_types``;
+    - every JSON file a loader reads (:data:`MODEL_JSON_FILES`: the index, the tokenizer's and generation files)
+      parses;
+    - with ``weights``: the safetensors index names only shards that exist, and each safetensors file's header
+      parses and its tensors fill the file exactly (a truncated or appended file is caught by its size), through
+      :class:`LazyCheckpoint`, which is returned.
+
+    Raises :class:`CheckpointError` ``"<setting>: <file>: <what is wrong>. <fix>"``: ``setting`` names what the
+    user gave (``donors.path70b=/ckpt/70B``), ``fix`` the way forward (download it again, export it again).
+    """
+    root = Path(os.path.expanduser(os.fspath(path)))
+    forward = f". {fix}" if fix else ""
+
+    def refuse(message: str) -> CheckpointError:
+        return CheckpointError(f"{setting}: {message}{forward}")
+
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is a file, not a directory"
+        raise refuse(f"{root} {what} (a model directory holds config.json and its weights)")
+    for name in MODEL_JSON_FILES:
+        file = root / name
+        if not file.exists():
+            if name == "config.json":
+                raise refuse(f"{root} has no config.json: not a Hugging Face model directory")
+            continue
+        try:
+            value = json.loads(file.read_bytes())
+        except OSError as exc:
+            raise refuse(f"{file} cannot be read ({exc.strerror or exc})") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise refuse(f"{file} is not valid JSON ({exc}): truncated or corrupt") from None
+        if not isinstance(value, dict):
+            raise refuse(f"{file} holds a JSON {type(value).__name__}, not an object")
+        if name == "config.json" and model_types is not None and value.get("model_type") not in model_types:
+            raise refuse(f"{file} declares model_type {value.get('model_type')!r}, not {' or '.join(map(repr, model_types))}")
+        if name == INDEX_FILE and not isinstance(value.get("weight_map"), dict):
+            raise refuse(f"{file} has no \"weight_map\" object: not a safetensors index")
+    if not weights:
+        return None
+    try:
+        return LazyCheckpoint(root, role=setting)
+    except CheckpointError as exc:
+        message = str(exc)
+        message = message[len(setting) + 2:] if message.startswith(f"{setting}: ") else message
+        raise refuse(message) from None
+
+
 #: :func:`weights_fingerprint` reads weight files up to this size whole; of a larger one, this many evenly
 #: spaced stretches of this size (a real donor's multi-GB shards: 4 MiB each)
 FINGERPRINT_WHOLE_BYTES, FINGERPRINT_SAMPLES, FINGERPRINT_SAMPLE_BYTES = 64 << 20, 16, 256 << 10
@@ -349,4 +411,4 @@ def load_adapter_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-__all__ = ["CheckpointError", "INDEX_FILE", "MAX_HEADER_BYTES", "SAFETENSORS_DTYPE_BITS", "SINGLE_FILE", "parse_safetensors_header", "LazyCheckpoint", "load_adapter_state", "weights_fingerprint"]
+__all__ = ["CheckpointError", "INDEX_FILE", "MODEL_JSON_FILES", "check_model_dir", "MAX_HEADER_BYTES", "SAFETENSORS_DTYPE_BITS", "SINGLE_FILE", "parse_safetensors_header", "LazyCheckpoint", "load_adapter_state", "weights_fingerprint"]

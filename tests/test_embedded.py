@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -180,3 +182,106 @@ def test_recipe_key_changes_with_the_recipe() -> None:
 
     changed = EmbeddedRecipe.from_dict({**asdict(recipe), "seed": 1})
     assert recipe.key() != changed.key() and recipe.key() == quick_recipe().key()
+
+
+# ------------------------------------------------------------------ shipped artefacts refuse, never rebuild (issue 32, item 4)
+@pytest.fixture()
+def shipped_copy(tmp_path: Path) -> Path:
+    """A copy of the donors shipped with the package, to damage (the real ones are never touched)."""
+    from splitllama.embedded import SHIPPED_DONORS
+
+    return Path(shutil.copytree(SHIPPED_DONORS, tmp_path / "shipped"))
+
+
+def _edit_manifest(root: Path, edit) -> Path:  # noqa: ANN001
+    path = root / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest, indent=2))
+    return path
+
+
+def test_a_shipped_manifest_with_one_character_of_its_recipe_hash_changed_is_an_error_not_a_build(shipped_copy: Path,
+                                                                                                 tmp_path: Path) -> None:
+    """Before: the hash no longer matched the default recipe's, so the shipped donors were taken for another recipe's
+    and the default run started building donors (hours on a CPU). Now the manifest is checked against itself."""
+    from splitllama.embedded.verify import ShippedDonorsError, shipped_donors
+
+    def flip(manifest: dict) -> None:
+        h = manifest["recipe_hash"]
+        manifest["recipe_hash"] = h[:10] + ("0" if h[10] != "0" else "1") + h[11:]
+
+    path = _edit_manifest(shipped_copy, flip)
+    expected = (f"donors.embedded: the shipped embedded donors in {shipped_copy} do not match their manifest: {path}: its recipe_hash "
+                r"\S+ is not the hash of the recipe it records \(\S+\): the manifest was edited or damaged; reinstall splitllama")
+    with pytest.raises(ShippedDonorsError, match="^" + expected.replace(str(shipped_copy), re.escape(str(shipped_copy)))):
+        shipped_donors(EmbeddedRecipe(), shipped_copy)
+    cache = tmp_path / "cache"
+    with pytest.raises(ShippedDonorsError):
+        ensure_embedded_donors(EmbeddedRecipe(), cache, progress=False, shipped=shipped_copy)
+    assert not cache.exists()  # nothing built
+    # another recipe than the default is still built (and never reads the shipped donors' weights)
+    assert shipped_donors(EmbeddedRecipe.from_dict({**asdict(EmbeddedRecipe()), "seed": 1}), shipped_copy) is None
+    # and `python -m splitllama.embedded verify` says so too (every file still matches its sha256)
+    from splitllama.embedded import main
+
+    assert main(["verify", str(shipped_copy)]) == 1
+
+
+@pytest.mark.parametrize("damage", ["recipe edited", "manifest not JSON", "manifest missing", "another recipe's donors"])
+def test_shipped_donors_that_do_not_match_their_manifest_are_an_error_naming_the_file(shipped_copy: Path, damage: str) -> None:
+    from splitllama.embedded.verify import ShippedDonorsError, shipped_donors
+
+    manifest = shipped_copy / "manifest.json"
+    if damage == "recipe edited":  # the recipe changed, its hash not: edited by hand
+        _edit_manifest(shipped_copy, lambda m: m["recipe"]["small"].update(pretrain_steps=1))
+        message = f"{manifest}: its recipe_hash "
+    elif damage == "manifest not JSON":
+        manifest.write_bytes(manifest.read_bytes()[:100])
+        message = f"{manifest} cannot be read as JSON ("
+    elif damage == "manifest missing":
+        manifest.unlink()
+        message = f"{manifest} is missing (the directory holds "
+    else:  # an intact manifest of donors built from another recipe, where the default's are expected
+        other = EmbeddedRecipe.from_dict({**asdict(EmbeddedRecipe()), "seed": 7})
+        _edit_manifest(shipped_copy, lambda m: m.update(recipe=json.loads(json.dumps(asdict(other))), recipe_hash=other.recipe_hash()))
+        message = f"{manifest}: they were built from another recipe than this version's default"
+    with pytest.raises(ShippedDonorsError, match=re.escape(f"do not match their manifest: {message}")):
+        shipped_donors(EmbeddedRecipe(), shipped_copy)
+
+
+def test_an_interrupted_build_leaves_nothing_behind(cache_dir: Path, tmp_path: Path) -> None:
+    """Before: a build that stopped (an error, Ctrl-C) left ``<key>.tmp<pid>`` in the cache for good, and so did a killed
+    one. Now a stopped build removes its directory, and the next build removes what a killed one left."""
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_dir / "corpus", cache / "corpus")  # the corpus is cached: the build gets to its donors at once
+    quick = asdict(quick_recipe())
+    # a real failure in the middle of the build: after the tokenizer and the held-out blocks were written into the
+    # temporary directory, the small donor's attention cannot group 4 heads over 3 KV heads
+    recipe = EmbeddedRecipe.from_dict({**quick, "vocab_size": 300, "small": {**quick["small"], "num_kv_heads": 3}})
+    killed = cache / "embedded" / f"{recipe.key()}.tmp999999999"  # what a build killed with SIGKILL leaves
+    (killed / "tokenizer").mkdir(parents=True)
+    with pytest.raises(RuntimeError):
+        ensure_embedded_donors(recipe, cache, progress=False)
+    assert sorted(p.name for p in (cache / "embedded").iterdir()) == [f"{recipe.key()}.lock"]
+
+
+def test_building_into_removes_its_directory_on_ctrl_c_and_only_dead_builds_leftovers(tmp_path: Path) -> None:
+    """``python -m splitllama.embedded build --out`` holds no lock: a leftover of a build whose process is gone is
+    removed, one of a build still running is not."""
+    import os
+    import subprocess
+    import sys
+
+    from splitllama.embedded.build import building_into
+
+    out = tmp_path / "donors"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead, running = out.with_name(f"donors.tmp{int(gone.stdout)}"), out.with_name(f"donors.tmp{os.getppid()}")
+    dead.mkdir()
+    running.mkdir()
+    with pytest.raises(KeyboardInterrupt), building_into(out) as tmp:
+        assert not dead.exists() and running.exists() and tmp.is_dir()
+        (tmp / "tokenizer").mkdir()
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name]

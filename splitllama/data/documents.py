@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,11 +20,14 @@ def read_text_files(files: Sequence[str], text_field: str = "text") -> list[str]
     documents: list[str] = []
     for name in files:
         path = Path(os.path.expanduser(name))
-        if path.is_dir():
-            raise RunConfigError(f"data.files: {path} is a directory; list the .txt or .jsonl files in it")
-        if not path.is_file():
-            raise RunConfigError(f"data.files: {path} does not exist")
-        raw = path.read_bytes()
+        problem = data_file_problem(path)
+        if problem:
+            raise RunConfigError(f"data.files: {path} {problem}")
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:  # permissions, an I/O error, a file that vanished
+            raise RunConfigError(f"data.files: {path} cannot be read ({exc.strerror or exc}); check its permissions "
+                                 "(it must be readable by this user) or copy it elsewhere") from None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -35,6 +40,29 @@ def read_text_files(files: Sequence[str], text_field: str = "text") -> list[str]
             raise RunConfigError(f"data.files: {path} holds no documents ({'an empty file' if not raw else 'only whitespace'})")
         documents.extend(found)
     return documents
+
+
+def data_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a data file, or ``None``: checked before it is opened, so a FIFO or a device (which
+    ``open`` would wait on or read without end) and a symbolic link that loops or points nowhere are named as what
+    they are, not as a missing file."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link that loops (it, or a link it points to, points back); point data.files at the file itself"
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "does not exist"
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a directory; list the .txt or .jsonl files in it"
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode)
+                else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "not a regular file")
+        return f"is {kind}, not a regular file; write the documents to a .txt or .jsonl file and list that"
+    return None
 
 
 def _jsonl_documents(path: Path, text: str, text_field: str) -> list[str]:

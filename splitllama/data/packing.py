@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..files import zip_archive_problem
 from .fingerprints import documents_fingerprint, tokenizer_fingerprint
 from .validation import split_documents
 
@@ -62,7 +63,10 @@ def packed_splits(
     if fingerprint is not None:
         key = json.dumps([PACKING_VERSION, fingerprint, seq_len, val_fraction, len(documents), documents_fingerprint(documents)])
         path = Path(os.path.expanduser(cache_dir)) / "blocks" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"  # type: ignore[arg-type]
-        if path.is_file():
+        damaged = zip_archive_problem(path) if path.is_file() else None
+        if damaged:  # a changed byte would load as another token id
+            logger.warning("data: ignoring the block cache %s, which is %s; tokenising again", path, damaged)
+        elif path.is_file():
             try:
                 cached = torch.load(path, map_location="cpu", weights_only=True)
                 train, val = cached["train"].long(), cached["val"].long()
@@ -74,9 +78,15 @@ def packed_splits(
     train_docs, val_docs = split_documents(documents, val_fraction)
     train, val = pack_documents(tokenizer, train_docs, seq_len), pack_documents(tokenizer, val_docs, seq_len)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         small = torch.int32 if max(int(train.max()), int(val.max())) < 2**31 else torch.long
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save({"train": train.to(small), "val": val.to(small)}, tmp)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"train": train.to(small), "val": val.to(small)}, tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as exc:  # a full disk (torch's writer raises RuntimeError): the blocks are in
+            # memory, the run goes on without caching them
+            logger.warning("data: could not cache the packed blocks in %s (%s); the next run tokenises again", path, exc)
+        finally:  # gone once renamed; a write that failed or was interrupted leaves no partial file
+            tmp.unlink(missing_ok=True)
     return train, val

@@ -19,15 +19,17 @@ something, without downloading anything. The recipe (:class:`EmbeddedRecipe`, :m
 
 Everything lands in ``<cache_dir>/embedded/<recipe key>/`` with a manifest of SHA-256 hashes
 (:mod:`.verify`); a later run verifies the manifest and reuses the donors, a corrupt or truncated
-cache is rebuilt. A file lock keeps parallel runs (a Hydra multirun) from building twice. The
-default recipe's donors ship with the package (:data:`SHIPPED_DONORS`); :mod:`.cli` is
-``python -m splitllama.embedded build|corpus|verify``.
+cache is rebuilt; shipped donors that do not match their manifest are an error, never a build. A build
+writes into a temporary directory that an interrupted build removes (a killed one's, the next build).
+A file lock keeps parallel runs (a Hydra multirun) from building twice. The default recipe's donors
+ship with the package (:data:`SHIPPED_DONORS`); :mod:`.cli` is ``python -m splitllama.embedded build|corpus|verify``.
 """
 
 from __future__ import annotations
 
 from .build import (
     build_embedded_donors,
+    building_into,
     ensure_embedded_donors,
     evaluate_lm,
     pretrain_donor,
@@ -60,7 +62,7 @@ from .recipe import (
     EmbeddedRecipe,
     train_tokenizer,
 )
-from .verify import SHIPPED_DONORS, manifest_files, shipped_donors, verify_cache
+from .verify import SHIPPED_DONORS, ShippedDonorsError, manifest_files, manifest_recipe_problem, shipped_donors, verify_cache
 
 #: the old name of :func:`corpus_key`, for code written before it was public
 _corpus_key = corpus_key
@@ -72,11 +74,13 @@ __all__ = [
     "RECIPE_VERSION",
     "SHIPPED_DONORS",
     "SPECIAL_TOKENS",
+    "ShippedDonorsError",
     "STDLIB_SKIP_DIRS",
     "DonorRecipe",
     "EmbeddedDonors",
     "EmbeddedRecipe",
     "build_embedded_donors",
+    "building_into",
     "collect_python_source",
     "collect_stdlib_docstrings",
     "collect_stdlib_source",
@@ -88,6 +92,7 @@ __all__ = [
     "load_stdlib_corpus",
     "main",
     "manifest_files",
+    "manifest_recipe_problem",
     "package_files",
     "package_root",
     "package_versions",

@@ -6,6 +6,7 @@ the cache if intact, else a build under a file lock (parallel runs of a Hydra mu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from .recipe import (
     EmbeddedRecipe,
     train_tokenizer,
 )
-from .verify import manifest_files, shipped_donors, verify_cache
+from .verify import SHIPPED_DONORS, manifest_files, shipped_donors, verify_cache
 
 logger = logging.getLogger(__name__)
 
@@ -205,15 +206,48 @@ def write_manifest(root: Path, recipe: EmbeddedRecipe, metrics: dict[str, Any], 
     return manifest
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def building_into(out: Path, *, exclusive: bool = False) -> Iterator[Path]:
+    """A temporary directory beside ``out`` (``<name>.tmp<pid>``) to build into, then ``os.replace`` onto ``out``
+    inside the block. Whatever ends the block early (an error, Ctrl-C's ``KeyboardInterrupt``, SIGTERM turned into
+    one) removes it: an interrupted build leaves nothing a later run must clean. What a killed build (SIGKILL, a lost
+    node) left is removed before this one starts: every ``<name>.tmp*`` with ``exclusive`` (the caller holds the
+    build's lock, so no other build of ``out`` runs), else those whose process is gone."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f"{out.name}.tmp*"):
+        pid = stale.name[len(out.name) + 4:]
+        if exclusive or not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid)):
+            logger.info("removing %s, left by a build that did not finish", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when the block moved it onto out
+
+
 def ensure_embedded_donors(
-    recipe: EmbeddedRecipe | None = None, cache_dir: str | os.PathLike[str] | None = None, *, progress: bool = True
+    recipe: EmbeddedRecipe | None = None, cache_dir: str | os.PathLike[str] | None = None, *, progress: bool = True,
+    shipped: Path = SHIPPED_DONORS,
 ) -> EmbeddedDonors:
-    """The embedded donors for ``recipe``: shipped with the package (the default recipe), else from the
-    cache if intact, else built (minutes to hours on a CPU, depending on the recipe) and cached."""
+    """The embedded donors for ``recipe``: shipped with the package (the default recipe; ``shipped`` is where), else
+    from the cache if intact, else built (minutes to hours on a CPU, depending on the recipe) and cached. Shipped donors
+    that do not match their manifest are an error (:func:`~.verify.shipped_donors`), never a build."""
     recipe = recipe or EmbeddedRecipe()
-    shipped = shipped_donors(recipe)
-    if shipped is not None:
-        return shipped
+    found = shipped_donors(recipe, shipped)
+    if found is not None:
+        return found
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = recipe.key()
     root = cache / "embedded" / key
@@ -225,16 +259,14 @@ def ensure_embedded_donors(
                 logger.warning("embedded donor cache %s is damaged, rebuilding: %s", root, "; ".join(problems[:3]))
                 shutil.rmtree(root)
             logger.info("building the embedded donors into %s (recipe %s)", root, key)
-            tmp = root.with_name(f"{key}.tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            documents = recipe.corpus_documents(cache, progress=progress)
-            metrics = build_embedded_donors(recipe, tmp, cache, progress=progress, documents=documents)
-            write_manifest(tmp, recipe, metrics, corpus_identity(recipe, documents), key=key)
-            os.replace(tmp, root)
+            with building_into(root, exclusive=True) as tmp:  # under the lock: no other build of this key runs
+                documents = recipe.corpus_documents(cache, progress=progress)
+                metrics = build_embedded_donors(recipe, tmp, cache, progress=progress, documents=documents)
+                write_manifest(tmp, recipe, metrics, corpus_identity(recipe, documents), key=key)
+                os.replace(tmp, root)
             built_now = True
         manifest = json.loads((root / "manifest.json").read_text())
     return EmbeddedDonors(root / "small", root / "large", root / "tokenizer", manifest, built_now)
 
 
-__all__ = ["build_embedded_donors", "ensure_embedded_donors", "evaluate_lm", "pretrain_donor", "write_manifest"]
+__all__ = ["build_embedded_donors", "building_into", "ensure_embedded_donors", "evaluate_lm", "pretrain_donor", "write_manifest"]

@@ -14,11 +14,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .build import build_embedded_donors, write_manifest
+from .build import build_embedded_donors, building_into, write_manifest
 from .corpus import default_cache_dir
 from .pack import corpus_identity, read_corpus_pack, write_corpus_pack
 from .recipe import EmbeddedRecipe
-from .verify import SHIPPED_DONORS, verify_cache
+from .verify import SHIPPED_DONORS, manifest_recipe_problem, verify_cache
 
 
 def _parse_set(values: Sequence[str]) -> dict[str, Any]:
@@ -65,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "verify":
         problems = verify_cache(args.path)
+        if not problems:  # and the manifest against itself: its recipe_hash is its recipe's
+            manifest = json.loads((args.path / "manifest.json").read_text())
+            problems = [f"{args.path / 'manifest.json'}: {p}" for p in [manifest_recipe_problem(manifest)] if p and manifest.get("recipe")]
         print("\n".join(problems) if problems else f"{args.path}: every file matches manifest.json")
         return 1 if problems else 0
     recipe = EmbeddedRecipe.from_dict(_parse_set(args.set))
@@ -82,17 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         documents = recipe.corpus_documents(cache)
         identity = corpus_identity(recipe, documents)
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    started = time.perf_counter()
-    metrics = build_embedded_donors(recipe, tmp, cache, documents=documents)
-    metrics["timings"]["total_s"] = time.perf_counter() - started
-    command = "python -m splitllama.embedded " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
-    manifest = write_manifest(tmp, recipe, metrics, identity, command=command)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with building_into(out) as tmp:  # removed if the build stops; a killed build's leftovers removed first
+        started = time.perf_counter()
+        metrics = build_embedded_donors(recipe, tmp, cache, documents=documents)
+        metrics["timings"]["total_s"] = time.perf_counter() - started
+        command = "python -m splitllama.embedded " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
+        manifest = write_manifest(tmp, recipe, metrics, identity, command=command)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
     m = manifest["metrics"]
     print(f"small donor: val {m['small_val_loss']:.4f} held-out {m['small_heldout_loss']:.4f}; "
           f"large donor: val {m['large_val_loss']:.4f} held-out {m['large_heldout_loss']:.4f}; gap {m['gap']:.4f} nats; "

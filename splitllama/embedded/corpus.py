@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import logging
 import os
 import sys
 import sysconfig
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..files import sha256_file
+
+logger = logging.getLogger(__name__)
 
 CORPUS_VERSION = 1
 #: the packages of a default install whose source the default recipe's corpus reads after the stdlib
@@ -168,11 +171,16 @@ def load_stdlib_corpus(
     if path.is_file() and sidecar.is_file() and sidecar.read_text().strip() == sha256_file(path):
         return json.loads(path.read_text(encoding="utf-8"))
     documents = CORPORA[corpus](min_chars, progress=progress, packages=packages, max_chars=max_chars)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(documents), encoding="utf-8")
-    os.replace(tmp, path)
-    sidecar.write_text(sha256_file(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(documents), encoding="utf-8")
+        os.replace(tmp, path)
+        sidecar.write_text(sha256_file(path))
+    except OSError as exc:  # a full disk: the documents are in memory; a half-written sidecar fails the hash next time
+        logger.warning("corpus: could not cache %s (%s); the next run collects it again", path, exc)
+    finally:  # gone once renamed; a write that failed or was interrupted leaves no partial file
+        tmp.unlink(missing_ok=True)
     return documents
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint import check_model_dir
 from ..configuration_split_llama import SplitLlamaConfig
 from ..dtypes import resolve_dtype
 from ._compat import require_megatron
@@ -217,6 +218,9 @@ def build_megatron_split_model(
     activation recomputation of every layer (GPU).
     """
     dtype = resolve_dtype(params_dtype, "params_dtype", (torch.float32, torch.bfloat16, torch.float16))
+    if hf_split_dir is not None and not random_init:  # its files whole, before any process group or weight
+        check_model_dir(hf_split_dir, f"hf_split_dir={hf_split_dir}", model_types=(SplitLlamaConfig.model_type,),
+                        fix="Export the split model again, or give another hf_split_dir")
     if split_config is None:
         if hf_split_dir is None:
             raise ValueError("split_config: give a SplitLlamaConfig, or hf_split_dir to read it from")
@@ -226,6 +230,8 @@ def build_megatron_split_model(
         path70b = path70b or split_config.path70b
         if not path8b or not path70b:
             raise ValueError("path8b/path70b: donor directories (or hf_split_dir) are needed to load weights")
+        for key, donor in (("path8b", path8b), ("path70b", path70b)):  # both donors' files, before either is read
+            check_model_dir(donor, f"{key}={donor}", fix=f"Download or copy that checkpoint again, or give another {key}")
     initialize_megatron_parallel(tp, pp, seed=seed)
     megatron_config = make_model_parallel_config(tp=tp, pp=pp, sp=sp, params_dtype=dtype, perform_initialization=random_init)
     if recompute:

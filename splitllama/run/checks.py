@@ -94,6 +94,7 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
         model_dir = os.path.expanduser(cfg.task.model_dir)
         if not (Path(model_dir) / "config.json").is_file():
             raise RunConfigError(f"task.model_dir={cfg.task.model_dir}: {saved_model_missing(Path(model_dir))}")
+        check_saved_model_files(cfg, Path(model_dir))
         try:
             config = SplitLlamaConfig.from_pretrained(model_dir)
         except Exception as exc:  # noqa: BLE001
@@ -133,6 +134,37 @@ def check_positions(cfg: DictConfig, split: SplitLlamaConfig) -> None:
     if known and cfg.data.seq_len > min(known.values()):
         raise RunConfigError(f"data.seq_len={cfg.data.seq_len}: above the donors' max_position_embeddings "
                              f"({', '.join(f'{w} {n}' for w, n in known.items())}); must be <= {min(known.values())}")
+
+
+def check_saved_model_files(cfg: DictConfig, path: Path) -> None:
+    """A saved split model's files where a task first reads them, before anything heavy
+    (:func:`~splitllama.checkpoint.check_model_dir`): its config, tokenizer and generation files parse, and its
+    safetensors weights (where it has them: a seed-style directory has none) are whole, each file's header against
+    its size. A truncated export fails here naming the file, not as a safetensors error in the middle of a task."""
+    from ..checkpoint import INDEX_FILE, check_model_dir
+
+    has_weights = (path / INDEX_FILE).is_file() or any(path.glob("*.safetensors"))
+    check_model_dir(path, f"task.model_dir={cfg.task.model_dir}", model_types=(SplitLlamaConfig.model_type,), weights=has_weights,
+                    fix="Export it again (task=assemble, or the training run that saved it), or give another task.model_dir")
+
+
+def check_finite_eval(val_loss: float, module: Any, model_dir: str | None) -> None:
+    """An evaluation whose validation loss is NaN or infinite does not end ``ok``: :class:`~splitllama.results.RunDiverged`
+    (``status: diverged``, exit 3; a sweep's worst trial), naming the weights that hold NaN or infinite values (a
+    saved model written by a run that diverged, a damaged export) or, where all are finite, the evaluation itself."""
+    import math
+
+    from ..results import RunDiverged
+
+    if math.isfinite(val_loss):
+        return
+    bad = [name for name, param in module.named_parameters() if not bool(param.detach().isfinite().all())]
+    what = f"task.model_dir={model_dir}" if model_dir else "the assembled split model"
+    cause = (f"{len(bad)} of its weights hold NaN or infinite values ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): "
+             "it is not a usable model; evaluate the model of a run that ended ok, or export it again" if bad else
+             "its weights are finite, so the forward pass overflowed: evaluate in float32 (backend.dtype=float32, "
+             "trainer.precision=32-true)")
+    raise RunDiverged(f"evaluation of {what} gave a validation loss of {val_loss}: {cause}", step=None, loss=val_loss, where="eval")
 
 
 def saved_model_missing(path: Path) -> str:
@@ -186,4 +218,4 @@ def check_donor_expectations(cfg: DictConfig) -> None:
                 )
 
 
-__all__ = ["EXPECTED_DONOR_FIELDS", "check_dependencies", "check_donor_expectations", "check_positions", "required_modules", "saved_model_missing", "validate"]
+__all__ = ["EXPECTED_DONOR_FIELDS", "check_dependencies", "check_finite_eval", "check_saved_model_files", "check_donor_expectations", "check_positions", "required_modules", "saved_model_missing", "validate"]

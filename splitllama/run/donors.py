@@ -69,6 +69,29 @@ def with_built_donors(split: SplitLlamaConfig, donors: Donors) -> SplitLlamaConf
     return split
 
 
+def check_donor_files(cfg: DictConfig, donors: Donors, *, given_by: str | None = None) -> None:
+    """Both donors' files checked where they are first read, before either is scored, assembled or tokenised
+    (:func:`~splitllama.checkpoint.check_model_dir`: config, index, every shard's header against its size,
+    tokenizer and generation files): a truncated shard or index of the large donor fails here naming the file,
+    not after the small donor was scored. The embedded donors are skipped: their manifest's SHA-256 of every
+    file was checked when they were resolved. ``given_by``: what named these donors when the run's settings did
+    not (the saved split model whose config holds their paths)."""
+    from ..checkpoint import check_model_dir
+
+    if given_by is None and uses_embedded_donors(cfg):
+        return
+    for key, path in (("path8b", donors.path8b), ("path70b", donors.path70b)):
+        hub = cfg.donors.get(key.replace("path", "hub")) if given_by is None else None
+        fetch = f" (hf download {hub} --local-dir {path})" if hub else ""
+        if given_by is None:
+            setting = f"donors.{key}={cfg.donors[key]}"
+            fix = f"Download or copy that checkpoint again{fetch}, or give another donors.{key}"
+        else:
+            setting = f"{given_by}: its donor {key}={path}"
+            fix = "Restore that donor, or set eval.references=false to evaluate without the donors' scores"
+        check_model_dir(path, setting, model_types=("llama",), fix=fix)
+
+
 def saved_model_donors(split: SplitLlamaConfig) -> Donors | None:
     """The donors a saved split model was assembled from (its config's paths), if both directories still exist."""
     paths = (split.path8b, split.path70b)
@@ -139,4 +162,4 @@ def check_donor_tokenizers(cfg: DictConfig, donors: Donors, tokenizer: Any, reco
     record.update("donors", {"tokenizers": {"mismatch_allowed": differ, "message": message}})
 
 
-__all__ = ["SAVED_DONOR_FIELDS", "Donors", "check_donor_tokenizers", "donor_references", "load_tokenizer", "resolve_donors", "saved_model_donors", "with_built_donors"]
+__all__ = ["SAVED_DONOR_FIELDS", "Donors", "check_donor_files", "check_donor_tokenizers", "donor_references", "load_tokenizer", "resolve_donors", "saved_model_donors", "with_built_donors"]

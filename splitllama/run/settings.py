@@ -110,6 +110,7 @@ def _check_known_keys(node: Any, path: str = "") -> None:
 def validate_run_settings(cfg: Any) -> None:
     """Range checks of fields that need no donor (cheap; run before anything else)."""
     _check_known_keys(cfg)
+    check_cache_dir(cfg)
     check_setting(cfg.data.seq_len >= 2, "data.seq_len", cfg.data.seq_len, "must be >= 2")
     check_setting(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1")
     # 0 is not "unset" (null is): a zero would fall back to another value silently
@@ -309,6 +310,20 @@ def cache_dir(cfg: DictConfig) -> Path:
     return Path(os.path.expanduser(cfg.paths.cache_dir))
 
 
+def check_cache_dir(cfg: DictConfig) -> None:
+    """``paths.cache_dir`` (``$SPLITLLAMA_CACHE``) is a directory this user can write, or can be made: a run
+    writes there (the embedded donors it builds, tokenised corpora, the donors' scores) and would otherwise fail
+    at its first write, with an error that names no setting."""
+    from ..files import writable_dir_problem
+
+    problem = writable_dir_problem(cache_dir(cfg))
+    if problem:
+        env = os.environ.get("SPLITLLAMA_CACHE")
+        source = " (from $SPLITLLAMA_CACHE)" if env and os.path.expanduser(env) == str(cache_dir(cfg)) else ""
+        raise RunConfigError(f"paths.cache_dir={cfg.paths.cache_dir}{source}: {problem}; the cache must be a directory this "
+                             "user can write. Set SPLITLLAMA_CACHE (or paths.cache_dir=) to one, e.g. SPLITLLAMA_CACHE=~/.cache/splitllama")
+
+
 def uses_embedded_donors(cfg: DictConfig) -> bool:
     return cfg.donors.path8b is None and cfg.donors.path70b is None
 
@@ -341,5 +356,5 @@ def run_name(cfg: DictConfig) -> str:
     return cfg.logger.name or f"{plain(cfg.task.name)}-{plain(cfg.adapter.kind)}-n8_{n8}-n70_{n70}-{plain(cfg.objective.kind)}"
 
 
-__all__ = ["PRECISIONS", "SPLIT_FIELD_TO_KEY", "cache_dir", "config_dict", "embedded_recipe", "explain_split_error", "layer_selection", "plain", "run_name", "saved_model_dir", "setting_warnings", "uses_embedded_donors",
+__all__ = ["PRECISIONS", "SPLIT_FIELD_TO_KEY", "cache_dir", "check_cache_dir", "config_dict", "embedded_recipe", "explain_split_error", "layer_selection", "plain", "run_name", "saved_model_dir", "setting_warnings", "uses_embedded_donors",
            "validate_run_settings", "written_paths"]

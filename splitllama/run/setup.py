@@ -12,7 +12,7 @@ from ..configuration_split_llama import SplitLlamaConfig
 from ..errors import RunConfigError
 from .checks import validate
 from .data import make_datamodule
-from .donors import Donors, check_donor_tokenizers, donor_references, load_tokenizer, resolve_donors, saved_model_donors, with_built_donors
+from .donors import Donors, check_donor_files, check_donor_tokenizers, donor_references, load_tokenizer, resolve_donors, saved_model_donors, with_built_donors
 from .downstream import prepare_harness
 from .model import adapter_init, model_spec
 from .settings import plain, uses_embedded_donors
@@ -60,8 +60,13 @@ def load(cfg: DictConfig, record: Any, setup: RunSetup, *, stage: str | None, re
     if model_dir is None:
         with record.timed("donors"):
             setup.donors = resolve_donors(cfg)
+        check_donor_files(cfg, setup.donors)  # both donors, before either is read
+        check_adapter_checkpoint(cfg)
         if uses_embedded_donors(cfg):  # validated from their recipe, before they were built
             setup.split = with_built_donors(setup.split, setup.donors)
+    elif references and cfg.eval.references and saved_model_donors(setup.split) is not None:
+        # the donors a saved model is compared with, before its data is tokenised and either donor scored
+        check_donor_files(cfg, saved_model_donors(setup.split), given_by=f"task.model_dir={cfg.task.model_dir}")
     setup.tokenizer = load_tokenizer(model_dir or setup.donors.path8b)
     if model_dir is None:
         check_donor_tokenizers(cfg, setup.donors, setup.tokenizer, record)
@@ -85,4 +90,34 @@ def load(cfg: DictConfig, record: Any, setup: RunSetup, *, stage: str | None, re
     return setup
 
 
-__all__ = ["RunSetup", "check", "load"]
+def check_adapter_checkpoint(cfg: DictConfig) -> None:
+    """``adapter.checkpoint`` whole before the run tokenises, scores or assembles anything: a ``.safetensors`` file's
+    header against its size, a torch file's zip archive against each member's CRC-32 (what a resume checks,
+    :func:`~splitllama.training.callbacks.checkpoint_archive_problem`)."""
+    import os
+    from pathlib import Path
+
+    if cfg.adapter.checkpoint is None:
+        return
+    from ..checkpoint import CheckpointError, LazyCheckpoint
+
+    path = Path(os.path.expanduser(cfg.adapter.checkpoint))
+    setting = f"adapter.checkpoint={cfg.adapter.checkpoint}"
+    fix = "give the adapter weights a run saved again, or adapter.checkpoint=null to start the adapter afresh"
+    if not path.is_file():
+        raise RunConfigError(f"{setting}: {path} {'is a directory' if path.is_dir() else 'does not exist'}, not a .safetensors or "
+                             f".pt file of adapter weights; {fix}")
+    if path.suffix == ".safetensors":
+        try:
+            LazyCheckpoint(path, role=setting)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{setting}: {exc}; {fix}") from None
+        return
+    from ..training.callbacks import checkpoint_archive_problem
+
+    problem = checkpoint_archive_problem(path)
+    if problem:
+        raise CheckpointError(f"{setting}: {path} is {problem}; {fix}")
+
+
+__all__ = ["RunSetup", "check", "check_adapter_checkpoint", "load"]

@@ -62,6 +62,13 @@ def _check_model_dir(model_dir: str | os.PathLike[str]) -> None:
         raise FileNotFoundError(f"model_dir: {path} is not a directory (expected a saved split model or HF model)")
     if not config_file.is_file():
         raise FileNotFoundError(f"model_dir: no config.json in {path}")
+    from ..checkpoint import INDEX_FILE, check_model_dir
+
+    # config, tokenizer and generation files parse; safetensors weights whole (headers against sizes): the engine's
+    # workers would otherwise fail far from the file
+    has_weights = (path / INDEX_FILE).is_file() or any(path.glob("*.safetensors"))
+    check_model_dir(path, f"model_dir={path}", model_types=None, weights=has_weights,
+                    fix="Save or export the model again, or give another model_dir")
     config = json.loads(config_file.read_text())
     if config.get("model_type") == SplitLlamaConfig.model_type:
         from .loading import check_split_checkpoint, check_vllm_compatible
