@@ -40,7 +40,9 @@ def _load_donor_config(path: str, field: str) -> LlamaConfig:
     """Read a donor's ``config.json`` (config only, no weights)."""
     config_file = os.path.join(os.fspath(path), "config.json")
     if not os.path.isfile(config_file):
-        raise field_error(field, f"no config.json in donor directory {path!r}")
+        raise field_error(field, f"no config.json in donor directory {path!r}; a donor is a Hugging Face LLaMA checkpoint "
+                                 "directory (config.json, tokenizer and *.safetensors; `hf download <model> --local-dir <dir>` "
+                                 "writes one): give that directory")
     try:
         with open(config_file, encoding="utf-8") as f:
             model_type = json.load(f).get("model_type")
@@ -48,7 +50,7 @@ def _load_donor_config(path: str, field: str) -> LlamaConfig:
         raise field_error(field, f"cannot read donor config {config_file}: {exc}") from exc
     if model_type != "llama":
         raise field_error(field, f"{config_file} declares model_type {model_type!r}: not a LLaMA checkpoint "
-                                  "(a donor must have model_type 'llama')")
+                                  "(a donor must have model_type 'llama'); give the directory of a LLaMA-family checkpoint")
     try:
         config = LlamaConfig.from_pretrained(os.fspath(path))
     except Exception as exc:  # noqa: BLE001 - re-raised with the field named

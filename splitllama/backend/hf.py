@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..configuration_split_llama import SplitLlamaConfig
+from ..errors import RunConfigError
 from ..weight_map import PART_PREFIXES
 from .interface import SplitBackend, SplitModelSpec
 
@@ -109,8 +110,10 @@ class HFBackend:
             if want:
                 trainable.append(name)
         if not trainable:
-            raise ValueError(
-                f"finetune.trainable={list(parts)}: no parameter matches (the {self.config.adapter} adapter has none?)"
+            none = f" (the {self.config.adapter} adapter has no weights)" if self.config.adapter == "identity" else ""
+            raise RunConfigError(
+                f"finetune.trainable={list(parts)}: no parameter of the split model is in these parts{none}; list parts "
+                f"that hold weights, e.g. finetune.trainable=[last] or finetune=all, or enable LoRA (finetune=lora)"
             )
         return trainable
 

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import RunConfigError
+
 #: ``parallel.fsdp_sharding_strategy`` values: FULL_SHARD frees a unit's gathered weights after its
 #: forward (re-gathered for the backward; least memory), SHARD_GRAD_OP keeps them until the backward.
 RESHARD_AFTER_FORWARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}
@@ -150,9 +152,10 @@ class ShardedStrategy(_strategy_base()):  # type: ignore[misc]
         wanted = {f"state_dict.{name}" for name in trainable}
         missing = sorted(wanted - stored)
         if missing:
-            raise ValueError(
-                f"{path}: checkpoint lacks {len(missing)} trainable tensor(s) of this run ({missing[:5]}): was it made "
-                "with different finetune / adapter settings?"
+            raise RunConfigError(
+                f"ckpt_path: {path} lacks {len(missing)} trainable tensor(s) of this run ({missing[:5]}): it was made with "
+                "other finetune / adapter settings; resume with the settings it was trained with (its run directory's "
+                ".hydra/config.yaml), or start a new run without ckpt_path"
             )
         model_state = {k: v for k, v in get_model_state_dict(module).items() if k in trainable}
         state: dict[str, Any] = {"state_dict": model_state}

@@ -37,7 +37,9 @@ def read_text_files(files: Sequence[str], text_field: str = "text") -> list[str]
         found = _jsonl_documents(path, text, text_field) if path.suffix == ".jsonl" else [
             p.strip() for p in text.split("\n\n") if p.strip()]
         if not found:
-            raise RunConfigError(f"data.files: {path} holds no documents ({'an empty file' if not raw else 'only whitespace'})")
+            raise RunConfigError(f"data.files: {path} holds no documents ({'an empty file' if not raw else 'only whitespace'}); "
+                                 "write documents into it (plain text, separated by blank lines, or one JSON object per "
+                                 "line in a .jsonl file) or drop it from data.files")
         documents.extend(found)
     return documents
 
@@ -54,7 +56,8 @@ def data_file_problem(path: Path) -> str | None:
         if os.path.islink(path):
             return f"is a symbolic link to {os.readlink(path)}, which does not exist"
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            return "does not exist"
+            return ("does not exist; list existing .txt or .jsonl files in data.files (a relative path is read from the "
+                    "directory run.py starts in)")
         return f"cannot be read ({exc.strerror or exc})"
     if stat.S_ISDIR(info.st_mode):
         return "is a directory; list the .txt or .jsonl files in it"

@@ -37,7 +37,8 @@ def pack_documents(tokenizer: Any, documents: Sequence[str], seq_len: int, *, ch
                 stream.append(eos)
     n = len(stream) // seq_len
     if n == 0:
-        raise ValueError(f"data: {len(stream)} tokens, fewer than one block of data.seq_len={seq_len}")
+        raise ValueError(f"data.seq_len={seq_len}: the documents hold {len(stream)} tokens, fewer than one block; give a "
+                         f"smaller data.seq_len (at most {len(stream)}) or more text (data.files)")
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 

@@ -32,6 +32,7 @@ def split_documents(documents: Sequence[str], val_fraction: float) -> tuple[list
     if not train or not val:
         raise ValueError(
             f"data.val_fraction={val_fraction}: {len(documents)} documents give {len(train)} for training and "
-            f"{len(val)} for validation; both need at least one"
+            f"{len(val)} for validation; both need at least one: give more documents (data.files), or a data.val_fraction "
+            f"{'above' if not val else 'below'} {val_fraction}"
         )
     return train, val

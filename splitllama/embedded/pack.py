@@ -42,7 +42,8 @@ def read_corpus_pack(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list
         pack = json.load(handle)
     identity, documents = pack["identity"], pack["documents"]
     if documents_fingerprint(documents) != identity["sha256"]:
-        raise ValueError(f"{path}: its documents do not match the SHA-256 its identity records (a damaged corpus pack)")
+        raise ValueError(f"{path}: its documents do not match the SHA-256 its identity records (a damaged corpus pack); copy "
+                         "the pack again from the machine that wrote it")
     return identity, documents
 
 

@@ -82,7 +82,10 @@ def validate(cfg: DictConfig) -> SplitLlamaConfig:
             )
     if (cfg.donors.path8b is None) != (cfg.donors.path70b is None):
         missing = "path8b" if cfg.donors.path8b is None else "path70b"
-        raise RunConfigError(f"donors.{missing}=null: give both donor paths, or neither for the embedded tiny donors")
+        given = "path70b" if missing == "path8b" else "path8b"
+        raise RunConfigError(f"donors.{missing}=null: donors.{given} is set, so donors.{missing} is needed too; give "
+                             f"donors.{missing}=/path/to/checkpoint (a Hugging Face LLaMA directory), or drop donors.{given} "
+                             "for the embedded tiny donors")
     validate_run_settings(cfg)
     check_dependencies(cfg)
     if not uses_embedded_donors(cfg):
@@ -176,9 +179,12 @@ def saved_model_missing(path: Path) -> str:
             export = read_results(path).get("paths", {}).get("export_dir")
         except (OSError, ValueError):
             export = None
-        saved = f"its saved model is task.model_dir={export}" if export else "its task saved no model (paths.export_dir)"
+        saved = (f"its saved model is task.model_dir={export}" if export else
+                 "its task saved no model (paths.export_dir); save one with task=assemble (or a task=train run with task.export=true) "
+                 "and give its hf_model directory")
         return f"{path} is a run directory, not a saved split model; {saved}"
-    return f"{path} has no config.json: not a saved split model (task=train or task=assemble save one in <run dir>/hf_model)"
+    return (f"{path} has no config.json: not a saved split model; give task.model_dir=<run dir>/hf_model of a run of "
+            "task=train or task=assemble (they save one there), or leave task.model_dir out to assemble from the donors")
 
 
 #: the donor fields a preset's ``expect8b`` / ``expect70b`` pins, as ``LlamaConfig`` reads them (``rope_parameters``

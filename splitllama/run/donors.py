@@ -62,7 +62,7 @@ def with_built_donors(split: SplitLlamaConfig, donors: Donors) -> SplitLlamaConf
             if recipe.get(name) != saved.get(name):
                 raise RunConfigError(
                     f"donors.embedded: the built {which} donor ({path}) has {name}={saved.get(name)!r}, but its recipe gives "
-                    f"{recipe.get(name)!r}; delete that cache entry to rebuild it"
+                    f"{recipe.get(name)!r}; delete that cache entry (rm -r {Path(path).parent}) and run again to rebuild it"
                 )
         setattr(split, f"config_{key}", built)
         setattr(split, f"path{key}", path)
@@ -118,14 +118,18 @@ def donor_references(cfg: DictConfig, donors: Donors, val_blocks: Any) -> DonorR
     )
 
 
-def load_tokenizer(path: str) -> Any:
-    """The split model's tokenizer: the small donor's (or a saved split model's)."""
+def load_tokenizer(path: str, setting: str | None = None) -> Any:
+    """The split model's tokenizer: the small donor's (or a saved split model's). ``setting``: the override that
+    gave ``path`` (``donors.path8b=...``, ``task.model_dir=...``), named in the error."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001
-        raise RunConfigError(f"{path}: cannot load the tokenizer ({exc}); the small donor must ship its tokenizer") from exc
+        where = f"{setting}: {path}" if setting else str(path)
+        raise RunConfigError(f"{where}: cannot load the tokenizer ({exc}); the directory must hold its tokenizer files (tokenizer.json, "
+                             "tokenizer_config.json): copy them from the model's Hugging Face repository into it, or export a "
+                             "saved split model again") from exc
 
 
 def check_donor_tokenizers(cfg: DictConfig, donors: Donors, tokenizer: Any, record: Any) -> None:
@@ -141,7 +145,7 @@ def check_donor_tokenizers(cfg: DictConfig, donors: Donors, tokenizer: Any, reco
     if not any((large_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         record.update("donors", {"tokenizers": "not compared: the large donor ships no tokenizer"})
         return
-    small, large = tokenizer_mapping(tokenizer), tokenizer_mapping(load_tokenizer(str(large_dir)))
+    small, large = tokenizer_mapping(tokenizer), tokenizer_mapping(load_tokenizer(str(large_dir), None if uses_embedded_donors(cfg) else f"donors.path70b={cfg.donors.path70b}"))
     if small is None or large is None:
         record.update("donors", {"tokenizers": "not compared: a donor's tokenizer is not a fast (serialisable) tokenizer"})
         return

@@ -23,7 +23,7 @@ def generate_texts(cfg: DictConfig, model_dir: str, record: Any) -> dict[str, st
         elif cfg.task.engine == "hf":
             texts = hf_generate(model_dir, prompts, n, temp, cfg.seed)
         else:
-            raise RunConfigError(f"task.engine={cfg.task.engine}: must be vllm or hf")
+            raise RunConfigError(f"task.engine={cfg.task.engine}: must be vllm or hf (task.engine=hf runs anywhere)")
     generations = dict(zip(prompts, texts))
     record.update("generations", generations)
     for prompt, text in generations.items():

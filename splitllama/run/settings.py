@@ -125,6 +125,8 @@ def validate_run_settings(cfg: Any) -> None:
     check_setting(cfg.trainer.checkpoint_every_n_steps >= 1, "trainer.checkpoint_every_n_steps", cfg.trainer.checkpoint_every_n_steps, "must be >= 1")
     check_setting(cfg.trainer.nonfinite_patience >= 0, "trainer.nonfinite_patience", cfg.trainer.nonfinite_patience,
                   "must be >= 0 (optimizer steps with a non-finite loss before the run stops as diverged; 0: at the first)")
+    hang = cfg.trainer.hang_timeout_s
+    check_setting(hang is None or hang >= 0, "trainer.hang_timeout_s", hang, "must be > 0 seconds, or null (or 0) for no watchdog")
     check_setting(str(cfg.trainer.precision) in PRECISIONS, "trainer.precision", cfg.trainer.precision,
                   f"must be one of {', '.join(PRECISIONS)} (trainer=bf16 sets bf16-mixed for a GPU; 32-true runs anywhere)")
     check_setting(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
@@ -144,7 +146,8 @@ def validate_run_settings(cfg: Any) -> None:
         for part in lora.parts:
             check_setting(part in ("first", "last"), "finetune.lora.parts", list(lora.parts), f"{part!r} is not one of first, last")
     if not cfg.finetune.trainable and not lora.enabled and cfg.task.name == TaskName.train:
-        raise RunConfigError("finetune.trainable=[]: nothing would train; list a part or enable finetune.lora")
+        raise RunConfigError(f"finetune.trainable=[]: nothing would train; list a part (e.g. finetune.trainable=[adapter]; "
+                             f"one of {', '.join(TRAINABLE_PARTS)}) or enable LoRA (finetune=lora)")
     check_setting(cfg.adapter.calibration_blocks >= 1, "adapter.calibration_blocks", cfg.adapter.calibration_blocks, "must be >= 1")
     if cfg.data.source == DataSource.files:
         check_setting(len(cfg.data.files) > 0, "data.files", list(cfg.data.files), "must list at least one .txt or .jsonl file for data.source=files")
@@ -153,6 +156,11 @@ def validate_run_settings(cfg: Any) -> None:
                "must be > 0 (training FLOPs per token) for sweep.objective=penalised")
     if cfg.task.name == TaskName.grpo:
         _validate_grpo(cfg)
+    if cfg.task.name == TaskName.generate:  # before the assembly that a generate without task.model_dir does first
+        check_setting(cfg.task.engine in GENERATE_ENGINES, "task.engine", cfg.task.engine,
+                      f"must be one of {', '.join(GENERATE_ENGINES)} (vllm needs the vllm extra; hf runs anywhere)")
+        check_setting(cfg.task.max_new_tokens >= 1, "task.max_new_tokens", cfg.task.max_new_tokens, "must be >= 1")
+        check_setting(cfg.task.temperature >= 0, "task.temperature", cfg.task.temperature, "must be >= 0 (0: greedy)")
     _validate_parallel(cfg)
     _validate_extra_callbacks(cfg)
     _validate_embedded_recipe(cfg.donors.embedded)
@@ -176,14 +184,25 @@ def validate_run_settings(cfg: Any) -> None:
     if cfg.task.name in (TaskName.eval, TaskName.generate, TaskName.grpo) and cfg.task.model_dir is not None:
         from pathlib import Path
 
-        check_setting(Path(cfg.task.model_dir).expanduser().is_dir(), "task.model_dir", cfg.task.model_dir, "is not a directory")
+        check_setting(Path(cfg.task.model_dir).expanduser().is_dir(), "task.model_dir", cfg.task.model_dir,
+                      "is not a directory; give the saved split model of a run (its <run dir>/hf_model, which task=train "
+                      "and task=assemble write), or leave task.model_dir out to assemble one from the donors")
     for key in ("path8b", "path70b"):
         value = cfg.donors.get(key)
         if value is not None:
             from pathlib import Path
 
-            check_setting(Path(value).expanduser().is_dir(), f"donors.{key}", value, "is not a directory (a Hugging Face LLaMA checkpoint)")
+            check_setting(Path(value).expanduser().is_dir(), f"donors.{key}", value,
+                          f"is not a directory; give donors.{key}=<dir> of a Hugging Face LLaMA checkpoint (config.json and "
+                          f"*.safetensors, e.g. from `hf download <model> --local-dir <dir>`), or drop donors.path8b and "
+                          f"donors.path70b for the embedded tiny donors")
 
+
+#: what ``parallel.accelerator`` takes: Lightning's accelerator names, and its ``gpu`` alias
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+
+#: what ``task.engine`` of ``task=generate`` takes
+GENERATE_ENGINES = ("vllm", "hf")
 
 #: what ``trainer.precision`` takes: Lightning's names (its Trainer refuses anything else, once the donors are loaded)
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
@@ -195,7 +214,7 @@ def setting_warnings(cfg: Any) -> list[str]:
     the run and the fix (run.py logs them and keeps them in results.json's ``warnings``, before any work). The ones
     that defeat the whole of themselves are refused by :func:`validate_run_settings` instead
     (``task.stop_after_steps`` at or past ``trainer.max_steps``: the stop it asks for never comes)."""
-    if cfg.task.name != TaskName.train:
+    if cfg.task.name != TaskName.train or cfg.trainer.max_steps < 1:  # trainer.max_steps < 1 is refused, not warned about
         return []
     from ..training.module import warmup_cosine
 
@@ -261,6 +280,19 @@ def _validate_parallel(cfg: Any) -> None:
     from ..backend.spec import backend_spec
 
     par, backend = cfg.parallel, backend_spec(cfg)
+    check_setting(_devices_ok(par.devices), "parallel.devices", par.devices,
+                  "must be a number of devices >= 1, -1 (every device), auto, or a list of device indices such as [0,1]; "
+                  "parallel=single runs on one device")
+    check_setting(par.num_nodes >= 1, "parallel.num_nodes", par.num_nodes, "must be >= 1 (1: this machine only)")
+    check_setting(str(par.accelerator) in ACCELERATORS, "parallel.accelerator", par.accelerator,
+                  f"must be one of {', '.join(ACCELERATORS)} (auto picks a GPU where there is one, else the CPU)")
+    if par.strategy not in ("auto", "ddp", "fsdp", "megatron"):  # the parallel files' strategies; else Lightning's by name
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        known = StrategyRegistry.available_strategies()
+        check_setting(par.strategy in known, "parallel.strategy", par.strategy,
+                      "must be auto, ddp or fsdp (parallel=single, ddp, fsdp set them), megatron (backend=megatron), or a "
+                      f"strategy Lightning registers ({', '.join(n for n in ('ddp_spawn', 'ddp_fork', 'deepspeed') if n in known)}, ...)")
     check_setting(backend.tp >= 1, "backend.tp", backend.tp, "must be >= 1")
     check_setting(backend.pp >= 1, "backend.pp", backend.pp, "must be >= 1")
     check_setting(par.timeout_s is None or par.timeout_s > 0, "parallel.timeout_s", par.timeout_s, "must be > 0 seconds (or null)")
@@ -277,6 +309,28 @@ def _validate_parallel(cfg: Any) -> None:
                "trainer.precision", cfg.trainer.precision,
                "with parallel.fsdp_param_dtype set, FSDP2 does the casting: keep trainer.precision=32-true")
     backend.validate(cfg)
+
+
+def _devices_ok(devices: Any) -> bool:
+    """``parallel.devices`` as Lightning's Trainer takes it: a count >= 1, -1 (all), ``auto``, a comma-separated
+    string of indices, or a non-empty list of indices (refused here, not by the Trainer once the donors are loaded)."""
+    from omegaconf import ListConfig
+
+    if isinstance(devices, bool):
+        return False
+    if isinstance(devices, int):
+        return devices >= 1 or devices == -1
+    if isinstance(devices, (list, tuple, ListConfig)):
+        return len(devices) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text in ("auto", "-1"):
+            return True
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if text.isdigit():
+            return int(text) >= 1
+        return bool(parts) and all(p.isdigit() for p in parts)
+    return False
 
 
 def explain_split_error(message: str, cfg: Any) -> str:
@@ -356,5 +410,5 @@ def run_name(cfg: DictConfig) -> str:
     return cfg.logger.name or f"{plain(cfg.task.name)}-{plain(cfg.adapter.kind)}-n8_{n8}-n70_{n70}-{plain(cfg.objective.kind)}"
 
 
-__all__ = ["PRECISIONS", "SPLIT_FIELD_TO_KEY", "cache_dir", "check_cache_dir", "config_dict", "embedded_recipe", "explain_split_error", "layer_selection", "plain", "run_name", "saved_model_dir", "setting_warnings", "uses_embedded_donors",
+__all__ = ["ACCELERATORS", "GENERATE_ENGINES", "PRECISIONS", "SPLIT_FIELD_TO_KEY", "cache_dir", "check_cache_dir", "config_dict", "embedded_recipe", "explain_split_error", "layer_selection", "plain", "run_name", "saved_model_dir", "setting_warnings", "uses_embedded_donors",
            "validate_run_settings", "written_paths"]

@@ -67,7 +67,9 @@ def load(cfg: DictConfig, record: Any, setup: RunSetup, *, stage: str | None, re
     elif references and cfg.eval.references and saved_model_donors(setup.split) is not None:
         # the donors a saved model is compared with, before its data is tokenised and either donor scored
         check_donor_files(cfg, saved_model_donors(setup.split), given_by=f"task.model_dir={cfg.task.model_dir}")
-    setup.tokenizer = load_tokenizer(model_dir or setup.donors.path8b)
+    setup.tokenizer = load_tokenizer(model_dir or setup.donors.path8b,
+                                     f"task.model_dir={cfg.task.model_dir}" if model_dir else
+                                     None if uses_embedded_donors(cfg) else f"donors.path8b={cfg.donors.path8b}")
     if model_dir is None:
         check_donor_tokenizers(cfg, setup.donors, setup.tokenizer, record)
     if stage is not None or (model_dir is None and adapter_init(cfg) == "lstsq"):  # a saved model is not initialised

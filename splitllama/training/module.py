@@ -28,6 +28,7 @@ import torch
 
 from ..backend.interface import SplitBackend, SplitModelSpec
 from ..backend.spec import BackendSpec
+from ..errors import RunConfigError
 from ..flops import count_flops_per_token
 from .objectives import Objective, next_token_loss
 
@@ -326,9 +327,10 @@ class SplitLlamaLitModule(pl.LightningModule):
         expected = {f"model.{n}" for n in self.trainable_names}
         missing = sorted(expected - set(checkpoint.get("state_dict", {})))
         if missing:
-            raise ValueError(
-                f"checkpoint lacks {len(missing)} trainable tensor(s) of this run ({missing[:5]}...): was it made with "
-                "different finetune.trainable / finetune.lora / adapter settings?"
+            raise RunConfigError(
+                f"ckpt_path: the checkpoint lacks {len(missing)} trainable tensor(s) of this run ({missing[:5]}...): it was "
+                "made with other finetune.trainable / finetune.lora / adapter settings; resume with the settings it was trained "
+                "with (its run directory's .hydra/config.yaml), or start a new run without ckpt_path"
             )
         self._rng_to_restore = checkpoint.get("splitllama", {}).get("rng")
 
@@ -336,7 +338,8 @@ class SplitLlamaLitModule(pl.LightningModule):
 def load_teacher(path: str | None, dtype: str = "float32", attn_implementation: str = "sdpa") -> torch.nn.Module:
     """The distillation teacher: the full large donor, frozen, in eval mode."""
     if path is None:
-        raise ValueError("objective: distillation needs the large donor (donors.path70b) as teacher")
+        raise RunConfigError("objective.kind: distillation needs the large donor (donors.path70b) as teacher; give both donors "
+                             "(or none, for the embedded tiny donors), or train with objective=lm")
     from transformers import AutoModelForCausalLM
 
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
