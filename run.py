@@ -23,7 +23,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from splitllama.results import RunRecord, RunSignals, register_run_dir_resolver
+from splitllama.results import RunAlreadyComplete, RunRecord, RunSignals, register_run_dir_resolver
 from splitllama.run.schema import register_configs
 from splitllama.run.settings import saved_model_dir
 
@@ -39,9 +39,13 @@ def train(cfg: DictConfig, record: RunRecord) -> float:
     from splitllama.training.callbacks import RecordTrainedResult
 
     run = setup.check(cfg, record)
+    record.update("split", {"adapter_init": model.adapter_init_used(cfg)})
     ckpt_path = resume.checkpoint_to_resume(cfg)
     if ckpt_path is not None:  # the settings first, before donors or data are loaded
-        resume.check_resume(cfg, ckpt_path, resume.trained_result(cfg, run.split), record)
+        step = resume.check_resume(cfg, ckpt_path, resume.trained_result(cfg, run.split), record)
+        finished = resume.finished_run_message(cfg, record, step)
+        if finished:  # a resume of a finished run: nothing to train, results.json stays as it is
+            raise RunAlreadyComplete(finished, previous=record.previous)
     trainer.seed_everything(cfg.seed)
     run = setup.load(cfg, record, run, stage="fit")
     trained = resume.trained_result(cfg, run.split, run.donors, run.data)
@@ -62,9 +66,10 @@ def assemble(cfg: DictConfig, record: RunRecord) -> None:
     """Build the split model from the donors and save it (with the tokenizer), without training."""
     from splitllama.backend.spec import backend_spec
     from splitllama.flops import count_flops_per_token
-    from splitllama.run import export, setup
+    from splitllama.run import export, model, setup
 
     run = setup.load(cfg, record, setup.check(cfg, record, harness=False), stage=None, references=False)
+    record.update("split", {"adapter_init": model.adapter_init_used(cfg)})
     with record.timed("assemble"):
         backend = backend_spec(cfg).build(run.spec(cfg), dict(cfg.backend.options))
     with record.timed("export"):
@@ -77,9 +82,10 @@ def assemble(cfg: DictConfig, record: RunRecord) -> None:
 
 def grpo(cfg: DictConfig, record: RunRecord) -> None:
     """RL post-training with TRL's GRPOTrainer (:mod:`splitllama.run.rl`) of ``task.model_dir`` or a fresh assembly."""
-    from splitllama.run import rl, setup, trainer
+    from splitllama.run import model, rl, setup, trainer
 
     run = setup.check(cfg, record, harness=False)
+    record.update("split", {"adapter_init": model.adapter_init_used(cfg, saved_model_dir(cfg))})
     trainer.seed_everything(cfg.seed)
     run = setup.load(cfg, record, run, stage=None, references=False, model_dir=saved_model_dir(cfg))
     loggers = trainer.make_loggers(cfg, record, group=trainer.sweep_group(cfg))
@@ -94,13 +100,15 @@ def grpo(cfg: DictConfig, record: RunRecord) -> None:
 def evaluate(cfg: DictConfig, record: RunRecord) -> float:
     """Validation loss, perplexity and ``eval.harness`` scores of a saved split model (task.model_dir) or an assembly."""
     from splitllama.backend.spec import BackendSpec
-    from splitllama.run import downstream, model, setup, trainer
+    from splitllama.run import checks, downstream, model, setup, trainer
 
     run = setup.load(cfg, record, setup.check(cfg, record), stage="validate", model_dir=saved_model_dir(cfg))
+    record.update("split", {"adapter_init": model.adapter_init_used(cfg, run.model_dir)})
     module = model.make_module(cfg, run.spec(cfg), teacher_path=None, objective_kind="lm")
     validator = trainer.make_trainer(cfg, [], [])
     with record.timed("eval"):
         val_loss = validator.validate(module, run.data, verbose=False)[0]["val/loss"]
+    checks.check_finite_eval(val_loss, module, run.model_dir)  # NaN weights: status diverged, not ok
     record.update("params", module.parameter_counts())
     record.update("flops", module.flops())
     record.update("metrics", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),

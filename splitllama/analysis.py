@@ -83,12 +83,35 @@ def reference_values(results: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _training_setup(config: dict[str, Any]) -> dict[str, Any]:
-    """How a run's adapter started and what trained: ``init`` (random when unset), ``finetune``
+def adapter_init_of(results: dict[str, Any]) -> str | None:
+    """How a run's adapter started: results.json's ``split.adapter_init`` (the resolved init,
+    :func:`splitllama.run.model.adapter_init_used`); for a record written before it was kept, the same rule read
+    off the config (``adapter.init``, else least squares for a linear, low-rank or MLP adapter on the hf backend,
+    else random; ``checkpoint`` for a trained adapter, ``none`` for the identity adapter)."""
+    recorded = (results.get("split") or {}).get("adapter_init")
+    if recorded:
+        return recorded
+    config = results.get("config") or {}
+    adapter, backend = config.get("adapter") or {}, config.get("backend") or {}
+    if not adapter:
+        return None
+    if adapter.get("checkpoint"):
+        return "checkpoint"
+    if adapter.get("kind") == "identity":
+        return "none"
+    if adapter.get("init"):
+        return adapter["init"]
+    return "lstsq" if adapter.get("kind") in ("linear", "lowrank", "mlp") and backend.get("name", "hf") == "hf" else "random"
+
+
+def _training_setup(results: dict[str, Any]) -> dict[str, Any]:
+    """How a run's adapter started and what trained: ``init`` (:func:`adapter_init_of`), ``finetune``
     (the trainable parts joined by ``+``, ``+lora`` with LoRA) and ``seed``."""
-    adapter, finetune = config.get("adapter") or {}, config.get("finetune") or {}
+    config = results.get("config") or {}
+    finetune = config.get("finetune") or {}
     parts = list(finetune.get("trainable") or []) + (["lora"] if (finetune.get("lora") or {}).get("enabled") else [])
-    return {"init": adapter.get("init") or "random", "finetune": "+".join(parts) or None, "seed": config.get("seed")}
+    return {"init": adapter_init_of(results), "finetune": "+".join(parts) or None, "seed": config.get("seed"),
+            "objective": (config.get("objective") or {}).get("kind")}
 
 
 def run_row(results: dict[str, Any], run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -103,7 +126,7 @@ def run_row(results: dict[str, Any], run_dir: str | os.PathLike[str] | None = No
         "job": run_dir.name,
         "status": results.get("status"),
         "adapter": split.get("adapter") or (config.get("adapter") or {}).get("kind"),
-        **_training_setup(config),
+        **_training_setup(results),
         "n8": n8,
         "n70": n70,
         # _number: a non-finite loss is written as the string "nan" (JSON has no NaN); one such string broke the summary
@@ -160,7 +183,7 @@ def load_wandb(project: str, *, entity: str | None = None, group: str | None = N
         state = {"finished": "ok", "crashed": "failed", "failed": "failed"}.get(run.state, run.state)
         rows.append({
             "job": run.name, "status": state, "adapter": split.get("adapter") or (config.get("adapter") or {}).get("kind"),
-            **_training_setup(config),
+            **_training_setup({"config": config, "split": split}),
             "n8": n8, "n70": n70, "val_loss": summary.get("final/val_loss", summary.get("val/loss", math.nan)),
             "val_loss_before": summary.get("final/val_loss_before", math.nan), "val_ppl": summary.get("val/ppl", math.nan),
             "small_val_loss": summary.get("ref/small_val_loss", math.nan), "large_val_loss": summary.get("ref/large_val_loss", math.nan),
@@ -200,8 +223,10 @@ def _fmt(value: Any) -> str:
 
 def summary_table(df: pd.DataFrame, columns: Sequence[str] | None = None, *, markdown: bool = False) -> str:
     """The sweep as a text (or Markdown) table, best validation loss first, runs that did not end ok (failed, diverged) last
-    (default columns: SUMMARY_COLUMNS and each downstream task's headline score)."""
-    columns = list(columns) if columns is not None else SUMMARY_COLUMNS + harness_summary_columns(df)
+    (default columns: SUMMARY_COLUMNS and the headline score of each downstream task that separates the donors,
+    :func:`separates_donors`; :func:`harness_signal_summary` names the others)."""
+    columns = list(columns) if columns is not None else SUMMARY_COLUMNS + [c for c in harness_summary_columns(df)
+                                                                          if separates_donors(df, c) is not False]
     ordered = df.assign(_failed=df["status"] != "ok").sort_values(["_failed", "val_loss"], na_position="last")
     cells = [[_fmt(row[c]) for c in columns] for _, row in ordered.iterrows()]
     if markdown:
@@ -226,10 +251,13 @@ def donor_losses(df: pd.DataFrame) -> dict[str, float]:
 
 
 def reference_summary(df: pd.DataFrame) -> str:
-    """One line naming the donors' losses, the scale ``gap_closed`` is on (or why there is none)."""
+    """One line naming the donors' losses, the scale ``gap_closed`` is on (or why there is none); then a line for each
+    downstream task that does not separate the donors (:func:`harness_signal_summary`)."""
     refs = donor_losses(df)
+    signal = harness_signal_summary(df)  # the downstream tasks that cannot tell the donors apart, and why they are not shown
     if math.isnan(refs["small"]) or math.isnan(refs["large"]):
-        return "donors: not scored (eval.references=false, or runs made before donors were scored)"
+        line = "donors: not scored (eval.references=false, or runs made before donors were scored)"
+        return f"{line}\n{signal}" if signal else line
     spread = max(float(df[f"{w}_val_loss"].max() - df[f"{w}_val_loss"].min()) for w in ("small", "large"))
     line = (f"donors on the runs' validation blocks: small {refs['small']:.4f}, large {refs['large']:.4f} "
             f"(gap_closed = (small - split) / (small - large): 0 = small donor, 1 = large donor)")
@@ -242,7 +270,7 @@ def reference_summary(df: pd.DataFrame) -> str:
                  "(gap_closed_tuned: the same scale between them; below 0 the small donor trained alike is better)")
     else:
         line += "; donors not trained alike (eval.tuned_references off): gap_closed also counts what training on the data buys"
-    return line
+    return f"{line}\n{signal}" if signal else line
 
 
 def _draw_reference_lines(ax: Any, refs: dict[str, float], *, lw: float = 1.2) -> None:
@@ -301,17 +329,30 @@ def plot_heatmaps(df: pd.DataFrame, value: str = "val_loss", *, out: str | os.Pa
     if image is not None:
         colorbar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85, label=value)
         _draw_reference_lines(colorbar.ax, refs, lw=2.5)
-        if any(not math.isnan(v) for v in refs.values()):
-            colorbar.ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=7, frameon=False)
+        if any(not math.isnan(v) for v in refs.values()):  # the donors' lines named below the panels, clear of the colour bar
+            fig.legend(*colorbar.ax.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2,
+                       fontsize=7, frameon=False)
     if out is not None:
         fig.savefig(out, dpi=110, bbox_inches="tight")
     return fig
 
 
+def _large_donor_flops(df: pd.DataFrame) -> float:
+    """The large donor's training FLOPs per token over a sweep's runs (each run's FLOPs over its fraction of the
+    large donor's, :func:`stitching_costs`; the median), NaN where the runs' results.json do not give it."""
+    if df.empty or "run_dir" not in df:
+        return math.nan
+    large = df["flops_per_token"] / stitching_costs(df)["flops_fraction"]
+    large = large[large.map(lambda v: isinstance(v, float) and math.isfinite(v) and v > 0)]
+    return float(large.median()) if not large.empty else math.nan
+
+
 def plot_pareto(df: pd.DataFrame, x: str = "flops_per_token", y: str = "val_loss", *,
                 out: str | os.PathLike[str] | None = None):
     """``y`` against ``x`` for every finished run, coloured by adapter, the Pareto front joined; for a loss,
-    the donors' losses on the same validation blocks as dashed reference lines."""
+    the donors' losses on the same validation blocks as dashed reference lines and, against training FLOPs per
+    token, each donor as a star at its own training cost (the small one at its fraction of the large one's, the
+    large at 1; the top axis gives the fractions). The legend sits below the axes."""
     import matplotlib.pyplot as plt  # headless machines get Agg by themselves; notebooks keep inline
 
     ok = df[(df["status"] == "ok") & df[x].notna() & df[y].notna()]
@@ -325,11 +366,18 @@ def plot_pareto(df: pd.DataFrame, x: str = "flops_per_token", y: str = "val_loss
     ax.step(front[x], front[y], where="post", color="black", lw=1, label="Pareto front")
     ax.scatter(front[x], front[y], facecolors="none", edgecolors="black", s=110, lw=1.2)
     if y in ("val_loss", "val_loss_before"):
-        _draw_reference_lines(ax, donor_losses(df))
+        refs = donor_losses(df)
+        _draw_reference_lines(ax, refs)
+        large = _large_donor_flops(ok) if x == "flops_per_token" else math.nan
+        if not math.isnan(large):  # the donors at their own training cost, and the axis as fractions of the large one's
+            _draw_donor_points(ax, refs, donor_costs(ok), scale=large)
+            top = ax.secondary_xaxis("top", functions=(lambda v: v / large, lambda f: f * large))
+            top.set_xlabel("/ the large donor's training FLOPs per token", fontsize=8)
     ax.set_xlabel({"flops_per_token": "training FLOPs per token", "params": "parameters"}.get(x, x))
     ax.set_ylabel(y)
-    ax.set_title("labels: n8+n70")
-    ax.legend(fontsize=8)
+    ax.set_title("labels: n8+n70", fontsize=9)
+    # below the axes: a legend inside them hid points (and the donors' stars at the edges)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     if out is not None:
         fig.savefig(out, dpi=110, bbox_inches="tight")
     return fig
@@ -360,9 +408,12 @@ def harness_columns(scores: dict[str, dict[str, Any]], references: dict[str, dic
 
     ``scores``: results.json's ``metrics.harness`` (``{task: {metric: value, <metric>_stderr: ...}}``);
     ``references``: ``{"small": scores, "large": scores}`` of the donors. Gives ``<task>/<metric>``,
-    ``<task>/<metric>_stderr``, ``<task>/<metric>:small``, ``:large`` and ``:gap_closed``.
+    ``<task>/<metric>_stderr``, ``<task>/<metric>:small``, ``:large``, ``:separates_donors`` (the donors differ by
+    more than 2 standard errors of their difference, :func:`splitllama.harness.donor_separation`) and
+    ``:gap_closed``, NaN where the task does not separate the donors (or the large one scores lower): a split
+    between two donors the task cannot tell apart has no place between them.
     """
-    from .harness import gap_closed
+    from .harness import donor_separation
 
     references = references or {}
     columns: dict[str, Any] = {}
@@ -375,9 +426,34 @@ def harness_columns(scores: dict[str, dict[str, Any]], references: dict[str, dic
             for which, value_ref in refs.items():
                 columns[f"{task}/{metric}:{which}"] = math.nan if value_ref is None else value_ref
             if "small" in refs and "large" in refs:
-                closed = gap_closed(value, refs["small"], refs["large"])
+                separation = donor_separation(row, references["small"].get(task) or {}, references["large"].get(task) or {}, metric)
+                separates = separation["separates_donors"]
+                columns[f"{task}/{metric}:separates_donors"] = math.nan if separates is None else separates
+                closed = separation["gap_closed"]
                 columns[f"{task}/{metric}:gap_closed"] = math.nan if closed is None else closed
     return columns
+
+
+def separates_donors(df: pd.DataFrame, column: str) -> bool | None:
+    """Whether the downstream score ``column`` (``<task>/<metric>``) separates the donors in this sweep (its
+    ``:separates_donors`` column; the donors' scores are the same in every run); ``None``: not known (no donors scored)."""
+    flags = df.get(f"{column}:separates_donors")
+    if flags is None or not flags.notna().any():
+        return None
+    return bool(flags.dropna().astype(bool).any())
+
+
+def harness_signal_summary(df: pd.DataFrame) -> str | None:
+    """One line per downstream task that does not separate the donors (:func:`separates_donors`): why the summary
+    table leaves it out and the harness heatmap marks it. ``None`` when every task separates them, or none was scored."""
+    lines = []
+    for column in harness_summary_columns(df):
+        if separates_donors(df, column) is False:
+            donors = [f"{which} {df[f'{column}:{which}'].dropna().iloc[0]:.3f}" for which in ("small", "large")
+                      if f"{column}:{which}" in df and df[f"{column}:{which}"].notna().any()]
+            lines.append(f"{column}: the donors ({', '.join(donors)}) differ by less than 2 standard errors of their "
+                         "difference: the task does not separate them, so it is left out of the table and has no gap closed")
+    return "\n".join(lines) or None
 
 
 def _harness_from_logged(summary: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, dict[str, Any]]]]:
@@ -412,7 +488,8 @@ def harness_summary_columns(df: pd.DataFrame) -> list[str]:
 
 def plot_harness_heatmaps(df: pd.DataFrame, *, adapter: str | None = None, out: str | os.PathLike[str] | None = None):
     """One heatmap per downstream task of its headline score over (n8 rows, n70 columns), for one
-    adapter (the most common one by default); each panel's title gives the donors' scores."""
+    adapter (the most common one by default); each panel's title gives the donors' scores. A task that does not
+    separate the donors (:func:`separates_donors`) is drawn in greys, its title saying so in red."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -425,7 +502,8 @@ def plot_harness_heatmaps(df: pd.DataFrame, *, adapter: str | None = None, out: 
         grid = np.full((len(n8s), len(n70s)), np.nan)
         for _, row in sub.iterrows():
             grid[n8s.index(row["n8"]), n70s.index(row["n70"])] = row[column]
-        image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+        separated = separates_donors(df, column) is not False
+        image = ax.imshow(grid, cmap="viridis" if separated else "Greys", aspect="auto", origin="lower")
         for i in range(len(n8s)):
             for j in range(len(n70s)):
                 if not np.isnan(grid[i, j]):
@@ -436,15 +514,24 @@ def plot_harness_heatmaps(df: pd.DataFrame, *, adapter: str | None = None, out: 
         ax.set_yticks(range(len(n8s)), [str(int(v)) for v in n8s])
         ax.set_xlabel("n70")
         ax.set_ylabel("n8")
-        ax.set_title(f"{column}\n{adapter} adapter" + (f"; donors: {', '.join(refs)}" if refs else ""), fontsize=8)
+        ax.set_title(f"{column}\n{adapter} adapter" + (f"; donors: {', '.join(refs)}" if refs else "")
+                     + ("" if separated else "\nDOES NOT SEPARATE THE DONORS (within 2 standard errors)"), fontsize=8,
+                     color="black" if separated else "tab:red")
         fig.colorbar(image, ax=ax, shrink=0.85)
     if out is not None:
         fig.savefig(out, dpi=110, bbox_inches="tight")
+    return fig
+
+
 def stitching_series(df: pd.DataFrame) -> pd.Series:
     """Each run's series in a stitching study: adapter init, plus what trained beyond the adapter
-    (``lstsq``, ``random``, ``lstsq + last``)."""
+    (``lstsq``, ``random``, ``lstsq + last``), and the objective where it is not the next-token loss
+    (``lstsq + last, distill``)."""
     extra = df["finetune"].fillna("").map(lambda f: " + ".join(p for p in f.split("+") if p and p != "adapter"))
-    return df["init"].fillna("random") + extra.map(lambda e: f" + {e}" if e else "")
+    series = df["init"].fillna("random") + extra.map(lambda e: f" + {e}" if e else "")
+    if "objective" in df:
+        series = series + df["objective"].fillna("lm").map(lambda o: "" if o == "lm" else f", {o}")
+    return series
 
 
 #: the donor shape keys of ``donors.embedded.<which>`` and the ``config.json`` keys they stand for
@@ -513,7 +600,8 @@ def stitching_costs(df: pd.DataFrame) -> pd.DataFrame:
 
 
 #: the columns of :func:`stitching_runs`
-STITCHING_RUN_COLUMNS = ["series", "n8", "n70", "seed", "val_loss_before", "val_loss", "gap_closed", "flops_fraction", "fit_s"]
+STITCHING_RUN_COLUMNS = ["series", "n8", "n70", "seed", "val_loss_before", "val_loss", "gap_closed", "small_tuned_val_loss",
+                         "large_tuned_val_loss", "gap_closed_tuned", "flops_fraction", "fit_s"]
 
 
 def stitching_runs(df: pd.DataFrame) -> pd.DataFrame:
@@ -521,6 +609,7 @@ def stitching_runs(df: pd.DataFrame) -> pd.DataFrame:
     series, n8, n70 and seed: the per-run data behind :func:`stitching_curve`, e.g. for a CSV."""
     ok = df[df["status"] == "ok"]
     runs = ok.assign(series=stitching_series(ok), **stitching_costs(ok)[["flops_fraction", "fit_s"]])
+    runs = runs.assign(**{c: math.nan for c in STITCHING_RUN_COLUMNS if c not in runs})
     return runs[STITCHING_RUN_COLUMNS].sort_values(["series", "n8", "n70", "seed"]).reset_index(drop=True)
 
 
@@ -535,10 +624,13 @@ def stitching_curve(df: pd.DataFrame) -> pd.DataFrame:
 
     Columns: ``series``, ``n8``, ``n70``, ``seeds`` (finished runs), ``flops_fraction`` (training
     FLOPs per token as a fraction of the large donor's; the seeds share it), then ``<metric>_mean``
-    and ``<metric>_std`` for ``val_loss_before``, ``val_loss``, ``gap_closed_before`` and
-    ``gap_closed`` (the std of one seed is NaN). Failed runs are left out; ``summary_table`` lists them.
+    and ``<metric>_std`` for ``val_loss_before``, ``val_loss``, ``gap_closed_before``, ``gap_closed``
+    and, where the runs trained their donors alike, ``gap_closed_tuned`` (the std of one seed is NaN).
+    Failed runs are left out; ``summary_table`` lists them.
     """
     metrics = ["val_loss_before", "val_loss", "gap_closed_before", "gap_closed"]
+    if "gap_closed_tuned" in df and df["gap_closed_tuned"].notna().any():
+        metrics.append("gap_closed_tuned")
     ok = df[df["status"] == "ok"].assign(series=stitching_series)
     ok = ok.assign(flops_fraction=stitching_costs(ok)["flops_fraction"])
     grouped = ok.groupby(["series", "n8", "n70"])[metrics]
@@ -553,6 +645,8 @@ def stitching_curve_table(curve: pd.DataFrame) -> str:
     """:func:`stitching_curve` as a Markdown table of ``mean ± std`` cells (``flops`` is the
     training FLOPs per token as a fraction of the large donor's)."""
     columns = ["series", "n8", "n70", "seeds", "flops", "val_loss_before", "val_loss", "gap_closed_before", "gap_closed"]
+    if "gap_closed_tuned_mean" in curve:
+        columns.append("gap_closed_tuned")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, row in curve.iterrows():
         cells = [str(row["series"]), str(row["n8"]), str(row["n70"]), str(row["seeds"]), _fmt(row["flops_fraction"])]
@@ -563,14 +657,15 @@ def stitching_curve_table(curve: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _draw_donor_points(ax: Any, refs: dict[str, float], costs: dict[str, float]) -> None:
-    """Each donor as a point at its own cost (x: FLOPs fraction of the large donor) and loss."""
+def _draw_donor_points(ax: Any, refs: dict[str, float], costs: dict[str, float], scale: float = 1.0) -> None:
+    """Each donor as a point at its own cost and loss; ``costs``: FLOPs fractions of the large donor's, drawn at
+    ``fraction * scale`` (1: an axis of fractions; the large donor's FLOPs per token: an axis of FLOPs)."""
     for which, color in (("small", "tab:red"), ("large", "tab:green")):
         if not (math.isnan(refs.get(which, math.nan)) or math.isnan(costs.get(which, math.nan))):
-            ax.plot([costs[which]], [refs[which]], marker="*", ms=13, color=color, ls="none",
-                    label=f"{which} donor at its cost ({costs[which]:.2f})")
+            ax.plot([costs[which] * scale], [refs[which]], marker="*", ms=13, color=color, ls="none",
+                    label=f"{which} donor at its cost ({costs[which]:.2f}x the large donor's FLOPs)")
         if not (math.isnan(refs.get(f"{which}_tuned", math.nan)) or math.isnan(costs.get(which, math.nan))):
-            ax.plot([costs[which]], [refs[f"{which}_tuned"]], marker="P", ms=11, color=color, ls="none",
+            ax.plot([costs[which] * scale], [refs[f"{which}_tuned"]], marker="P", ms=11, color=color, ls="none",
                     label=f"{which} donor trained alike, at its cost")
 
 
@@ -591,12 +686,16 @@ def plot_stitching_curve(df: pd.DataFrame, *, out: str | os.PathLike[str] | None
     for column, n8 in enumerate(n8s):
         for row, x in ((0, "n70"), (1, "flops_fraction")):
             ax = axes[row][column]
+            starts_drawn: set[tuple[float, ...]] = set()
             for series, sub in curve[curve["n8"] == n8].groupby("series"):
                 colour = colours[series]
                 ax.errorbar(sub[x], sub["val_loss_mean"], yerr=sub["val_loss_std"].fillna(0), marker="o", capsize=3,
                             color=colour, label=f"{series}: trained")
-                if not series.endswith(" + last") or "random" in series:  # before training, the init alone
-                    ax.plot(sub[x], sub["val_loss_before_mean"], ls=":", marker=".", color=colour, label=f"{series}: before training")
+                start = tuple(sub["val_loss_before_mean"].round(4))
+                if row == 0 and start not in starts_drawn:  # before training (series sharing an init share it: drawn once)
+                    starts_drawn.add(start)
+                    init = series.split(" + ")[0].split(",")[0]
+                    ax.plot(sub[x], sub["val_loss_before_mean"], ls=":", marker=".", color=colour, label=f"{init} init: before training")
             _draw_reference_lines(ax, refs)
             ax.grid(alpha=0.3)
         axes[0][column].set_xticks(sorted(curve["n70"].unique()))
@@ -611,13 +710,46 @@ def plot_stitching_curve(df: pd.DataFrame, *, out: str | os.PathLike[str] | None
     axes[1][0].set_ylim(low - 0.15, curve["val_loss_mean"].max() + 0.3)
     for row in axes:
         row[0].set_ylabel("validation loss (nats/token)")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
-    axes[1][-1].legend(fontsize=6, loc="upper right")
+    # one legend for the figure, below the panels (a legend inside a panel hides its points)
+    labelled: dict[str, Any] = {}
+    for ax in (axes[0][-1], axes[1][-1]):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labelled.setdefault(label, handle)
     fig.suptitle("split validation loss vs large-donor layers and vs cost (mean ± std over seeds)", fontsize=10)
-    fig.tight_layout()
+    fig.legend(list(labelled.values()), list(labelled), loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 + 0.018 * math.ceil(len(labelled) / 3), 1, 1))
     if out is not None:
         fig.savefig(out, dpi=120)
     return fig
+
+
+def quality_cost_front(curve: pd.DataFrame, refs: dict[str, float], costs: dict[str, float]) -> pd.DataFrame:
+    """Every model of a stitching study on one quality/cost plane: each (series, n8, n70) point of
+    :func:`stitching_curve` (mean loss over seeds) and each donor, as shipped and trained alike (at its own
+    cost), with ``on_front``: no other model is at most as costly and strictly better (lower loss), or
+    strictly cheaper and at most as lossy. ``against_tuned``: the front computed with the donors trained
+    alike only (the references a split must beat), which is the one that says whether splitting pays."""
+    rows = [{"model": f"{r['series']} n8={r['n8']} n70={r['n70']}", "kind": "split", "flops_fraction": r["flops_fraction"],
+             "val_loss": r["val_loss_mean"]} for _, r in curve.iterrows()]
+    for which in ("small", "large"):
+        for suffix, label in (("", "as shipped"), ("_tuned", "trained alike")):
+            value = refs.get(f"{which}{suffix}", math.nan)
+            if not math.isnan(value) and not math.isnan(costs.get(which, math.nan)):
+                rows.append({"model": f"{which} donor {label}", "kind": f"donor{suffix or '_shipped'}",
+                             "flops_fraction": costs[which], "val_loss": value})
+    table = pd.DataFrame(rows)
+
+    def front(candidates: pd.DataFrame) -> pd.Series:
+        def dominated(row: pd.Series) -> bool:
+            other = candidates.drop(index=row.name)
+            return bool(((other["flops_fraction"] <= row["flops_fraction"]) & (other["val_loss"] < row["val_loss"])).any()
+                        or ((other["flops_fraction"] < row["flops_fraction"]) & (other["val_loss"] <= row["val_loss"])).any())
+        return candidates.apply(lambda row: not dominated(row), axis=1)
+
+    table["on_front"] = front(table)
+    against = table[table["kind"] != "donor_shipped"]
+    table["against_tuned"] = front(against).reindex(table.index, fill_value=False)
+    return table.sort_values(["flops_fraction", "val_loss"]).reset_index(drop=True)
 
 
 def iter_sweep_dirs(root: str | os.PathLike[str]) -> Iterable[Path]:
@@ -629,4 +761,4 @@ __all__ = ["COLUMNS", "REFERENCE_COLUMNS", "donor_losses", "harness_columns", "h
            "plot_harness_heatmaps", "load_sweep", "load_wandb", "pareto_front",
            "donor_costs", "donor_train_flops_per_token", "plot_stitching_curve", "stitching_costs", "stitching_curve",
            "stitching_curve_table", "stitching_runs", "stitching_series", "STITCHING_RUN_COLUMNS",
-           "plot_heatmaps", "plot_pareto", "reference_summary", "reference_values", "run_row", "summary_table", "write_report"]
+           "plot_heatmaps", "plot_pareto", "quality_cost_front", "reference_summary", "reference_values", "run_row", "summary_table", "write_report"]

@@ -380,6 +380,63 @@ def gap_closed(split: float | None, small: float | None, large: float | None) ->
     return (split - small) / (large - small)
 
 
+#: a task separates the donors when their scores differ by more than this many standard errors of the difference
+SEPARATION_Z = 2.0
+
+
+def donor_separation(split: dict[str, Any], small: dict[str, Any], large: dict[str, Any], metric: str) -> dict[str, Any]:
+    """Whether a task tells the donors apart, and only then where the split lies between them.
+
+    ``split``, ``small``, ``large``: one task's score rows (``{metric: value, <metric>_stderr: value}``). The
+    donors are separated when ``|large - small| > SEPARATION_Z * sqrt(se_small^2 + se_large^2)``; the gap closed
+    (0 at the small donor, 1 at the large) is given only where they are and the large donor scores higher (the
+    metric is an accuracy: higher is better); otherwise it is ``None`` and ``why_no_gap`` says why. A task
+    whose donors score 0.30 and 0.38 with standard errors of 0.04 says nothing about a split between them."""
+    values = {which: (row.get(metric), row.get(f"{metric}_stderr")) for which, row in (("split", split), ("small", small), ("large", large))}
+    out: dict[str, Any] = {"metric": metric}
+    for which, (value, stderr) in values.items():
+        out[which], out[f"{which}_stderr"] = value, stderr
+    (s, se_s), (l, se_l) = values["small"], values["large"]
+    out.update(separates_donors=None, gap_closed=None, why_no_gap=None)
+    if s is None or l is None:
+        out["why_no_gap"] = "a donor has no score"
+        return out
+    if se_s is None or se_l is None:
+        out["why_no_gap"] = "a donor's standard error is unknown: whether the task separates the donors cannot be said"
+        return out
+    threshold = SEPARATION_Z * math.sqrt(se_s ** 2 + se_l ** 2)
+    out.update(difference=l - s, threshold=threshold, separates_donors=abs(l - s) > threshold)
+    if not out["separates_donors"]:
+        out["why_no_gap"] = (f"the donors differ by {l - s:+.3f}, within {SEPARATION_Z:g} standard errors of the difference "
+                             f"({threshold:.3f}): the task does not separate them")
+    elif l < s:
+        out["why_no_gap"] = f"the large donor scores below the small one ({l:.3f} < {s:.3f}) beyond their standard errors"
+    else:
+        out["gap_closed"] = gap_closed(values["split"][0], s, l)
+    return out
+
+
+def separations(scores: dict[str, dict[str, Any]], references: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """:func:`donor_separation` of each task's headline metric (:func:`primary_metrics`); ``references``:
+    ``{"small": scores, "large": scores}``. Empty without both donors."""
+    if "small" not in references or "large" not in references:
+        return {}
+    return {task: donor_separation(scores[task], references["small"].get(task) or {}, references["large"].get(task) or {}, metric)
+            for task, metric in primary_metrics(scores).items()}
+
+
+def separation_text(task: str, row: dict[str, Any]) -> str:
+    """One line for the log: the split's and the donors' scores with their standard errors, and what they say."""
+    def score(which: str) -> str:
+        value, stderr = row.get(which), row.get(f"{which}_stderr")
+        return "n/a" if value is None else f"{value:.3f}" + (f" +- {stderr:.3f}" if stderr is not None else "")
+
+    line = f"harness {task} ({row['metric']}): split {score('split')}; donors: small {score('small')}, large {score('large')}"
+    if row.get("gap_closed") is not None:
+        return f"{line}; the task separates the donors: gap closed {row['gap_closed']:+.2f} (0 = small, 1 = large)"
+    return f"{line}; no gap closed: {row['why_no_gap']}"
+
+
 def references_for_record(references: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``references.harness`` of results.json: each donor's scores and whether they came from the cache."""
     return {which: {"scores": ref["scores"], "cached": ref["cached"], "seconds": ref.get("seconds")}
@@ -387,11 +444,13 @@ def references_for_record(references: dict[str, dict[str, Any]]) -> dict[str, An
 
 
 __all__ = [
+    "SEPARATION_Z",
     "HarnessScores",
     "HarnessSettings",
     "HarnessTaskError",
     "PreparedTasks",
     "check_settings",
+    "donor_separation",
     "donor_fingerprint",
     "donor_references",
     "gap_closed",
@@ -403,4 +462,6 @@ __all__ = [
     "primary_metrics",
     "references_for_record",
     "score_model",
+    "separation_text",
+    "separations",
 ]

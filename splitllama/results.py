@@ -419,6 +419,15 @@ class RunSignals:
                        " (Ctrl-C again to stop now)" if signum == signal.SIGINT else "")
 
 
+class RunAlreadyComplete(Exception):
+    """A resume of a run that had already finished (:func:`splitllama.run.resume.finished_run_message`): nothing is
+    trained or written; run.py says so and exits 0 (a sweep's job returns the run's recorded value)."""
+
+    def __init__(self, message: str, *, previous: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.previous = previous
+
+
 class RunInterrupted(BaseException):
     """Training stopped on a signal after a checkpoint (run.py records ``status: interrupted``)."""
 
@@ -459,7 +468,10 @@ def outcome_line(data: dict[str, Any]) -> str | None:
     With the donors trained alike (``references.small_tuned`` / ``large_tuned``): both donors as shipped and
     trained alike, both gaps, and in words whether the split beats the small donor trained alike, the
     reference that decides whether splitting bought anything. ``None`` when the run measured no split
-    loss or has no references."""
+    loss or has no references. A ``task=grpo`` run: its held-out reward and parse rate before and after
+    (:func:`_grpo_outcome_line`)."""
+    if data.get("task") == "grpo":
+        return _grpo_outcome_line(data)
     metrics, references = data.get("metrics", {}), data.get("references") or {}
     split, gap = metrics.get("val_loss"), metrics.get("gap_closed")
     small, large = (references.get(k, {}).get("val_loss") for k in ("small", "large"))
@@ -483,6 +495,32 @@ def outcome_line(data: dict[str, Any]) -> str | None:
     if fraction is not None:
         line += f"; the split's training FLOPs per token are {fraction:.2f}x the large donor's"
     return line
+
+
+def _grpo_outcome_line(data: dict[str, Any]) -> str | None:
+    """``task=grpo``'s last line: the evaluation reward and the share of held-out headers that parse, before -> after,
+    the parameter match, the steps, the time, and where the results lie."""
+    metrics = data.get("metrics") or {}
+    if not metrics.get("steps"):
+        return None
+
+    def change(before: Any, after: Any, fmt: str) -> str:
+        return " -> ".join("n/a" if v is None else format(v, fmt) for v in (before, after))
+
+    line = (f"grpo: held-out reward {change(metrics.get('eval_reward_before'), metrics.get('eval_reward_after'), '.3f')}, "
+            f"headers that parse {change(metrics.get('eval_header_parses_before'), metrics.get('eval_header_parses_after'), '.0%')}, "
+            f"parameter match {change(metrics.get('eval_parameter_match_before'), metrics.get('eval_parameter_match_after'), '.2f')}"
+            f" over {metrics['steps']} steps")
+    seconds = (data.get("timings") or {}).get("grpo_s")
+    if seconds is not None:
+        line += f" in {seconds / 60:.1f} min"
+    if metrics.get("kl_last") is not None:
+        line += f" (KL to the start {metrics['kl_last']:.3g})"
+    paths = data.get("paths") or {}
+    where = [f"{paths['run_dir']}/{RESULTS_FILE}"] if paths.get("run_dir") else []
+    if paths.get("export_dir"):
+        where.append(f"the model in {paths['export_dir']}")
+    return line + (f"; {', '.join(where)}" if where else "")
 
 
 def _outcome_line_tuned(split: float, small: float, large: float, small_tuned: float, large_tuned: float,
@@ -689,5 +727,5 @@ def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 __all__ = ["CLAIM_FILE", "DIVERGED_EXIT_STATUS", "HISTORY_DIR", "HYDRA_SUBDIR", "OUTPUT_MARK", "RESULTS_FILE", "atomic_write",
            "attempt_config_subdir", "claim_output", "claim_run_dir", "enclosing_run", "live_holder_message", "outcome_line",
-           "output_refusal", "resume_refusal", "RunDirClaim", "RunDirInUse", "RunDiverged", "RunInterrupted", "RunRecord",
+           "output_refusal", "resume_refusal", "RunAlreadyComplete", "RunDirClaim", "RunDirInUse", "RunDiverged", "RunInterrupted", "RunRecord",
            "RunSignals", "git_info", "read_results", "register_run_dir_resolver", "run_id", "split_summary"]

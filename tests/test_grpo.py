@@ -84,13 +84,34 @@ def test_every_held_out_header_earns_both_rewards_with_its_real_completion(embed
         held_out_header_prompts(documents, 0.05, 100_000, 16, seed=0)
 
 
-def test_two_grpo_steps_through_run_py(run_py: RunPy, tmp_path: Path) -> None:
+def test_two_grpo_steps_through_run_py(run_py: RunPy, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     run_py.inline(*TWO_STEPS, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    printed = capfd.readouterr().out
     results = read_results(tmp_path)
     assert results["status"] == "ok" and results["task"] == "grpo"
     metrics = results["metrics"]
     assert metrics["steps"] == 2
     assert metrics["kl_last"] is not None and metrics["eval_reward_before"] is not None and metrics["eval_reward_after"] is not None
+    assert metrics["eval_header_parses_before"] is not None and metrics["eval_parameter_match_after"] is not None
+
+    # what the run says: its plan before it starts (steps, samples, evaluations, an estimate), a progress line after the
+    # first step and at the last, a line per evaluation, and one summary last; TRL's raw log rows are not printed
+    assert "grpo step 1/2" in printed  # the progress reaches stdout too (Hydra's console handler)
+    assert not [line for line in printed.splitlines() if line.lstrip().startswith("{'")], printed[-3000:]
+    log = (tmp_path / "run.log").read_text()
+    assert ("grpo: 2 steps (trainer.max_steps), each 2 of 8 held-out function headers x 4 completions of up to 8 tokens; "
+            "2 evaluations on 4 other held-out headers") in log
+    assert "Estimate: about " in log
+    progress = [line.split(" - ", 1)[1] for line in log.splitlines() if " - grpo step " in line]
+    assert [p.split(":")[0] for p in progress] == ["grpo step 1/2 (50%)", "grpo step 2/2 (100%)"], progress
+    assert "left (ETA" in progress[0] and "reward " in progress[0] and "header parses " in progress[0]
+    assert log.count("grpo evaluation at step ") == 2
+    last = log.strip().splitlines()[-1].split(" - ", 1)[1]
+    assert last == (f"grpo: held-out reward {metrics['eval_reward_before']:.3f} -> {metrics['eval_reward_after']:.3f}, headers that "
+                    f"parse {metrics['eval_header_parses_before']:.0%} -> {metrics['eval_header_parses_after']:.0%}, parameter match "
+                    f"{metrics['eval_parameter_match_before']:.2f} -> {metrics['eval_parameter_match_after']:.2f} over 2 steps in "
+                    f"{results['timings']['grpo_s'] / 60:.1f} min (KL to the start {metrics['kl_last']:.3g}); {tmp_path.resolve()}/results.json, "
+                    f"the model in {results['paths']['export_dir']}"), last
     history = results["grpo"]["history"]
     train_rows = [r for r in history if "reward" in r]
     assert [r["step"] for r in train_rows] == [1, 2]

@@ -60,6 +60,16 @@ def test_run_py_scores_match_the_lm_eval_cli_on_the_exported_model(run_py: RunPy
     assert 0.0 <= scores["acc"] <= 1.0 and scores["acc_stderr"] > 0 and "acc_norm" in scores
     references = trained["references"]["harness"]
     assert set(references) == {"small", "large"} and TASK in references["small"]["scores"]
+    # whether the task separates the donors beyond their standard errors, and a gap closed only where it does
+    signal = trained["metrics"]["harness_signal"][TASK]
+    small, large = (references[w]["scores"][TASK] for w in ("small", "large"))
+    assert (signal["metric"], signal["split"], signal["small"], signal["large"]) == ("acc", scores["acc"], small["acc"], large["acc"])
+    separated = abs(large["acc"] - small["acc"]) > 2 * math.sqrt(small["acc_stderr"] ** 2 + large["acc_stderr"] ** 2)
+    assert signal["separates_donors"] is separated
+    assert (signal["gap_closed"] is None) == (not separated or large["acc"] < small["acc"]) and (signal["why_no_gap"] is None) == (signal["gap_closed"] is not None)
+    from splitllama.harness import separation_text
+
+    assert separation_text(TASK, signal) in (train_dir / "run.log").read_text()
     assert trained["timings"]["harness_s"] > 0
     # logged as harness/<task>/<metric> beside the loss
     header = Path(trained["paths"]["metrics_csv"]).read_text().splitlines()[0].split(",")
@@ -162,9 +172,67 @@ def test_harness_columns_and_gap_closed() -> None:
     scores = parse_scores({TASK: {"alias": TASK, "acc,none": 0.5, "acc_stderr,none": 0.05, "acc_norm,none": 0.4,
                                   "acc_norm_stderr,none": "N/A"}})
     assert scores == {TASK: {"acc": 0.5, "acc_stderr": 0.05, "acc_norm": 0.4, "acc_norm_stderr": None}}
-    columns = harness_columns(scores, {"small": {TASK: {"acc": 0.3}}, "large": {TASK: {"acc": 0.7}}})
+    columns = harness_columns(scores, {"small": {TASK: {"acc": 0.3, "acc_stderr": 0.05}}, "large": {TASK: {"acc": 0.7, "acc_stderr": 0.05}}})
     assert columns[f"{TASK}/acc"] == 0.5 and columns[f"{TASK}/acc:gap_closed"] == pytest.approx(0.5)
+    assert columns[f"{TASK}/acc:separates_donors"] is True
     assert columns[f"{TASK}/acc:small"] == 0.3 and math.isnan(columns[f"{TASK}/acc_norm_stderr"])
+
+
+def test_a_task_that_does_not_separate_the_donors_closes_no_gap() -> None:
+    """The issue's numbers: donors at 0.30 and 0.38 with standard errors of 0.04 differ by 0.08, within 2 standard errors
+    of their difference (0.113): no gap closed (it was 1.0 for a split at 0.38 with a loss of 5.69), and why. Separated
+    donors give one; a large donor below the small one beyond their errors gives none."""
+    from splitllama.harness import donor_separation, separation_text
+
+    split = {"acc": 0.38, "acc_stderr": 0.04}
+    close = donor_separation(split, {"acc": 0.30, "acc_stderr": 0.04}, {"acc": 0.38, "acc_stderr": 0.04}, "acc")
+    assert close["separates_donors"] is False and close["gap_closed"] is None
+    assert close["threshold"] == pytest.approx(2 * math.sqrt(2) * 0.04) and close["difference"] == pytest.approx(0.08)
+    assert close["why_no_gap"] == ("the donors differ by +0.080, within 2 standard errors of the difference (0.113): "
+                                   "the task does not separate them")
+    assert separation_text(TASK, close).endswith("no gap closed: " + close["why_no_gap"])
+    apart = donor_separation(split, {"acc": 0.30, "acc_stderr": 0.02}, {"acc": 0.46, "acc_stderr": 0.02}, "acc")
+    assert apart["separates_donors"] is True and apart["gap_closed"] == pytest.approx(0.5) and apart["why_no_gap"] is None
+    reversed_ = donor_separation(split, {"acc": 0.46, "acc_stderr": 0.02}, {"acc": 0.30, "acc_stderr": 0.02}, "acc")
+    assert reversed_["separates_donors"] is True and reversed_["gap_closed"] is None and "below the small one" in reversed_["why_no_gap"]
+    unknown = donor_separation(split, {"acc": 0.30}, {"acc": 0.46}, "acc")
+    assert unknown["separates_donors"] is None and unknown["gap_closed"] is None
+
+
+def test_the_sweep_summary_leaves_out_a_task_that_does_not_separate_the_donors(tmp_path: Path) -> None:
+    """Two tasks scored in a two-run sweep, one of which cannot tell the donors apart: the summary table shows only
+    the other, summary.md says why, the harness heatmap draws both and marks the one that does not separate them."""
+    import matplotlib.pyplot as plt
+
+    from splitllama.analysis import harness_signal_summary, run_row, separates_donors, summary_table, write_report
+
+    refs = {"small": {"scores": {"apart": {"acc": 0.30, "acc_stderr": 0.01}, "close": {"acc": 0.30, "acc_stderr": 0.04}}},
+            "large": {"scores": {"apart": {"acc": 0.60, "acc_stderr": 0.01}, "close": {"acc": 0.38, "acc_stderr": 0.04}}}}
+    rows = []
+    for job, (n70, acc) in enumerate([(2, 0.40), (4, 0.50)]):
+        results = {"status": "ok", "task": "train", "split": {"n8": 2, "n70": n70, "adapter": "linear"},
+                   "metrics": {"val_loss": 3.0 - job, "harness": {"apart": {"acc": acc, "acc_stderr": 0.01},
+                                                                  "close": {"acc": 0.38, "acc_stderr": 0.04}}},
+                   "references": {"harness": refs}}
+        rows.append(run_row(results, tmp_path / str(job)))
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    assert separates_donors(df, "apart/acc") is True and separates_donors(df, "close/acc") is False
+    assert df["apart/acc:gap_closed"].tolist() == pytest.approx([1 / 3, 2 / 3]) and df["close/acc:gap_closed"].isna().all()
+    table = summary_table(df)
+    assert "apart/acc" in table and "close/acc" not in table
+    assert harness_signal_summary(df) == ("close/acc: the donors (small 0.300, large 0.380) differ by less than 2 standard errors "
+                                          "of their difference: the task does not separate them, so it is left out of the table "
+                                          "and has no gap closed")
+    paths = write_report(df, tmp_path / "report")
+    assert harness_signal_summary(df) in paths["markdown"].read_text()
+    from splitllama.analysis import plot_harness_heatmaps
+
+    fig = plot_harness_heatmaps(df)
+    titles = {ax.get_title().splitlines()[0]: ax.get_title() for ax in fig.axes if ax.get_title()}
+    assert "DOES NOT SEPARATE THE DONORS" in titles["close/acc"] and "DOES NOT SEPARATE" not in titles["apart/acc"]
+    plt.close(fig)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

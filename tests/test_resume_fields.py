@@ -141,6 +141,7 @@ NOT_DECIDING: dict[str, str] = {
     "data.val_batch_size": "the validation loss is a mean over tokens: any batch size gives it",
     "data.num_workers": "loader processes",
     "trainer.val_check_interval": "when validation runs", "trainer.log_every_n_steps": "when metrics are logged",
+    "trainer.progress_every_n_steps": "when a progress line is logged",
     "trainer.checkpoint_every_n_steps": "when checkpoints are written",
     "trainer.fast_dev_run": "a smoke run of one batch, which writes no checkpoint to resume",
     "trainer.num_sanity_val_steps": "a check before training", "trainer.enable_progress_bar": "display",

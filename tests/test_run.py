@@ -26,7 +26,7 @@ import torch
 from splitllama.results import read_results
 from tests.wandb_offline import find_run_file, read_offline_run
 
-from tests.conftest import RunPy, run_py_checks
+from tests.conftest import REPO, RunPy, run_py_checks
 
 QUICK = "debug=quick"
 
@@ -64,6 +64,11 @@ def test_default_run_writes_results(default_run: Path) -> None:
     assert val[-1] == pytest.approx(metrics["val_loss"], abs=1e-6)
     assert math.isclose(metrics["val_ppl"], math.exp(metrics["val_loss"]), rel_tol=1e-9)
     assert results["config"]["adapter"]["kind"] == "linear"
+    # adapter.init: null asks for the default; the record says which it was (least squares here), and so does the analysis
+    assert results["config"]["adapter"]["init"] is None and results["split"]["adapter_init"] == "lstsq"
+    from splitllama.analysis import load_sweep
+
+    assert load_sweep(default_run)["init"].tolist() == ["lstsq"]
     # the embedded donors' default split: the first 2 of the small donor's 4 layers, the last 4 of the large's 8
     exported = json.loads((default_run / "hf_model" / "config.json").read_text())
     assert (exported["layers_8"], exported["layers_70"], exported["adapter"]) == ([0, 1], [4, 5, 6, 7], "linear")
@@ -76,6 +81,18 @@ def test_default_run_writes_results(default_run: Path) -> None:
     assert {"donors_s", "assemble_s", "fit_s", "total_s"} <= set(results["timings"])
     assert (default_run / "checkpoints" / "last.ckpt").is_file()
     assert (default_run / "hf_model" / "config.json").is_file()
+
+
+def test_default_run_logs_its_progress_in_run_log(default_run: Path) -> None:
+    """A line per step in run.log (debug=quick: 8 steps, about 10 lines a run, so every step), written through
+    Python logging: what a run under nohup or SLURM shows, where the progress bar shows nothing."""
+    log = (default_run / "run.log").read_text()
+    lines = re.findall(r"step (\d+)/8 \((\d+)%\): loss ([0-9.]+), ([0-9.]+k?) tokens/s, (\d+:\d\d) elapsed(, about \d+:\d\d left \(ETA [0-9:]+\))?", log)
+    assert [int(step) for step, *_ in lines] == list(range(1, 9)), log[-3000:]
+    assert [int(pct) for _, pct, *_ in lines] == [round(100 * k / 8) for k in range(1, 9)]
+    assert all(math.isfinite(float(loss)) for _, _, loss, *_ in lines)
+    assert all(eta for *_, eta in lines[:-1]) and not lines[-1][-1]  # time left until the last step
+    assert "training 8 steps; a progress line every step" in log
 
 
 def test_default_run_has_the_donors_as_reference(default_run: Path) -> None:
@@ -197,6 +214,50 @@ def test_a_used_run_directory_is_refused_and_a_failed_resume_keeps_the_record(de
     (failed,) = kept["attempts"]
     assert failed["status"] == "failed" and failed["error"]["message"] == "optim.lr=-1.0: must be > 0"
     assert read_results(run_dir / failed["record"])["status"] == "failed"
+
+
+def test_resuming_a_finished_run_says_it_is_complete(default_run: Path, run_py: RunPy, tmp_path: Path) -> None:
+    """``ckpt_path=last`` on a run that finished ok with the same settings trains nothing (it redid the whole run):
+    it says the run is complete, with its outcome line, exits 0 and leaves results.json as it was. More steps
+    without ``task.extend`` are refused, naming the way to train on."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(default_run, run_dir)
+    finished = (run_dir / "results.json").read_bytes()
+    checkpoint = (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    log_size = (run_dir / "run.log").stat().st_size
+    started = time.monotonic()
+    run_py.inline(QUICK, "ckpt_path=last", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert time.monotonic() - started < 60, "a finished run was trained again"
+    assert (run_dir / "results.json").read_bytes() == finished
+    assert (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns == checkpoint
+    log = (run_dir / "run.log").read_bytes()[log_size:].decode()
+    from splitllama.results import outcome_line
+
+    (said,) = [line.split(" - ", 1)[1] for line in log.splitlines() if "already complete" in line]
+    assert said.startswith(f"already complete: the run in {run_dir} finished all 8 steps with these settings"), said
+    assert said.endswith(f"Its outcome: {outcome_line(json.loads(finished))}"), said
+    assert "step 1/8" not in log and "training 8 steps" not in log
+
+    ended = run_py.inline(QUICK, "ckpt_path=last", "trainer.max_steps=12", f"hydra.run.dir={run_dir}", cwd=tmp_path, ok=False)
+    assert ended.returncode == 1 and "trainer.max_steps: 8 -> 12" in ended.message
+    assert "to train past trainer.max_steps=8, resume with task.extend=true" in ended.message
+
+
+def test_resuming_a_run_stopped_before_its_first_checkpoint_says_what_to_do(default_run: Path, run_py: RunPy, tmp_path: Path) -> None:
+    """A run stopped before its first checkpoint left results.json (interrupted) and no checkpoints/: ``ckpt_path=last``
+    says there is nothing to resume and how to start over, in the message itself."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(default_run, run_dir)
+    shutil.rmtree(run_dir / "checkpoints")
+    results = json.loads((run_dir / "results.json").read_text())
+    results.update(status="interrupted", metrics={"steps": 2})  # what a Ctrl-C at step 2 leaves (checkpoints every 4 steps)
+    (run_dir / "results.json").write_text(json.dumps(results))
+    ended = run_py.inline(QUICK, "ckpt_path=last", f"hydra.run.dir={run_dir}", cwd=tmp_path, ok=False)
+    assert ended.returncode == 1
+    assert ended.message == (f"error: ckpt_path=last: the run in {run_dir} stopped (status 'interrupted') before its first checkpoint "
+                             "(at step 2; checkpoints are written every 4 steps, trainer.checkpoint_every_n_steps), so there is "
+                             "nothing to resume. Start it again as a new run: the same command without ckpt_path and without "
+                             f"hydra.run.dir (a new run directory), or delete {run_dir} and rerun the same command without ckpt_path")
 
 
 def signal_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, signum: int) -> str:
@@ -355,6 +416,25 @@ BAD_OVERRIDES = [
     (["donors=llama3_8b_70b", "donors.path8b=/nonexistent/Llama-3-8B", "donors.path70b=/nonexistent/Llama-3-70B"],
      "/nonexistent/Llama-3-8B"),
 ]
+
+
+def test_help_names_the_commands_and_the_config_groups(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """``python run.py --help`` is the project's help (conf/hydra/help/splitllama.yaml), not Hydra's stock one: the
+    main commands, where results go, and every config group with its options (Hydra's $APP_CONFIG_GROUPS)."""
+    from tests.conftest import run_in_process
+
+    run_in_process("--help", cwd=tmp_path)
+    shown = capfd.readouterr().out
+    for command in ("python run.py debug=quick", "python run.py adapter=mlp layers.n70=8", "python run.py task=assemble",
+                    "python run.py task=eval task.model_dir=", "python run.py task=generate", "python run.py task=grpo",
+                    "python run.py -m adapter=linear,mlp layers.n70=2,4,8", "python run.py ckpt_path=last hydra.run.dir="):
+        assert command in shown, command
+    assert "outputs/<date>/<time>-<random>/ with results.json" in shown and "multirun/<date>/<time>/<job>/" in shown
+    groups = dict(line.split(": ", 1) for line in shown.splitlines() if re.fullmatch(r"[a-z_]+: [a-z0-9_, ]+", line))
+    conf = REPO / "conf"
+    for group in ("adapter", "donors", "task", "debug", "parallel", "experiment", "objective", "finetune"):
+        assert groups[group].split(", ") == sorted(f.stem for f in (conf / group).glob("*.yaml")), group
+    assert "Powered by Hydra" not in shown and not (tmp_path / "outputs").exists()  # help runs nothing
 
 
 @pytest.mark.parametrize(("overrides", "named"), BAD_OVERRIDES, ids=[" ".join(o) for o, _ in BAD_OVERRIDES])

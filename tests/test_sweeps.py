@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from splitllama.analysis import (donor_losses, load_sweep, pareto_front, plot_heatmaps, plot_pareto, reference_summary, stitching_curve,
-                                 summary_table)
+from splitllama.analysis import (donor_losses, load_sweep, pareto_front, plot_heatmaps, plot_pareto, reference_summary,
+                                 separates_donors, stitching_curve, summary_table)
 from splitllama.results import read_results
 from tests.wandb_offline import find_run_file, read_offline_run
 
@@ -65,10 +65,22 @@ def test_multirun_goes_on_after_failures_and_prints_a_summary(sweep: tuple[Path,
     for name in ("heatmap.png", "pareto.png"):
         assert (sweep_dir / name).read_bytes().startswith(PNG)
     assert len((sweep_dir / "summary.csv").read_text().strip().splitlines()) == 13
-    # downstream tasks (debug=quick scores ours on a few items): a column each, the donors' scores and the gap closed
-    assert "stdlib_docstring_name/acc" in stdout and "stdlib_docstring_next/acc" in stdout
+    # downstream tasks (debug=quick scores ours on 4 items): the donors' scores, whether the task separates them beyond their
+    # standard errors, and the gap closed only where it does; the printed table shows a task that separates them, and a
+    # line names each that does not, with why (4 items rarely can)
     header = (sweep_dir / "summary.csv").read_text().splitlines()[0].split(",")
-    assert {"stdlib_docstring_next/acc_stderr", "stdlib_docstring_next/acc:large", "stdlib_docstring_next/acc:gap_closed"} <= set(header)
+    assert {"stdlib_docstring_next/acc_stderr", "stdlib_docstring_next/acc:large", "stdlib_docstring_next/acc:separates_donors",
+            "stdlib_docstring_next/acc:gap_closed"} <= set(header)
+    df = load_sweep(sweep_dir)
+    table = stdout[stdout.index(f"sweep {sweep_dir}: 12 runs"):]
+    for column in ("stdlib_docstring_name/acc", "stdlib_docstring_next/acc"):
+        separated = separates_donors(df, column)
+        assert separated is not None, column
+        said = f"{column}: the donors (small " in table and "the task does not separate them, so it is left out of the table" in table
+        assert said is not separated, (column, separated, table[:3000])
+        header_row = next(line for line in table.splitlines() if line.split()[:2] == ["job", "status"])
+        assert (column in header_row.split()) is separated
+        assert bool(df[f"{column}:gap_closed"].notna().any()) is (separated and bool((df[f"{column}:large"] > df[f"{column}:small"]).all()))
     assert (sweep_dir / "harness_heatmap.png").read_bytes().startswith(PNG)
     # the W&B group of every job is the sweep
     run = read_offline_run(find_run_file(sweep_dir / "0" / "wandb"))
@@ -236,7 +248,10 @@ def test_stitch_grid_experiment_is_an_eight_run_grid() -> None:
 
 def test_stitching_curve_study_spans_the_embedded_donors() -> None:
     """The study's grid: n70 from 1 to all of the default large donor's layers (1, 2, 3, 5, 7, 10), n8 at
-    half and all of the small donor's, three series, three seeds (108 runs)."""
+    half and all of the small donor's, two objectives, three seeds (72 runs), at the default run's budget
+    with the donors trained alike as references."""
+    from omegaconf import OmegaConf
+
     from splitllama.run.settings import embedded_recipe
 
     cfg = compose_run_config("experiment=stitching_curve", "hydra/sweeper=basic", hydra_node=True)
@@ -244,12 +259,16 @@ def test_stitching_curve_study_spans_the_embedded_donors() -> None:
     recipe = embedded_recipe(cfg)
     assert params["layers.n70"] == [1, 2, 3, 5, 7, 10] and params["layers.n70"][-1] == recipe.large.num_layers
     assert params["layers.n8"] == [2, 4] and params["layers.n8"][-1] == recipe.small.num_layers
-    assert params["seed"] == [0, 1, 2] and math.prod(len(v) for v in params.values()) == 108
+    assert params["seed"] == [0, 1, 2] and math.prod(len(v) for v in params.values()) == 72
+    assert params["+series"] == ["lstsq_last", "lstsq_last_distill"] and cfg.eval.tuned_references is True
+    default = compose_run_config()
+    for key in ("trainer.max_steps", "optim.lr", "data.batch_size", "data.seq_len", "optim.warmup_steps"):  # the default run's budget
+        assert OmegaConf.select(cfg, key) == OmegaConf.select(default, key), key
 
 
 @pytest.mark.slow
 def test_stitching_curve_study_runs_side_by_side_and_reads_as_a_curve(run_py: RunPy, tmp_path: Path) -> None:
-    """``experiment=stitching_curve``, reduced (n8=1, n70 in {1, 2}, 2 seeds; the three series) through the
+    """``experiment=stitching_curve``, reduced (n8=1, n70 in {1, 2}, 2 seeds; both objectives) through the
     joblib launcher, 2 jobs at a time with 1 torch thread each; then its table, figure and notebook."""
     import nbformat
     from nbclient import NotebookClient
@@ -258,14 +277,15 @@ def test_stitching_curve_study_runs_side_by_side_and_reads_as_a_curve(run_py: Ru
     run_py("-m", "experiment=stitching_curve", QUICK, "layers.n8=1", "layers.n70=1,2", "seed=0,1", "hydra/launcher=joblib",
            "hydra.launcher.n_jobs=2", "parallel.cpu_threads=1", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     df = load_sweep(sweep_dir)
-    assert len(df) == 12 and (df["status"] == "ok").all(), summary_table(df)
+    assert len(df) == 8 and (df["status"] == "ok").all(), summary_table(df)
     assert {read_results(Path(d))["cpu_threads"] for d in df["run_dir"]} == {1}
-    assert set(zip(df["init"], df["finetune"])) == {("random", "adapter"), ("lstsq", "adapter"), ("lstsq", "adapter+last")}
-    # training the large layers too trains far more than the adapter
-    assert df[df["finetune"] == "adapter+last"]["trainable"].min() > df[df["finetune"] == "adapter"]["trainable"].max()
+    assert set(zip(df["init"], df["finetune"], df["objective"])) == {("lstsq", "adapter+last", "lm"), ("lstsq", "adapter+last", "distill")}
     curve = stitching_curve(df)
-    assert sorted(curve["series"].unique()) == ["lstsq", "lstsq + last", "random"]
-    assert len(curve) == 6 and (curve["seeds"] == 2).all() and curve["val_loss_std"].notna().all()
+    assert sorted(curve["series"].unique()) == ["lstsq + last", "lstsq + last, distill"]
+    assert len(curve) == 4 and (curve["seeds"] == 2).all() and curve["val_loss_std"].notna().all()
+    # a distilled split's cost counts its teacher's forward: the same split costs more
+    costs = curve.set_index(["series", "n70"])["flops_fraction"]
+    assert (costs["lstsq + last, distill"] > costs["lstsq + last"]).all()
     assert df["small_val_loss"].notna().all() and df["large_val_loss"].notna().all()  # the reference lines
 
     nb = nbformat.read(REPO / "notebooks" / "stitching_curve.ipynb", as_version=4)
@@ -277,7 +297,7 @@ def test_stitching_curve_study_runs_side_by_side_and_reads_as_a_curve(run_py: Ru
     assert "| lstsq + last | 1 | 2 | 2 |" in table and " ± " in table
     assert (tmp_path / "figures" / "stitching_curve.png").read_bytes().startswith(PNG)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "12 runs" in text and "donors in order" in text
+    assert "8 runs" in text and "donors as shipped" in text and (tmp_path / "figures" / "front.md").is_file()
 
 
 def _stitching_results(run_dir: Path, *, init: str, seed: int, n70: int, val_loss: float, train_flops: float,
@@ -349,3 +369,36 @@ def test_load_wandb_offline_names_the_local_alternative(monkeypatch: pytest.Monk
     monkeypatch.setenv("WANDB_MODE", "offline")
     with pytest.raises(RuntimeError, match=r"W&B online \(WANDB_MODE=offline\).*load_sweep"):
         load_wandb("splitllama", group="sweep-x")
+
+
+def test_sweep_figures_keep_legends_off_the_colour_bar_and_draw_the_donors_at_their_cost(tmp_path: Path) -> None:
+    """Hand-made runs with their costs (as in the test above): the Pareto figure draws each donor as a star at its own
+    training FLOPs per token (the small donor at 8,847,360 / 59,375,616 = 0.149 of the large one's, the large at 1),
+    beside the dashed lines; no legend of either figure overlaps a colour bar or the axes' data area."""
+    import matplotlib.pyplot as plt
+
+    from splitllama.analysis import plot_heatmaps, plot_pareto
+
+    large = 59_375_616.0
+    for job, (init, seed, n70, loss, flops) in enumerate([("lstsq", 0, 1, 4.0, 14_647_296.0), ("lstsq", 0, 5, 3.5, 35_880_960.0)]):
+        _stitching_results(tmp_path / str(job), init=init, seed=seed, n70=n70, val_loss=loss, train_flops=flops, large_donor_flops=large)
+    df = load_sweep(tmp_path)
+
+    pareto = plot_pareto(df, out=tmp_path / "pareto.png")
+    ax = pareto.axes[0]
+    stars = {line.get_label().split(" donor")[0]: [line.get_xdata()[0], line.get_ydata()[0]] for line in ax.get_lines() if line.get_marker() == "*"}
+    assert stars["small"] == pytest.approx([8_847_360.0, 3.0]) and stars["large"] == pytest.approx([large, 2.6])
+    assert any("0.15x the large donor's FLOPs" in line.get_label() for line in ax.get_lines())
+    renderer = pareto.canvas.get_renderer()
+    legend = ax.get_legend()
+    assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer)), "the legend covers the plot"
+
+    heatmap = plot_heatmaps(df, out=tmp_path / "heatmap.png")
+    colorbar = heatmap.axes[-1]
+    renderer = heatmap.canvas.get_renderer()
+    assert colorbar.get_legend() is None and len(heatmap.legends) == 1
+    (legend,) = heatmap.legends
+    assert {t.get_text().split(" (")[0] for t in legend.get_texts()} == {"small donor as shipped", "large donor as shipped"}
+    assert not legend.get_window_extent(renderer).overlaps(colorbar.get_window_extent(renderer)), "the legend covers the colour bar"
+    assert not any(legend.get_window_extent(renderer).overlaps(a.get_window_extent(renderer)) for a in heatmap.axes)
+    plt.close("all")

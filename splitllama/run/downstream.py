@@ -49,11 +49,14 @@ def run_harness(cfg: DictConfig, prepared: Any, record: Any, model: Any, tokeniz
     """Score ``model`` (in memory, or a saved directory) on the prepared tasks, and the donors
     (``donor_paths``: ``{"small": ..., "large": ...}``; cached) when ``eval.harness.references``.
 
-    Writes ``metrics.harness`` and ``references.harness`` into the run record (per-item
+    Writes ``metrics.harness``, ``references.harness`` and ``metrics.harness_signal`` (per task: the split's and the
+    donors' scores with their standard errors, ``separates_donors`` and a ``gap_closed`` only where the task separates
+    them, else ``why_no_gap``; :func:`~splitllama.harness.donor_separation`) into the run record (per-item
     log-likelihoods into ``harness_samples/`` with ``eval.harness.log_samples``) and logs
     ``harness/<task>/<metric>`` (donors: ``harness_small/...``, ``harness_large/...``).
     """
-    from ..harness import donor_references, logger_metrics, references_for_record, score_model, write_samples
+    from ..harness import (donor_references, logger_metrics, references_for_record, score_model, separation_text, separations,
+                           write_samples)
 
     with record.timed("harness"):
         result = score_model(model, tokenizer, prepared, model_dir=model_dir)
@@ -61,17 +64,24 @@ def run_harness(cfg: DictConfig, prepared: Any, record: Any, model: Any, tokeniz
     if result.samples is not None:
         record.update("paths", {"harness_samples": str(write_samples(result.samples, Path(cfg.paths.output_dir) / "harness_samples"))})
     logged = logger_metrics(result.scores)
+    signal: dict[str, dict[str, Any]] = {}
     if prepared.settings.references and donor_paths:
         with record.timed("harness_references"):
             references = donor_references(donor_paths, tokenizer, prepared, cache_dir(cfg))
         record.update("references", {"harness": references_for_record(references)})
         for which, ref in references.items():
             logged.update(logger_metrics(ref["scores"], prefix=f"harness_{which}"))
+        # does each task tell the donors apart beyond their standard errors? a gap closed only where it does
+        signal = separations(result.scores, {which: ref["scores"] for which, ref in references.items()})
+        record.update("metrics", {"harness_signal": signal})
     for lg in loggers:
         lg.log_metrics(logged, step=step)
         lg.save()  # after fit nothing else flushes the CSV logger's buffer
     for task, row in result.scores.items():
-        logger.info("harness %s: %s", task, ", ".join(f"{k}={v:.4f}" for k, v in row.items() if v is not None))
+        if task in signal:
+            logger.info("%s", separation_text(task, signal[task]))
+        else:
+            logger.info("harness %s: %s", task, ", ".join(f"{k}={v:.4f}" for k, v in row.items() if v is not None))
     return result.scores
 
 

@@ -27,6 +27,18 @@ def adapter_init(cfg: DictConfig) -> str | None:
     return "lstsq" if fits_lstsq else "random"
 
 
+def adapter_init_used(cfg: DictConfig, model_dir: str | None = None) -> str:
+    """How the run's adapter started, resolved, as results.json records it (``split.adapter_init``): what
+    :func:`adapter_init` chooses (``lstsq``, ``random``, ``identity``), ``checkpoint`` (a trained
+    ``adapter.checkpoint``), ``saved`` (the model of ``task.model_dir``, built earlier) or ``none`` (the identity
+    adapter has no weights). ``adapter.init: null`` in the config says only that the default was asked for."""
+    if model_dir is not None:
+        return "saved"
+    if cfg.adapter.checkpoint is not None:
+        return "checkpoint"
+    return adapter_init(cfg) or "none"
+
+
 def model_spec(cfg: DictConfig, donors: Donors | None, *, calibration: Any = None, model_dir: str | None = None,
                split: SplitLlamaConfig | None = None) -> Any:
     """What the backend builds; ``split`` (the config :func:`validate` returned; for the embedded donors
@@ -89,4 +101,4 @@ def runs_own_schedule(cfg: DictConfig) -> bool:
     return backend_spec(cfg).runs_own_schedule
 
 
-__all__ = ["adapter_init", "builds_per_rank", "make_module", "model_spec", "runs_own_schedule"]
+__all__ = ["adapter_init", "adapter_init_used", "builds_per_rank", "make_module", "model_spec", "runs_own_schedule"]

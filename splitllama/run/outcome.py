@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from ..configuration_split_llama import SplitConfigError
 from ..errors import RunConfigError
-from ..results import (DIVERGED_EXIT_STATUS, RunDirInUse, RunDiverged, RunInterrupted, RunRecord, RunSignals, claim_output, is_first_rank,
+from ..results import (DIVERGED_EXIT_STATUS, RunAlreadyComplete, RunDirInUse, RunDiverged, RunInterrupted, RunRecord, RunSignals, claim_output, is_first_rank,
                        outcome_line, output_refusal, resumes_run)
 from .resume import last_checkpoint
 from .schema import SweepObjective
@@ -78,6 +78,10 @@ def execute(cfg: DictConfig, tasks: Mapping[str, Task], signals: RunSignals, *, 
     try:
         with record.executing(cfg):
             return _run_task(cfg, tasks[task], record, rank_zero)
+    except RunAlreadyComplete as exc:  # nothing to do: results.json stays the finished run's
+        if rank_zero:
+            logger.info("%s", exc)
+        return sweep_value(cfg, (exc.previous.get("metrics") or {}).get("val_loss"), exc.previous.get("flops") or {})
     except RunDiverged as exc:
         return _diverged(cfg, record, exc, rank_zero)
     except BaseException as exc:
@@ -90,8 +94,13 @@ def execute(cfg: DictConfig, tasks: Mapping[str, Task], signals: RunSignals, *, 
                 record.update("metrics", {"steps": signals.step})
             if rank_zero:
                 path = record.write("interrupted")
-                logger.error("interrupted by %s; %s records it; resume with ckpt_path=last hydra.run.dir=%s (checkpoint %s)",
-                             record.data["interrupted_by"], path, cfg.paths.output_dir, checkpoint)
+                if checkpoint is not None:
+                    logger.error("interrupted by %s; %s records it; resume with ckpt_path=last hydra.run.dir=%s (checkpoint %s)",
+                                 record.data["interrupted_by"], path, cfg.paths.output_dir, checkpoint)
+                else:
+                    logger.error("interrupted by %s before the first checkpoint; %s records it; there is nothing to resume: "
+                                 "start again as a new run (the same command without hydra.run.dir), or delete %s and rerun "
+                                 "the same command", record.data["interrupted_by"], path, cfg.paths.output_dir)
             raise SystemExit(143 if signals.received == "SIGTERM" else 130) from None
         record.fail(exc)
         if rank_zero:

@@ -41,7 +41,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
             path = path / "checkpoints" / "last.ckpt"
         hint = "give a .ckpt file or a run directory that has checkpoints/last.ckpt"
     if not (path.is_file() or is_sharded_checkpoint(path)):
-        raise RunConfigError(f"ckpt_path={value}: no checkpoint at {path}; {hint}")
+        raise RunConfigError(no_checkpoint_message(value, path, hint))
     from ..training.callbacks import checkpoint_archive_problem
 
     # a torch checkpoint is a zip archive: truncated, it lacks the directory at its end; changed bytes fail a
@@ -52,6 +52,46 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if problem:
         raise RunConfigError(f"ckpt_path={value}: {path} is {problem}; resume from another .ckpt in {path.parent} or start a new run")
     return str(path)
+
+
+def no_checkpoint_message(value: str, path: Path, hint: str) -> str:
+    """Why ``ckpt_path=value`` finds nothing at ``path``, and what to do. A run directory whose run stopped before
+    its first checkpoint has nothing to resume: the message says so, and how to start over, in itself."""
+    from ..results import RESULTS_FILE, read_results
+
+    run_dir = path.parent.parent if path.name == "last.ckpt" and path.parent.name == "checkpoints" else None
+    recorded: dict[str, Any] = {}
+    if run_dir is not None and (run_dir / RESULTS_FILE).is_file():
+        try:
+            recorded = read_results(run_dir)
+        except (OSError, ValueError):
+            recorded = {}
+    if recorded.get("task") == "train" and recorded.get("status") != "ok":
+        every = ((recorded.get("config") or {}).get("trainer") or {}).get("checkpoint_every_n_steps")
+        steps = (recorded.get("metrics") or {}).get("steps")
+        when = f" (at step {steps}; checkpoints are written every {every} steps, trainer.checkpoint_every_n_steps)" if every else ""
+        return (f"ckpt_path={value}: the run in {run_dir} stopped (status {recorded.get('status')!r}) before its first "
+                f"checkpoint{when}, so there is nothing to resume. Start it again as a new run: the same command without "
+                f"ckpt_path and without hydra.run.dir (a new run directory), or delete {run_dir} and rerun the same "
+                "command without ckpt_path")
+    return f"ckpt_path={value}: no checkpoint at {path}; {hint}"
+
+
+def finished_run_message(cfg: DictConfig, record: Any, step: int) -> str | None:
+    """A resume of a run that already finished: the run directory's results.json says ``ok`` for task=train and the
+    checkpoint (its settings checked by :func:`check_resume`) is at ``trainer.max_steps``. The message says so, with
+    the run's outcome line; ``None`` when there is training left (a run resumed with ``task.extend=true`` and more
+    ``trainer.max_steps`` goes on to them)."""
+    from ..results import outcome_line
+
+    previous = record.previous
+    if not previous or previous.get("status") != "ok" or previous.get("task") != "train" or step < cfg.trainer.max_steps:
+        return None
+    outcome = outcome_line(previous)
+    return (f"already complete: the run in {cfg.paths.output_dir} finished all {cfg.trainer.max_steps} steps with these settings "
+            f"(results.json: status 'ok', finished {previous.get('finished')}); nothing was trained again and results.json is "
+            "unchanged. To train longer: ckpt_path=last task.extend=true trainer.max_steps=<more>; for another run, leave "
+            f"hydra.run.dir to its default" + (f". Its outcome: {outcome}" if outcome else ""))
 
 
 def checkpoint_to_resume(cfg: DictConfig) -> str | None:
@@ -144,19 +184,20 @@ def saved_trained_result(ckpt_path: str) -> tuple[dict[str, Any] | None, int]:
     return checkpoint.get(CHECKPOINT_RESULT_KEY), int(checkpoint.get("global_step", 0))
 
 
-def check_resume(cfg: DictConfig, ckpt_path: str, current: dict[str, Any], record: Any) -> None:
+def check_resume(cfg: DictConfig, ckpt_path: str, current: dict[str, Any], record: Any) -> int:
     """Refuse a resume that would not continue the checkpoint's run: every :func:`trained_result` entry of
     ``current`` must equal the checkpoint's, the error naming each that differs (``old -> new``). With
     ``task.extend=true`` ``trainer.max_steps`` may grow: training goes on to the new count, and
     results.json's ``resume`` says so and what the learning-rate schedule does at the resume step.
-    Called with the config's entries before donors and data are loaded, then with all of them."""
+    Called with the config's entries before donors and data are loaded, then with all of them. Returns the
+    checkpoint's step."""
     saved, step = saved_trained_result(ckpt_path)
     where = f"ckpt_path={cfg.ckpt_path}: the checkpoint {ckpt_path} (step {step})"
     resume: dict[str, Any] = {"checkpoint": ckpt_path, "from_step": step}
     if saved is None:
         logger.warning("%s records no settings (saved by an older version): the resume cannot be checked", where)
         record.update("resume", {**resume, "checked": False})
-        return
+        return step
     changed = {key: (saved[key], value) for key, value in current.items() if key in saved and saved[key] != value}
     old_steps, new_steps = changed.get("trainer.max_steps", (None, None))
     extends = cfg.task.extend and set(changed) <= set(EXTENDABLE_KEYS) and old_steps is not None and new_steps > old_steps
@@ -181,6 +222,7 @@ def check_resume(cfg: DictConfig, ckpt_path: str, current: dict[str, Any], recor
                               f"{o.lr * o.min_lr_ratio:.4g} at step {new_steps}")
         logger.warning("task.extend: trainer.max_steps %d -> %d; %s", old_steps, new_steps, resume["schedule"])
     record.update("resume", resume)
+    return step
 
 
-__all__ = ["CHECKPOINT_RESULT_KEY", "EXTENDABLE_KEYS", "TRAINED_RESULT_KEYS", "check_resume", "checkpoint_to_resume", "is_sharded_checkpoint", "last_checkpoint", "resolve_ckpt_path", "saved_trained_result", "trained_result"]
+__all__ = ["CHECKPOINT_RESULT_KEY", "EXTENDABLE_KEYS", "TRAINED_RESULT_KEYS", "check_resume", "checkpoint_to_resume", "finished_run_message", "is_sharded_checkpoint", "last_checkpoint", "no_checkpoint_message", "resolve_ckpt_path", "saved_trained_result", "trained_result"]

@@ -101,7 +101,7 @@ class GrpoConfig:
     reward_weights: List[float] = field(default_factory=list)
     #: held-out headers to train on, and others to evaluate on
     prompts: int = 256
-    eval_prompts: int = 32
+    eval_prompts: int = 16
     #: completions sampled per prompt (the group whose rewards are compared)
     num_generations: int = 8
     prompts_per_step: int = 4
@@ -121,6 +121,9 @@ class TaskConfig:
     ``grpo``: RL post-training of ``model_dir`` (or a fresh assembly) with TRL, then export."""
 
     name: TaskName = TaskName.train
+    #: ``trainer.max_steps`` unless it is given (``max_steps: ${task.default_max_steps}`` in conf/trainer/default.yaml):
+    #: each task's own length for a first run (train 600; grpo, a few minutes on a CPU)
+    default_max_steps: int = 600
     eval_before: bool = True
     export: bool = True
     model_dir: Optional[str] = None
@@ -308,6 +311,9 @@ class TrainerConfig:
     gradient_clip_val: Optional[float] = 1.0
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 1
+    #: a progress line (step/max_steps, loss, tokens/s, time left) in run.log and on stdout every this many
+    #: steps and at the last (splitllama.training.callbacks.ProgressLog); null: about 10 over the run; 0: none
+    progress_every_n_steps: Optional[int] = None
     checkpoint_every_n_steps: int = 40
     fast_dev_run: Any = False
     overfit_batches: float = 0.0

@@ -146,7 +146,9 @@ def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> A
 
     A run's own Trainer (of the config run.py executes, :meth:`~splitllama.results.RunRecord.of`) stops on a
     non-finite loss (:class:`~splitllama.training.callbacks.DivergenceGuard`, first, so no checkpoint of that step
-    is written; ``trainer.nonfinite_patience``) and records what it runs with (:func:`describe_run`). Other Trainers
+    is written; ``trainer.nonfinite_patience``), records what it runs with (:func:`describe_run`) and logs a
+    progress line every ``trainer.progress_every_n_steps`` steps (:class:`~splitllama.training.callbacks.ProgressLog`:
+    run.log and stdout, with or without a terminal). Its progress bar counts steps. Other Trainers
     of a run (the donors trained alike, each on a copy of the config) keep a non-finite loss as their result."""
     import lightning.pytorch as pl
 
@@ -155,7 +157,9 @@ def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> A
         AtomicCheckpointIO,
         DivergenceGuard,
         HangWatchdog,
+        ProgressLog,
         RecordWhatRan,
+        step_progress_bar,
     )
 
     t = cfg.trainer
@@ -163,7 +167,10 @@ def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> A
     record = RunRecord.of(cfg)
     if record is not None:
         callbacks = [DivergenceGuard(t.nonfinite_patience), *callbacks,
-                     RecordWhatRan(record, lambda trainer, module: describe_run(cfg, trainer, module))]
+                     RecordWhatRan(record, lambda trainer, module: describe_run(cfg, trainer, module)),
+                     ProgressLog(t.get("progress_every_n_steps"))]
+    if t.enable_progress_bar:  # counted in steps ("step 120/600"), not Lightning's "Epoch 0/-2"
+        callbacks = [*callbacks, step_progress_bar()]
     return pl.Trainer(
         accelerator=cfg.parallel.accelerator,
         devices=cfg.parallel.devices,

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from ..errors import RunConfigError
 from ..results import RunDiverged, RunInterrupted, RunSignals, atomic_write
@@ -272,6 +274,147 @@ class RecordTrainedResult(pl.Callback):
         checkpoint[self.key] = self.values
 
 
+def progress_interval(every_n_steps: int | None, max_steps: int) -> int:
+    """The steps between two progress lines (:class:`ProgressLog`): ``every_n_steps`` as given (0: none), or for
+    ``None`` about :data:`PROGRESS_LINES` lines over the run (600 steps: every 60)."""
+    if every_n_steps is None:
+        return max(1, math.ceil(max_steps / PROGRESS_LINES)) if max_steps > 0 else 0
+    if every_n_steps < 0:
+        raise RunConfigError(f"trainer.progress_every_n_steps={every_n_steps}: give a number of steps >= 1, 0 for no "
+                             "progress lines, or null for about 10 over the run")
+    return int(every_n_steps)
+
+
+#: how many progress lines a run logs when ``trainer.progress_every_n_steps`` is null
+PROGRESS_LINES = 10
+
+
+def format_duration(seconds: float) -> str:
+    """``1:02:03`` (hours, minutes, seconds), ``2:03`` under an hour."""
+    seconds = int(round(max(seconds, 0.0)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class ProgressLog(pl.Callback):
+    """A line through Python logging every ``every_n_steps`` optimizer steps and at the last one, so a long run
+    says how it goes in Hydra's ``run.log`` and on stdout alike, with or without a terminal (under nohup or
+    SLURM the progress bar shows nothing)::
+
+        step 120/600 (20%): loss 3.214, 6.1k tokens/s, 0:42 elapsed, about 2:48 left (ETA 17:05:12)
+
+    The loss is the mean training loss of the steps since the previous line; tokens/s and the time left are
+    measured over the steps this process has trained (a resumed run counts from its resume step). Rank 0 only.
+    """
+
+    def __init__(self, every_n_steps: int | None = None) -> None:
+        progress_interval(every_n_steps, 1)  # a negative count fails here, before training
+        self.every_n_steps = every_n_steps
+        self._interval = 0
+        self._started = self._window_started = 0.0
+        self._start_step = 0
+        self._losses: list[float] = []
+        self._tokens = 0
+        self._seen_step: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        self._interval = progress_interval(self.every_n_steps, int(trainer.max_steps))
+        self._started, self._start_step = time.perf_counter(), trainer.global_step
+        self._window_started = self._started
+        self._seen_step, self._losses, self._tokens = trainer.global_step, [], 0
+        if trainer.is_global_zero and self._interval:
+            resumed = f", resuming at step {trainer.global_step}" if trainer.global_step else ""
+            every = "every step" if self._interval == 1 else f"every {self._interval} steps"
+            logger.info("training %d steps%s; a progress line %s (trainer.progress_every_n_steps)", trainer.max_steps, resumed, every)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._interval or not trainer.is_global_zero:
+            return
+        loss = DivergenceGuard._value(outputs.get("loss") if isinstance(outputs, dict) else outputs)
+        if loss is not None:
+            self._losses.append(loss)
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        if ids is not None:
+            replicas = pl_module.data_parallel_size() if hasattr(pl_module, "data_parallel_size") else trainer.world_size
+            self._tokens += int(ids.numel()) * int(replicas)
+        step = trainer.global_step
+        if step == self._seen_step:  # inside an accumulated step
+            return
+        self._seen_step = step
+        if step % self._interval == 0 or step >= trainer.max_steps:
+            logger.info("%s", self.line(step, int(trainer.max_steps)))
+
+    def line(self, step: int, max_steps: int) -> str:
+        """The progress line at ``step``; starts the next window (loss and tokens/s are the window's)."""
+        import time
+
+        now = time.perf_counter()
+        elapsed, window = now - self._started, now - self._window_started
+        done = max(step - self._start_step, 0)
+        parts = [f"loss {sum(self._losses) / len(self._losses):.4g}"] if self._losses else []
+        if self._tokens and window > 0:
+            rate = self._tokens / window
+            parts.append(f"{rate / 1000:.1f}k tokens/s" if rate >= 1000 else f"{rate:.0f} tokens/s")
+        timing = f"{format_duration(elapsed)} elapsed"
+        if done and step < max_steps:
+            left = elapsed / done * (max_steps - step)
+            timing += f", about {format_duration(left)} left (ETA {time.strftime('%H:%M:%S', time.localtime(time.time() + left))})"
+        self._losses, self._tokens, self._window_started = [], 0, now
+        return f"step {step}/{max_steps} ({100 * step / max(max_steps, 1):.0f}%): {', '.join([*parts, timing])}"
+
+
+def _step_description(trainer: pl.Trainer) -> str:
+    return f"step {trainer.global_step}/{trainer.max_steps}"
+
+
+class RichStepProgressBar(RichProgressBar):
+    """Lightning's rich bar, counting optimizer steps (:func:`step_progress_bar`)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return _step_description(self.trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._show_steps(trainer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._show_steps(trainer)
+
+    def _show_steps(self, trainer: pl.Trainer) -> None:
+        if self.progress is not None and self.train_progress_bar_id is not None and self.is_enabled:
+            self.progress.update(self.train_progress_bar_id, total=trainer.max_steps, completed=trainer.global_step,
+                                 description=_step_description(trainer))
+            self.refresh()
+
+
+class TQDMStepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, counting optimizer steps (:func:`step_progress_bar`)."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:  # one bar over the run, not one an epoch
+        self._show_steps(trainer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._show_steps(trainer)
+        self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def _show_steps(self, trainer: pl.Trainer) -> None:
+        bar = self.train_progress_bar
+        bar.total, bar.n = trainer.max_steps, trainer.global_step
+        bar.set_description(_step_description(trainer), refresh=not bar.disable)
+
+
+def step_progress_bar() -> RichProgressBar | TQDMProgressBar:
+    """The training progress bar in optimizer steps (``step 120/600``, the bar over ``trainer.max_steps``).
+
+    A run is counted in steps (``max_epochs=-1``); Lightning's own bars count the batches of an epoch and
+    label them ``Epoch 0/-2`` (rich: ``max_epochs - 1``). Rich's bar where rich is installed, as Lightning picks."""
+    return RichStepProgressBar() if _RICH_AVAILABLE else TQDMStepProgressBar()
+
+
 class HangWatchdog(pl.Callback):
     """Fail a stuck run with every thread's stack instead of letting it wait forever.
 
@@ -388,5 +531,6 @@ def wandb_run_file(loggers: list[Logger]) -> str | None:
     return None
 
 
-__all__ = ["CHECKPOINT_TENSORS", "AtomicCheckpointIO", "DivergenceGuard", "GracefulStop", "RecordTrainedResult", "RecordWhatRan",
-           "checkpoint_archive_problem", "csv_metrics_file", "make_loggers", "nonfinite_tensors", "wandb_run_file"]
+__all__ = ["CHECKPOINT_TENSORS", "PROGRESS_LINES", "AtomicCheckpointIO", "DivergenceGuard", "GracefulStop", "ProgressLog", "RecordTrainedResult",
+           "RecordWhatRan", "RichStepProgressBar", "TQDMStepProgressBar", "checkpoint_archive_problem", "csv_metrics_file", "format_duration", "make_loggers", "nonfinite_tensors",
+           "progress_interval", "step_progress_bar", "wandb_run_file"]

@@ -135,46 +135,88 @@ def prompt_dataset(prompts: Sequence[HeaderPrompt]) -> Any:
 
 class TrainerLogForwarder:
     """A transformers ``TrainerCallback`` (built by :func:`log_forwarder`) that sends each of TRL's
-    log rows to the run's Lightning loggers (``train/<key>``, ``eval/<key>``) and keeps them."""
+    log rows to the run's Lightning loggers (``train/<key>``, ``eval/<key>``) and keeps them.
 
-    def __init__(self, loggers: list[Any]) -> None:
+    The rows themselves go to Python logging at DEBUG (transformers' own printer, which dumped each as a dict on
+    stdout, is removed: :func:`train_grpo`); at INFO a progress line every ``every`` steps, at the first and at
+    the last (``max_steps``): the mean reward and its parts, KL, the time elapsed and left; and a line per
+    evaluation. They land in Hydra's run.log and on stdout alike."""
+
+    def __init__(self, loggers: list[Any], max_steps: int = 0, every: int = 0) -> None:
         self.loggers = loggers
         self.history: list[dict[str, float]] = []
+        self.max_steps, self.every = max_steps, every
+        self._started: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        import time
+
+        self._started = time.perf_counter()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
         numbers = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if not numbers:
             return
-        self.history.append({"step": state.global_step, **numbers})
+        step = state.global_step
+        logger.debug("TRL's log at step %d: %s", step, numbers)
+        self.history.append({"step": step, **numbers})
         renamed = {(f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v for k, v in numbers.items()}
         for lg in self.loggers:
-            lg.log_metrics(renamed, step=state.global_step)
+            lg.log_metrics(renamed, step=step)
+        if "eval_reward" in numbers:
+            logger.info("grpo evaluation at step %d: %s", step, rewards_text(numbers, "eval_"))
+        elif "reward" in numbers and self.every and (step == 1 or step % self.every == 0 or step >= self.max_steps):
+            logger.info("%s", self.progress_line(step, numbers))
+
+    def progress_line(self, step: int, row: dict[str, float]) -> str:
+        import time
+
+        from .callbacks import format_duration
+
+        line = f"grpo step {step}/{self.max_steps} ({100 * step / max(self.max_steps, 1):.0f}%): {rewards_text(row)}"
+        if self._started is not None:
+            elapsed = time.perf_counter() - self._started
+            line += f", {format_duration(elapsed)} elapsed"
+            if 0 < step < self.max_steps:
+                left = elapsed / step * (self.max_steps - step)
+                line += f", about {format_duration(left)} left (ETA {time.strftime('%H:%M:%S', time.localtime(time.time() + left))})"
+        return line
 
 
-def log_forwarder(loggers: list[Any]) -> Any:
+def rewards_text(row: dict[str, float], prefix: str = "") -> str:
+    """``reward 0.651 (header parses 0.59, parameter match 0.06), KL 0.003`` from one of TRL's log rows."""
+    parts = [f"{name.replace('_', ' ')} {row[key]:.2f}" for name in REWARDS
+             if (key := f"{prefix}rewards/{name}/mean") in row]
+    text = f"reward {row[prefix + 'reward']:.3f}" + (f" ({', '.join(parts)})" if parts else "")
+    return text + (f", KL {row[prefix + 'kl']:.3g}" if prefix + "kl" in row else "")
+
+
+def log_forwarder(loggers: list[Any], max_steps: int = 0, every: int = 0) -> Any:
     """:class:`TrainerLogForwarder` as a ``transformers.TrainerCallback`` (imported here, not at module import)."""
     from transformers import TrainerCallback
 
     class _Forwarder(TrainerLogForwarder, TrainerCallback):
         pass
 
-    return _Forwarder(loggers)
+    return _Forwarder(loggers, max_steps, every)
 
 
 def train_grpo(model: Any, tokenizer: Any, train: Sequence[HeaderPrompt], evaluation: Sequence[HeaderPrompt], *,
                grpo: Any, optim: Any, max_steps: int, gradient_clip_val: float | None, seed: int, output_dir: str,
-               loggers: list[Any], use_cpu: bool) -> list[dict[str, float]]:
+               loggers: list[Any], use_cpu: bool, progress_every: int = 0) -> list[dict[str, float]]:
     """Run TRL's ``GRPOTrainer`` on ``model`` for ``max_steps`` steps; returns TRL's log rows.
 
     ``grpo`` is ``task.grpo`` (rewards, group size, lengths, temperature, ``beta``); ``optim`` the
     run's optimiser group (AdamW with warmup and cosine decay to ``min_lr_ratio``). Each step
     samples ``num_generations`` completions for each of ``prompts_per_step`` prompts and updates
     once on them (on-policy). With ``beta`` > 0 TRL loads the reference model from
-    ``model.config._name_or_path``: a saved directory.
+    ``model.config._name_or_path``: a saved directory. A progress line every ``progress_every`` steps
+    (:class:`TrainerLogForwarder`; 0: none); TRL's raw rows go to logging at DEBUG, not to stdout.
     """
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    forwarder = log_forwarder(loggers)
+    forwarder = log_forwarder(loggers, max_steps, progress_every)
     args = GRPOConfig(
         output_dir=output_dir,
         max_steps=max_steps,
@@ -213,6 +255,8 @@ def train_grpo(model: Any, tokenizer: Any, train: Sequence[HeaderPrompt], evalua
         processing_class=tokenizer,
         callbacks=[forwarder],
     )
+    for printer in (PrinterCallback, ProgressCallback):  # each log row printed as a dict (disable_tqdm) or a bar
+        trainer.remove_callback(printer)
     if evaluation and grpo.eval_every:
         trainer.evaluate()  # the starting point, logged at step 0
     trainer.train()
@@ -225,11 +269,13 @@ __all__ = [
     "REWARDS",
     "HeaderPrompt",
     "TrainerLogForwarder",
+    "log_forwarder",
     "header_parameters",
     "header_parses",
     "header_prompts",
     "held_out_header_prompts",
     "parameter_match",
     "prompt_dataset",
+    "rewards_text",
     "train_grpo",
 ]
