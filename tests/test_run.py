@@ -302,14 +302,16 @@ def test_slurm_preemption_resumes_by_rerunning_the_same_command(run_py: RunPy, t
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(default_run: Path, run_py: RunPy, embedded_cache: Path, tmp_path: Path) -> None:
-    """``parallel=ddp``: two processes (gloo), each rank its own share of the data; validation reduced.
+    """``parallel=ddp``: two processes (gloo), each rank its own share of the data; validation reduced;
+    the default W&B logger (offline) on both ranks (a rank other than 0 once crashed reading its run dir).
 
     Rank r of 2 takes global samples 2j + r, so two ranks of batch 4 see together what one process
     of batch 8 sees in each step, and train the same model: the loss after training says each rank
     read its own half (two ranks reading the same batches train what one process of batch 4 does)."""
     from tests.test_training import quick_fit
 
-    run_py(QUICK, "parallel=ddp", "parallel.devices=2", "parallel.accelerator=cpu", "logger=csv",
+    # the default logger (W&B, offline): on rank 1 its experiment is Lightning's stand-in, which has no run dir
+    run_py(QUICK, "parallel=ddp", "parallel.devices=2", "parallel.accelerator=cpu",
            f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     results, single = read_results(tmp_path), read_results(default_run)
     assert results["status"] == "ok" and results["metrics"]["steps"] == 8

@@ -526,6 +526,8 @@ def wandb_run_file(loggers: list[Logger]) -> str | None:
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             run = lg.experiment
+            if not isinstance(getattr(run, "dir", None), str):  # a rank other than 0: Lightning's stand-in, no run
+                return None
             directory = Path(run.dir).parent  # .../offline-run-<date>-<id>/files -> run directory
             return str(directory / f"run-{run.id}.wandb")
     return None
