@@ -156,3 +156,20 @@ def test_a_directory_without_a_tokenizer_is_named_by_its_setting(tmp_path: Path)
     with pytest.raises(RunConfigError, match=rf"(?s)^donors\.path8b={re.escape(str(tmp_path))}: {re.escape(str(tmp_path))}: cannot load the tokenizer .*copy them from the "
                                              r"model's Hugging Face repository"):
         load_tokenizer(str(tmp_path), f"donors.path8b={tmp_path}")
+
+
+def test_a_gpu_accelerator_without_a_gpu_is_refused_before_any_work() -> None:
+    """``parallel.accelerator=gpu`` where torch sees no CUDA device: one line naming the setting and what to use,
+    from the run's first step (was Lightning's MisconfigurationException after donors and data had loaded)."""
+    import torch
+
+    from splitllama.errors import RunConfigError
+    from splitllama.run.setup import check_accelerator_present
+
+    cfg = compose_run_config("debug=quick", "parallel.accelerator=gpu")
+    if torch.cuda.is_available():  # the device machine: the check lets it through
+        check_accelerator_present(cfg)
+        return
+    with pytest.raises(RunConfigError, match=r"^parallel\.accelerator=gpu: .*parallel\.accelerator=auto"):
+        check_accelerator_present(cfg)
+    check_accelerator_present(compose_run_config("debug=quick", "parallel.accelerator=cpu"))

@@ -52,11 +52,26 @@ def check(cfg: DictConfig, record: Any, *, harness: bool = True) -> RunSetup:
     return RunSetup(split, harness=prepare_harness(cfg) if harness else None)
 
 
+def check_accelerator_present(cfg: DictConfig) -> None:
+    """``parallel.accelerator=gpu`` (or ``cuda``) on a machine where torch sees no CUDA device: refused before the
+    donors and the data load, instead of Lightning's error after them. (Not in ``validate``: a GPU config is
+    composed and validated on CPU machines too, e.g. by the tests and before a job is submitted.)"""
+    import torch
+
+    accelerator = str(cfg.parallel.accelerator).lower()
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RunConfigError(
+            f"parallel.accelerator={accelerator}: torch sees no CUDA GPU on this machine (torch {torch.__version__}, "
+            "torch.cuda.is_available() is False). Use parallel.accelerator=auto (this machine's CPU) or "
+            "parallel.accelerator=cpu, or run on a machine with a GPU and a CUDA build of torch")
+
+
 def load(cfg: DictConfig, record: Any, setup: RunSetup, *, stage: str | None, references: bool = True,
          model_dir: str | None = None) -> RunSetup:
     """Donors (built or cached; none for a saved ``model_dir``), tokenizer, data for ``stage``
     (``None``: only when ``adapter.init=lstsq`` needs calibration) and the donors' reference scores."""
     setup.model_dir = model_dir
+    check_accelerator_present(cfg)
     if model_dir is None:
         with record.timed("donors"):
             setup.donors = resolve_donors(cfg)
