@@ -104,7 +104,7 @@ def check_settings(settings: HarnessSettings) -> None:
     if settings.engine not in ENGINES:
         raise bad("engine", settings.engine, f"must be one of {', '.join(ENGINES)}")
     if settings.include_path is not None and not Path(settings.include_path).is_dir():
-        raise bad("include_path", settings.include_path, "is not a directory (a folder of lm-eval task YAML files)")
+        raise bad("include_path", settings.include_path, "is not a directory; give eval.harness.include_path=<a folder of lm-eval task YAML files>, or null")
     if len(set(settings.tasks)) != len(settings.tasks):
         raise bad("tasks", list(settings.tasks), "lists a task twice")
 

@@ -80,7 +80,10 @@ def test_every_held_out_header_earns_both_rewards_with_its_real_completion(embed
     prompts, completions = [p.prompt for p in train], [p.answer for p in train]
     assert header_parses(prompts, completions) == [1.0] * len(prompts)
     assert parameter_match(prompts, completions, [p.parameters for p in train]) == [1.0] * len(prompts)
-    with pytest.raises(ValueError, match=r"task.grpo.prompts=100000 \+ task.grpo.eval_prompts=16: the held-out documents hold only"):
+    from splitllama.errors import RunConfigError
+
+    with pytest.raises(RunConfigError, match=r"task.grpo.prompts=100000 \+ task.grpo.eval_prompts=16: the held-out documents hold only "
+                                             r"\d+ one-line function headers; give task.grpo.prompts \+ task.grpo.eval_prompts <= \d+"):
         held_out_header_prompts(documents, 0.05, 100_000, 16, seed=0)
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from ..checkpoint import check_model_dir
 from ..configuration_split_llama import SplitLlamaConfig
 from ..dtypes import resolve_dtype
+from ..errors import RunConfigError
 from ._compat import require_megatron
 
 require_megatron()
@@ -381,7 +382,9 @@ class MegatronBackend:
             found = found.to(communication_device(group))
             dist.all_reduce(found, group=group)
         if int(found.item()) == 0:
-            raise ValueError(f"finetune.trainable={list(parts)}: no parameter matches (the {self.config.adapter} adapter has none?)")
+            raise RunConfigError(f"finetune.trainable={list(parts)}: no parameter of the split model is in these parts (the "
+                                 f"{self.config.adapter} adapter has no weights?); list parts that hold weights, e.g. "
+                                 "finetune.trainable=[last] or finetune=all, or enable LoRA (finetune=lora)")
         return trainable
 
     def export_hf(self, out_dir: str | os.PathLike[str], tokenizer: Any | None = None) -> Path:

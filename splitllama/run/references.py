@@ -35,6 +35,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ..errors import RunConfigError
 from ..files import file_lock
 from ..references import gap_closed
 from .settings import cache_dir, plain, uses_embedded_donors
@@ -184,8 +185,9 @@ def train_alike(cfg: DictConfig, donor_path: str, lr: float, output_dir: Path, v
     data = make_datamodule(ref, load_tokenizer(donor_path))
     data.setup("fit")
     if val_blocks is not None and blocks_fingerprint(data.val_blocks) != blocks_fingerprint(val_blocks):
-        raise RuntimeError(f"the donor {donor_path} reads the run's documents into other validation blocks (another "
-                           "tokenizer?): its trained-alike loss would not be comparable; set eval.tuned_references=false")
+        raise RunConfigError(f"eval.tuned_references: the donor {donor_path} reads the run's documents into other validation "
+                             "blocks (another tokenizer?): its trained-alike loss would not be comparable; set "
+                             "eval.tuned_references=false")
     seed_everything(ref.seed)
     module = make_module(ref, model_spec(ref, Donors(donor_path, donor_path), split=split), teacher_path=None)
     trainer = make_trainer(ref, [], [])

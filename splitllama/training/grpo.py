@@ -118,9 +118,12 @@ def held_out_header_prompts(documents: Sequence[str], val_fraction: float, count
 
     pool = header_prompts([d for d in documents if in_validation(d, val_fraction)])
     if len(pool) < count + eval_count:
-        raise ValueError(
+        from ..errors import RunConfigError
+
+        raise RunConfigError(
             f"task.grpo.prompts={count} + task.grpo.eval_prompts={eval_count}: the held-out documents hold only "
-            f"{len(pool)} one-line function headers"
+            f"{len(pool)} one-line function headers; give task.grpo.prompts + task.grpo.eval_prompts <= {len(pool)} "
+            f"(e.g. task.grpo.prompts={max(1, len(pool) - eval_count)}), or more documents (data.files)"
         )
     random.Random(seed).shuffle(pool)
     return pool[:count], pool[count:count + eval_count]
