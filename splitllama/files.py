@@ -52,8 +52,9 @@ def writable_dir_problem(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def zip_archive_problem(path: str | os.PathLike[str]) -> str | None:
-    """What is wrong with the zip archive at ``path`` (a ``torch.save`` file), or ``None`` when it reads whole.
+def zip_archive_problem(path: str | os.PathLike[str], what: str = "archive") -> str | None:
+    """What is wrong with the zip archive at ``path`` (a ``torch.save`` file: a token-block cache, a Lightning
+    checkpoint), or ``None`` when it reads whole; ``what`` names it in the message.
 
     ``torch.load`` checks neither that the archive is complete nor the CRC-32 stored for each member, and torch
     stores tensors uncompressed: a byte changed on disk loads as another value. :meth:`zipfile.ZipFile.testzip`
@@ -65,9 +66,9 @@ def zip_archive_problem(path: str | os.PathLike[str]) -> str | None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:
-        return f"not a readable archive (truncated or corrupt: {exc})"
+        return f"not a readable {what} (truncated or corrupt: {exc})"
     if bad is not None:
-        return f"damaged: its member {bad} fails its CRC-32 check (its bytes changed after it was written)"
+        return f"damaged: its member {bad} fails its CRC-32 check (its bytes changed after the {what} was written)"
     return None
 
 

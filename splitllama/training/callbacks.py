@@ -100,19 +100,11 @@ def checkpoint_archive_problem(path: str | os.PathLike[str]) -> str | None:
 
     A torch checkpoint is a zip archive, and ``torch.load`` checks neither that it is complete nor the CRC-32
     its writer stored for each member: bytes changed on disk or in a copy load as other weights (NaN, a
-    diverged resume). :meth:`zipfile.ZipFile.testzip` reads every member against its CRC (one read of the file).
+    diverged resume). :func:`splitllama.files.zip_archive_problem` reads every member against its CRC.
     """
-    import zipfile
-    import zlib
+    from ..files import zip_archive_problem
 
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:
-        return f"not a readable checkpoint (truncated or corrupt: {exc})"
-    if bad is not None:
-        return f"damaged: its member {bad} fails its CRC-32 check (its bytes changed after the checkpoint was written)"
-    return None
+    return zip_archive_problem(path, "checkpoint")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
