@@ -42,6 +42,11 @@ HOW_TESTED: list[tuple[str, str]] = [
     (r"^\.venv/bin/python -m vllm\.entrypoints\.openai\.api_server ", "tests/test_vllm.py starts this server with these arguments"),
     (r"^curl localhost:8000/v1/completions ", "tests/test_vllm.py posts this request to that server"),
     (r"^\.venv/bin/python run\.py adapter=mlp layers\.n70=8$", "runs as written, shortened (test_the_cards_command_runs_as_written)"),
+    (r"^\.venv/bin/python run\.py task=(assemble|eval task\.model_dir=outputs/<date>/<time>-<random>/hf_model|generate task\.model_dir="
+     r"outputs/<date>/<time>-<random>/hf_model)$",
+     "runs as written, one after the other, the placeholder being the assembled model, shortened "
+     "(test_assemble_then_eval_and_generate_run_as_written)"),
+    (r"^\.venv/bin/python run\.py debug=quick$", "runs as written (tests/test_run.py's default_run fixture: run.py debug=quick)"),
     (r"^\.venv/bin/python run\.py .*(" + "|".join(re.escape(m) for m in NEEDS_OUTSIDE) + ")",
      "needs a previous run, outside checkpoints, a GPU or a cluster: not run here (composes where it can)"),
     (r"^\.venv/bin/python run\.py", "composes and validates (test_readme_command_composes_and_validates_on_the_default_donors)"),
@@ -157,6 +162,32 @@ def test_readme_command_composes_and_validates_on_the_default_donors(command: st
 #: appended to a README command to make it short; nothing else about the command changes
 SHORTEN = ("trainer.max_steps=2", "trainer.val_check_interval=2", "eval.harness.tasks=[]", "data.max_val_blocks=8", "logger=csv",
            "task.export=false", "eval.tuned_references=false")  # the donors trained alike: whole-donor trainings (their own tests)
+
+
+@pytest.mark.slow
+def test_assemble_then_eval_and_generate_run_as_written(run_py, tmp_path: Path) -> None:
+    """The README's ``task=assemble``, then its ``task=eval`` and ``task=generate`` on the model that made (the
+    ``outputs/<date>/<time>-<random>/hf_model`` placeholder replaced by it), each through bash as written, shortened
+    by appended overrides only (fewer validation blocks, a CSV log, short generations): each ends ok."""
+    placeholder = "outputs/<date>/<time>-<random>/hf_model"
+    short = ("data.max_val_blocks=8", "logger=csv", "eval.harness.tasks=[]", "eval.tuned_references=false")
+
+    def run(command: str, run_dir: Path, *extra: str) -> dict:
+        line = " ".join([command, *short, *extra, f"hydra.run.dir={run_dir}"])
+        proc = _run_bounded(["bash", "-c", line], cwd=REPO, env=run_py.environment(None), timeout=600)
+        assert proc.returncode == 0, f"{line} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        return json.loads((run_dir / "results.json").read_text())
+
+    assembled = run(readme_command_with("run.py task=assemble"), tmp_path / "assemble")
+    model_dir = tmp_path / "assemble" / "hf_model"
+    assert assembled["status"] == "ok" and (model_dir / "config.json").is_file()
+    for task, extra in (("eval", ()), ("generate", ("task.max_new_tokens=4",))):
+        command = readme_command_with(f"run.py task={task} task.model_dir=")
+        assert placeholder in command, command
+        record = run(command.replace(placeholder, str(model_dir)), tmp_path / task, *extra)
+        assert record["status"] == "ok" and record["task"] == task, record
+    generations = record["generations"]  # the last record is task=generate's: one completion per prompt
+    assert generations and all(isinstance(text, str) for text in generations.values()), generations
 
 
 def documented_keys() -> set[str]:
