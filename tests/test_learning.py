@@ -151,3 +151,18 @@ def test_every_trainable_tensor_moves_and_every_frozen_one_stays(learned: Path) 
     same_as_donor = [n for n in trainable if n.startswith("model.layers_last.")
                      and exported[n].equal(donors["large"][split_to_donor(n, split["layers_8"], split["layers_70"])[1]].to(exported[n].dtype))]
     assert same_as_donor == [], f"large-donor layers that training did not move: {same_as_donor}"
+
+
+def test_debug_overfit_trains_on_one_batch_until_it_is_learnt(run_py: RunPy, tmp_path: Path) -> None:
+    """``debug=overfit`` (``trainer.overfit_batches: 1``) must train on one batch again and again, so the training
+    loss falls towards 0 if training works. The config holds the setting as a float and Lightning read ``1.0`` as
+    100% of the batches: the run trained on the whole stream (training loss 3.75, 3.02, 3.00, 4.38, 4.53, ...
+    4.62, 3.87 over 40 steps). With one batch it falls below 0.05 within 16 steps (2.86 at step 4, 0.0004 at step 40)."""
+    from splitllama.run.trainer import overfit_batches
+
+    assert overfit_batches(1.0) == 1 and isinstance(overfit_batches(1.0), int) and overfit_batches(0.25) == 0.25
+    run_py.inline("debug=overfit", "trainer.max_steps=16", "trainer.val_check_interval=16", "logger=csv",
+                  "eval.harness.tasks=[]", "eval.references=false", "trainer.enable_progress_bar=false",
+                  f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    train = [loss for _, loss in logged(tmp_path / "run", "train/loss")]
+    assert len(train) == 16 and train[-1] < 0.05 < train[0], train

@@ -140,6 +140,14 @@ def describe_run(cfg: DictConfig, trainer: Any, module: Any) -> tuple[dict[str, 
     return ran, warned
 
 
+def overfit_batches(value: float) -> int | float:
+    """``trainer.overfit_batches`` as Lightning reads it: a whole number >= 1 is a count of batches (``1``: train on
+    one batch again and again), below 1 a fraction of them. The config holds a float, and Lightning takes the float
+    ``1.0`` as 100% of the batches: ``debug=overfit`` trained on the whole stream instead of one batch."""
+    value = float(value)
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
 def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> Any:
     """The Lightning Trainer of ``cfg``. ``trainer.val_check_interval`` counts optimizer steps (Lightning counts
     batches: with ``accumulate_grad_batches`` > 1 it is scaled, so validation comes every that many steps).
@@ -186,7 +194,7 @@ def make_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> A
         accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps,
         fast_dev_run=t.fast_dev_run,
-        overfit_batches=t.overfit_batches,
+        overfit_batches=overfit_batches(t.overfit_batches),
         num_sanity_val_steps=t.num_sanity_val_steps,
         enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic,
