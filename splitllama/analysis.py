@@ -737,18 +737,11 @@ def quality_cost_front(curve: pd.DataFrame, refs: dict[str, float], costs: dict[
             if not math.isnan(value) and not math.isnan(costs.get(which, math.nan)):
                 rows.append({"model": f"{which} donor {label}", "kind": f"donor{suffix or '_shipped'}",
                              "flops_fraction": costs[which], "val_loss": value})
-    table = pd.DataFrame(rows)
-
-    def front(candidates: pd.DataFrame) -> pd.Series:
-        def dominated(row: pd.Series) -> bool:
-            other = candidates.drop(index=row.name)
-            return bool(((other["flops_fraction"] <= row["flops_fraction"]) & (other["val_loss"] < row["val_loss"])).any()
-                        or ((other["flops_fraction"] < row["flops_fraction"]) & (other["val_loss"] <= row["val_loss"])).any())
-        return candidates.apply(lambda row: not dominated(row), axis=1)
-
-    table["on_front"] = front(table)
+    table = pd.DataFrame(rows).assign(status="ok")  # pareto_front's dominance rule, on every model of the plane
+    table["on_front"] = pareto_front(table, "flops_fraction", "val_loss")
     against = table[table["kind"] != "donor_shipped"]
-    table["against_tuned"] = front(against).reindex(table.index, fill_value=False)
+    table["against_tuned"] = pareto_front(against, "flops_fraction", "val_loss").reindex(table.index, fill_value=False)
+    table = table.drop(columns="status")
     return table.sort_values(["flops_fraction", "val_loss"]).reset_index(drop=True)
 
 
