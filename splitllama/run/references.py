@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: bump when what a tuned reference means changes (its training, its key)
 TUNED_VERSION = 1
+#: the training losses each grid point records (``first_losses``), for a quick check of a shipped value
+TRACE_STEPS = 40
 #: the config keys that make a run's training budget: a reference trained alike matches each
 #: (which text is the documents' fingerprint in the key, wherever it was read from)
 BUDGET_KEYS = (
@@ -168,10 +170,16 @@ def reference_config(cfg: DictConfig, donor_path: str, lr: float, output_dir: Pa
     return ref
 
 
-def train_alike(cfg: DictConfig, donor_path: str, lr: float, output_dir: Path, val_blocks: Any = None) -> dict[str, Any]:
+def train_alike(cfg: DictConfig, donor_path: str, lr: float, output_dir: Path, val_blocks: Any = None, *,
+                stop_after: int | None = None) -> dict[str, Any]:
     """Train the donor at ``donor_path`` as the run would train a split, at peak learning rate ``lr``; its
-    validation loss, steps, tokens and seconds. ``val_blocks``: the run's, which the reference's must equal."""
+    validation loss, steps, tokens, seconds and the training losses of its first :data:`TRACE_STEPS` steps
+    (``first_losses``: a fingerprint of the run that a check recomputes in seconds). ``val_blocks``: the
+    run's, which the reference's must equal. ``stop_after``: end after that many steps of the same schedule,
+    unscored (``val_loss`` None): what such a check runs."""
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ..training.callbacks import LossTrace
 
     from ..references import blocks_fingerprint
     from .checks import validate
@@ -192,13 +200,15 @@ def train_alike(cfg: DictConfig, donor_path: str, lr: float, output_dir: Path, v
     module = make_module(ref, model_spec(ref, Donors(donor_path, donor_path), split=split), teacher_path=None)
     trainer = make_trainer(ref, [], [])
     # a reference is scored, never resumed: no checkpoints (Lightning adds a default one)
-    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
+    trace = LossTrace(stop_after or TRACE_STEPS, stop=stop_after is not None)
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)] + [trace]
     start = time.perf_counter()
     module.configure_model()
     trainer.fit(module, data)
-    val_loss = final_val_loss(trainer, module, data)
-    return {"lr": float(lr), "val_loss": float(val_loss), "steps": int(trainer.global_step), "seconds": round(time.perf_counter() - start, 2),
-            "tokens": int(data.batches_consumed * data.batch_size * data.seq_len * module.data_parallel_size())}
+    val_loss = None if stop_after is not None else float(final_val_loss(trainer, module, data))
+    return {"lr": float(lr), "val_loss": val_loss, "steps": int(trainer.global_step), "seconds": round(time.perf_counter() - start, 2),
+            "tokens": int(data.batches_consumed * data.batch_size * data.seq_len * module.data_parallel_size()),
+            "first_losses": trace.losses}
 
 
 def shipped(key: str) -> dict[str, Any] | None:
@@ -327,7 +337,7 @@ def write_shipped(cfg: DictConfig, tuned: TunedReferences, overrides: list[str])
     return manifest_path
 
 
-__all__ = ["BUDGET_KEYS", "TunedReference", "TunedReferences", "budget", "cache_key", "enabled", "reference_config",
+__all__ = ["BUDGET_KEYS", "TRACE_STEPS", "TunedReference", "TunedReferences", "budget", "cache_key", "enabled", "reference_config",
            "references_trained_alike", "train_alike", "tuned_reference", "write_shipped"]
 
 

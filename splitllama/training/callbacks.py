@@ -266,6 +266,23 @@ class RecordTrainedResult(pl.Callback):
         checkpoint[self.key] = self.values
 
 
+class LossTrace(pl.Callback):
+    """The training loss of each of the first ``steps`` optimiser steps, in ``losses``; with ``stop``, the run
+    ends there. A short, exact fingerprint of a training run: two runs with the same weights, data, order,
+    schedule and code give the same trace (to float rounding), so checking a long run's first steps catches
+    what changed it without paying for the whole run (``tests/test_references.py``)."""
+
+    def __init__(self, steps: int, *, stop: bool = False) -> None:
+        self.steps, self.stop, self.losses = steps, stop, []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and len(self.losses) < self.steps and trainer.global_step > len(self.losses):
+            self.losses.append(float(loss.detach()))
+        if self.stop and len(self.losses) >= self.steps:
+            trainer.should_stop = True
+
+
 def progress_interval(every_n_steps: int | None, max_steps: int) -> int:
     """The steps between two progress lines (:class:`ProgressLog`): ``every_n_steps`` as given (0: none), or for
     ``None`` about :data:`PROGRESS_LINES` lines over the run (600 steps: every 60)."""
@@ -525,6 +542,6 @@ def wandb_run_file(loggers: list[Logger]) -> str | None:
     return None
 
 
-__all__ = ["CHECKPOINT_TENSORS", "PROGRESS_LINES", "AtomicCheckpointIO", "DivergenceGuard", "GracefulStop", "ProgressLog", "RecordTrainedResult",
+__all__ = ["CHECKPOINT_TENSORS", "PROGRESS_LINES", "AtomicCheckpointIO", "DivergenceGuard", "GracefulStop", "LossTrace", "ProgressLog", "RecordTrainedResult",
            "RecordWhatRan", "RichStepProgressBar", "TQDMStepProgressBar", "checkpoint_archive_problem", "csv_metrics_file", "format_duration", "make_loggers", "nonfinite_tensors",
            "progress_interval", "step_progress_bar", "wandb_run_file"]
