@@ -282,9 +282,10 @@ def references_trained_alike(cfg: DictConfig, record: Any, donors: Any, data: An
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m splitllama.run.references [--ship] [overrides]``: the tuned references of the run that
-    ``run.py <overrides>`` would make, trained now (the cache is used, the shipped values are not) and printed;
-    ``--ship`` writes them into the shipped donors' manifest, where runs of that recipe read them."""
+    """``python -m splitllama.run.references [--ship | --check] [overrides]``: the tuned references of the run
+    that ``run.py <overrides>`` would make, trained now (the cache is used, the shipped values are not) and
+    printed; ``--ship`` writes them into the shipped donors' manifest, where runs of that recipe read them;
+    ``--check`` trains each donor's shipped best point again, here, and exits 1 unless it gives the shipped loss."""
     from hydra import compose, initialize_config_dir
 
     from ..results import RunRecord, register_run_dir_resolver
@@ -294,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     from .schema import register_configs
 
     args = list(sys.argv[1:] if argv is None else argv)
-    ship, overrides = "--ship" in args, [a for a in args if a != "--ship"]
+    ship, check = "--ship" in args, "--check" in args
+    overrides = [a for a in args if a not in ("--ship", "--check")]
+    if ship and check:
+        raise SystemExit("python -m splitllama.run.references: give --ship or --check, not both")
     register_configs()
     register_run_dir_resolver()
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
@@ -305,12 +309,48 @@ def main(argv: list[str] | None = None) -> int:
     donors = resolve_donors(cfg)
     data = make_datamodule(cfg, load_tokenizer(donors.path8b))
     data.setup("fit")
+    if check:
+        problems = check_shipped(cfg, donors, data, work)
+        print("\n".join(problems) if problems else "the shipped tuned references are what training gives here")
+        return 1 if problems else 0
     record = RunRecord(work, task="references", config={})
     tuned = references_trained_alike(cfg, record, donors, data, use_shipped=False)
     print(json.dumps(record.data.get("references"), indent=2))
     if ship and tuned is not None:
         print(f"wrote {write_shipped(cfg, tuned, overrides)}")
     return 0
+
+
+#: how far a recomputed shipped value may be: one H100 and 2 CPU cores agree to 4e-7 after 600 steps
+SHIPPED_TOLERANCE = 1e-4
+
+
+def check_shipped(cfg: DictConfig, donors: Any, data: Any, work_dir: Path, *, steps: int | None = None) -> list[str]:
+    """Recompute each donor's shipped best grid point and compare: the validation loss after the whole run, or
+    with ``steps``, the training losses of the first ``steps`` steps (``first_losses``, seconds instead of
+    minutes). One line per difference beyond :data:`SHIPPED_TOLERANCE`; none when they agree."""
+    problems = []
+    for which, path in (("small", donors.path8b), ("large", donors.path70b)):
+        digest = key_hash(cache_key(cfg, path, data))
+        result = shipped(digest)
+        if result is None:
+            problems.append(f"{which} donor: no shipped tuned reference under key {digest} (another recipe, data or budget)")
+            continue
+        best = min(result["points"], key=lambda p: p["val_loss"])
+        again = train_alike(cfg, path, best["lr"], work_dir / f"check-{which}", val_blocks=data.val_blocks, stop_after=steps)
+        if steps is None:
+            if abs(again["val_loss"] - best["val_loss"]) > SHIPPED_TOLERANCE:
+                problems.append(f"{which} donor at lr {best['lr']:g}: val loss {again['val_loss']:.6f} here, {best['val_loss']:.6f} shipped")
+            continue
+        shipped_losses = best.get("first_losses") or []
+        if len(shipped_losses) < steps:
+            problems.append(f"{which} donor at lr {best['lr']:g}: the shipped record has {len(shipped_losses)} first losses, {steps} asked")
+            continue
+        for step, (here, there) in enumerate(zip(again["first_losses"], shipped_losses), start=1):
+            if abs(here - there) > SHIPPED_TOLERANCE:
+                problems.append(f"{which} donor at lr {best['lr']:g}: training loss at step {step} {here:.6f} here, {there:.6f} shipped")
+                break
+    return problems
 
 
 def write_shipped(cfg: DictConfig, tuned: TunedReferences, overrides: list[str]) -> Path:
@@ -337,7 +377,7 @@ def write_shipped(cfg: DictConfig, tuned: TunedReferences, overrides: list[str])
     return manifest_path
 
 
-__all__ = ["BUDGET_KEYS", "TRACE_STEPS", "TunedReference", "TunedReferences", "budget", "cache_key", "enabled", "reference_config",
+__all__ = ["BUDGET_KEYS", "SHIPPED_TOLERANCE", "TRACE_STEPS", "TunedReference", "TunedReferences", "budget", "cache_key", "check_shipped", "enabled", "reference_config",
            "references_trained_alike", "train_alike", "tuned_reference", "write_shipped"]
 
 
