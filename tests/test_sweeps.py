@@ -34,16 +34,18 @@ def sweep(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     Run in this process (:meth:`RunPy.inline`): Hydra's basic launcher runs every job in the process that
     runs run.py, so this is the user's multirun without a subprocess's imports. What run.py prints (the
     summary) is kept as its stdout; the jobs' offline run files are whole when it returns (run_in_process
-    tears W&B down as a run.py process's exit does: tests/wandb_offline.py)."""
+    tears W&B down as a run.py process's exit does: tests/wandb_offline.py). 4 steps (debug=quick's validation
+    interval: one validation, at the end) train each donor alike well below its loss as shipped, which is all the
+    tests of the references need."""
     import contextlib
     import io
 
     sweep_dir = tmp_path_factory.mktemp("sweep") / "grid"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        run_py.inline("-m", QUICK, "layers.n8=1,2", "layers.n70=1,2,99", "adapter=linear,mlp", "finetune=adapter",
-                      "eval.tuned_references=true", f"hydra.sweep.dir={sweep_dir}", "eval.harness.tasks=[stdlib_docstring_name,stdlib_docstring_next]",
-                      "eval.harness.limit=4", cwd=sweep_dir.parent)
+        run_py.inline("-m", QUICK, "trainer.max_steps=4", "layers.n8=1,2", "layers.n70=1,2,99", "adapter=linear,mlp",
+                      "finetune=adapter", "eval.tuned_references=true", f"hydra.sweep.dir={sweep_dir}",
+                      "eval.harness.tasks=[stdlib_docstring_name,stdlib_docstring_next]", "eval.harness.limit=4", cwd=sweep_dir.parent)
     return sweep_dir, stdout.getvalue()
 
 
@@ -268,13 +270,13 @@ def test_stitching_curve_study_spans_the_embedded_donors() -> None:
 
 @pytest.mark.slow
 def test_stitching_curve_study_runs_side_by_side_and_reads_as_a_curve(run_py: RunPy, tmp_path: Path) -> None:
-    """``experiment=stitching_curve``, reduced (n8=1, n70 in {1, 2}, 2 seeds; both objectives) through the
+    """``experiment=stitching_curve``, reduced (n8=1, n70 in {1, 2}, 2 seeds; both objectives; 4 steps) through the
     joblib launcher, 2 jobs at a time with 1 torch thread each; then its table, figure and notebook."""
     import nbformat
     from nbclient import NotebookClient
 
     sweep_dir = tmp_path / "s"
-    run_py("-m", "experiment=stitching_curve", QUICK, "layers.n8=1", "layers.n70=1,2", "seed=0,1", "hydra/launcher=joblib",
+    run_py("-m", "experiment=stitching_curve", QUICK, "layers.n8=1", "layers.n70=1,2", "seed=0,1", "trainer.max_steps=4", "hydra/launcher=joblib",
            "hydra.launcher.n_jobs=2", "parallel.cpu_threads=1", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     df = load_sweep(sweep_dir)
     assert len(df) == 8 and (df["status"] == "ok").all(), summary_table(df)
