@@ -159,32 +159,43 @@ def test_readme_command_composes_and_validates_on_the_default_donors(command: st
         assert split.num_layers_70 <= large_layers == split.config_70b.num_hidden_layers
 
 
+#: one torch CPU thread per run (``parallel.cpu_threads``, which sweeps set for jobs side by side): the suite shares the
+#: machine's cores (pytest-xdist workers, other jobs), and a second OpenMP thread waiting for a busy core made each small op
+#: of these runs several times slower (measured on 2 loaded cores: a debug=quick training 3.5 s on one thread, 12-24 s on two)
+ONE_THREAD = "parallel.cpu_threads=1"
+
 #: appended to a README command to make it short; nothing else about the command changes
 SHORTEN = ("trainer.max_steps=2", "trainer.val_check_interval=2", "eval.harness.tasks=[]", "data.max_val_blocks=8", "logger=csv",
-           "task.export=false", "eval.tuned_references=false")  # the donors trained alike: whole-donor trainings (their own tests)
+           "task.export=false", "eval.tuned_references=false",  # the donors trained alike: whole-donor trainings (their own tests)
+           ONE_THREAD)
 
 
 @pytest.mark.slow
 def test_assemble_then_eval_and_generate_run_as_written(run_py, tmp_path: Path) -> None:
     """The README's ``task=assemble``, then its ``task=eval`` and ``task=generate`` on the model that made (the
     ``outputs/<date>/<time>-<random>/hf_model`` placeholder replaced by it), each through bash as written, shortened
-    by appended overrides only (fewer validation blocks, a CSV log, short generations): each ends ok."""
-    placeholder = "outputs/<date>/<time>-<random>/hf_model"
-    short = ("data.max_val_blocks=8", "logger=csv", "eval.harness.tasks=[]", "eval.tuned_references=false")
+    by appended overrides only (fewer validation blocks, a CSV log, one CPU thread, short generations): each ends ok.
+    ``task=generate`` starts its vLLM engine (the default ``task.engine=vllm``) in the environment of every engine the tests
+    start (:data:`tests.vllm_helpers.ENGINE_ENV`: vLLM's CPU-CI switch, Dynamo traced and run eagerly instead of a minute of
+    Inductor build; the engine core in the run's process)."""
+    from tests.vllm_helpers import ENGINE_ENV
 
-    def run(command: str, run_dir: Path, *extra: str) -> dict:
+    placeholder = "outputs/<date>/<time>-<random>/hf_model"
+    short = ("data.max_val_blocks=8", "logger=csv", "eval.harness.tasks=[]", "eval.tuned_references=false", ONE_THREAD)
+
+    def run(command: str, run_dir: Path, *extra: str, env: dict[str, str] | None = None) -> dict:
         line = " ".join([command, *short, *extra, f"hydra.run.dir={run_dir}"])
-        proc = _run_bounded(["bash", "-c", line], cwd=REPO, env=run_py.environment(None), timeout=600)
+        proc = _run_bounded(["bash", "-c", line], cwd=REPO, env=run_py.environment(env), timeout=600)
         assert proc.returncode == 0, f"{line} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         return json.loads((run_dir / "results.json").read_text())
 
     assembled = run(readme_command_with("run.py task=assemble"), tmp_path / "assemble")
     model_dir = tmp_path / "assemble" / "hf_model"
     assert assembled["status"] == "ok" and (model_dir / "config.json").is_file()
-    for task, extra in (("eval", ()), ("generate", ("task.max_new_tokens=4",))):
+    for task, extra, env in (("eval", (), None), ("generate", ("task.max_new_tokens=4",), ENGINE_ENV)):
         command = readme_command_with(f"run.py task={task} task.model_dir=")
         assert placeholder in command, command
-        record = run(command.replace(placeholder, str(model_dir)), tmp_path / task, *extra)
+        record = run(command.replace(placeholder, str(model_dir)), tmp_path / task, *extra, env=env)
         assert record["status"] == "ok" and record["task"] == task, record
     generations = record["generations"]  # the last record is task=generate's: one completion per prompt
     assert generations and all(isinstance(text, str) for text in generations.values()), generations
