@@ -107,7 +107,7 @@ def pretrain_donor(
 
 
 # --------------------------------------------------------------------------------------------- build and cache
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     """This checkout's commit (``-dirty`` with uncommitted changes), for the manifest's record of how donors were made."""
     import subprocess
 
@@ -119,6 +119,18 @@ def _git_commit() -> str | None:
         return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def ship_provenance_problem(commit: str | None) -> str | None:
+    """Why donors built now could not say which code made them (``None`` when they can): shipped donors
+    record the commit that built them, and only a clean commit holds that code; a build from uncommitted
+    changes (``-dirty``) or outside a git checkout would ship a manifest no one can trace back."""
+    if commit is None:
+        return "build --ship: not in a git checkout (or git is missing), so the manifest could not name the commit that built the donors; run it from a clone of the repository"
+    if commit.endswith("-dirty"):
+        return (f"build --ship: the checkout has uncommitted changes to tracked files (HEAD {commit.removesuffix('-dirty')[:12]}): "
+                "no commit would hold the code that built the donors; commit or stash them (git status), then build again")
+    return None
 
 
 def build_embedded_donors(
@@ -197,7 +209,7 @@ def write_manifest(root: Path, recipe: EmbeddedRecipe, metrics: dict[str, Any], 
     manifest = {
         "key": key, "recipe_hash": recipe.recipe_hash(), "recipe": asdict(recipe), "recipe_version": RECIPE_VERSION,
         "corpus": corpus, "metrics": metrics,
-        "build": {"command": command, "commit": _git_commit(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+        "build": {"command": command, "commit": git_commit(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "python": sys.version.split()[0],
         "torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
         "files": manifest_files(root),
@@ -269,4 +281,5 @@ def ensure_embedded_donors(
     return EmbeddedDonors(root / "small", root / "large", root / "tokenizer", manifest, built_now)
 
 
-__all__ = ["build_embedded_donors", "building_into", "ensure_embedded_donors", "evaluate_lm", "pretrain_donor", "write_manifest"]
+__all__ = ["build_embedded_donors", "building_into", "ensure_embedded_donors", "evaluate_lm", "git_commit", "pretrain_donor", "ship_provenance_problem",
+           "write_manifest"]

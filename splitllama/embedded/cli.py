@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .build import build_embedded_donors, building_into, write_manifest
+from .build import build_embedded_donors, building_into, git_commit, ship_provenance_problem, write_manifest
 from .corpus import default_cache_dir
 from .pack import corpus_identity, read_corpus_pack, write_corpus_pack
 from .recipe import EmbeddedRecipe
@@ -78,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = SHIPPED_DONORS if args.ship else args.out
     if out is None:
         parser.error("build: give --out DIR or --ship")
+    if args.ship and (problem := ship_provenance_problem(git_commit())):
+        raise SystemExit(problem)  # before the corpus is read or anything built: minutes of GPU time
     cache = args.cache_dir or default_cache_dir()
     if args.documents is not None:
         identity, documents = read_corpus_pack(args.documents)
