@@ -252,6 +252,30 @@ def test_damaged_shipped_donors_are_an_error_not_a_rebuild(tmp_path: Path) -> No
         shipped_donors(EmbeddedRecipe(), copy)
 
 
+def test_shipping_donors_from_uncommitted_code_is_refused_before_any_work(tmp_path: Path) -> None:
+    """``build --ship`` in a checkout with a changed tracked file exits naming the uncommitted changes, before the
+    corpus is read or anything built (so no manifest can again record a ``-dirty`` commit): run in a clone of this
+    repository whose copy of one module was edited. Outside a git checkout it is refused too; a clean one passes."""
+    from splitllama.embedded.build import ship_provenance_problem
+
+    clone = tmp_path / "clone"
+    assert git("clone", "--quiet", "--no-checkout", str(REPO), str(clone)).returncode == 0
+    assert subprocess.run(["git", "checkout", "--quiet", "HEAD", "--", "."], cwd=clone).returncode == 0
+    shipped = clone / "splitllama" / "donors" / "embedded"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in shipped.rglob("*"))
+    with (clone / "splitllama" / "embedded" / "recipe.py").open("a") as handle:
+        handle.write("\n# an uncommitted change\n")
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "splitllama.embedded", "build", "--ship", "--documents", str(tmp_path / "no-such-pack")],
+                          cwd=clone, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "uncommitted changes to tracked files" in proc.stderr and "commit or stash" in proc.stderr, proc.stderr[-2000:]
+    assert "no-such-pack" not in proc.stderr  # refused before the corpus pack was opened
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in shipped.rglob("*")) == before
+    assert "not in a git checkout" in (ship_provenance_problem(None) or "")
+    assert ship_provenance_problem("0" * 40) is None
+
+
 def test_build_command_end_to_end_on_a_tiny_recipe(tmp_path: Path, embedded_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``python -m splitllama.embedded corpus`` then ``build --documents``: a pack made on one machine builds
     donors elsewhere; the manifest records the pack's identity, the recipe hash and every file's sha256."""
