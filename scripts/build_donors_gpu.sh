@@ -6,6 +6,8 @@
 #
 # 1. `python -m splitllama.embedded build --ship --documents PACK`: tokenizer, both donors (bf16), held-out
 #    blocks and manifest into splitllama/donors/embedded/ (the recipe is conf/donors/tiny.yaml = EmbeddedRecipe()).
+#    It refuses a checkout with uncommitted changes to tracked files (the manifest names the build's commit):
+#    commit first, or `git stash` on the GPU machine's copy what the build does not need.
 # 2. Once the build has packed its token blocks, benchmarks/donor_grid.py trains the same two shapes at
 #    GRID_LRS (default 1.5e-3 and 6e-3, the recipe's 3e-3 being the build itself) on those blocks, side by side.
 # 3. Optional PROBE=1: run.py's default split on the new donors, with a few variants (steps, lr, n70), on the GPU.
