@@ -360,8 +360,15 @@ def donor_references(donor_paths: dict[str, str], tokenizer: Any, prepared: Prep
         file = root / f"{key}.json"
         with file_lock(root / f"{key}.lock"):
             if file.is_file():
-                references[which] = {**json.loads(file.read_text()), "cached": True}
-                continue
+                try:
+                    cached = json.loads(file.read_text())
+                    if not isinstance(cached, dict) or not isinstance(cached.get("scores"), dict):
+                        raise ValueError("no scores")
+                except (OSError, ValueError) as exc:  # a damaged entry (a full disk, an edit) is scored again, not trusted
+                    logger.warning("donor reference %s unreadable (%s): scoring the %s donor again", file, exc, which)
+                else:
+                    references[which] = {**cached, "cached": True}
+                    continue
             logger.info("scoring the %s donor on %s (cached in %s)", which, ", ".join(prepared.tasks), file)
             result = score_model(path, tokenizer, prepared, model_dir=path, log_samples=False)
             entry = {"scores": result.scores, "donor": str(path), "seconds": result.seconds, "key": key}

@@ -446,3 +446,29 @@ def test_a_full_disk_while_caching_blocks_or_a_corpus_leaves_no_partial_file(tmp
     assert [p.name for p in full.rglob("*") if p.is_file()] == []
     assert len(load_stdlib_corpus(full, 80, progress=False)) > 1000
     assert [p.name for p in full.rglob("*") if p.is_file()] == []
+
+
+# ------------------------------------------------------------------ score caches: a damaged entry is scored again
+@pytest.mark.parametrize("damage", ["truncated", "no scores"])
+def test_a_damaged_harness_reference_entry_is_scored_again_not_trusted(embedded_cache: Path, tmp_path: Path, damage: str,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Before: a donor's cached downstream scores (``<cache>/harness_references/<key>.json``) were read with a bare
+    ``json.loads``: a truncated entry (a full disk, a killed write) ended every later run with a JSONDecodeError naming
+    no file, and an entry without scores with a KeyError later. Now the entry is named in a warning and scored again."""
+    from splitllama.harness import HarnessSettings, donor_references, prepare_tasks
+    from splitllama.run.donors import load_tokenizer, resolve_donors
+
+    built = resolve_donors(compose_run_config("debug=quick", f"paths.cache_dir={embedded_cache}"))
+    prepared = prepare_tasks(HarnessSettings(tasks=("stdlib_docstring_name",), limit=4, bootstrap_iters=0), embedded_cache,
+                             corpus="stdlib_docstrings")
+    donors, cache = {"small": built.path8b, "large": built.path70b}, tmp_path / "cache"
+    first = donor_references(donors, load_tokenizer(built.path8b), prepared, cache)
+    assert [first[w]["cached"] for w in donors] == [False, False]
+    small_file = cache / "harness_references" / f"{first['small']['key']}.json"
+    small_file.write_text(small_file.read_text()[:40] if damage == "truncated" else json.dumps({"donor": "x"}))
+    with caplog.at_level("WARNING", logger="splitllama.harness"):
+        again = donor_references(donors, load_tokenizer(built.path8b), prepared, cache)
+    assert (again["small"]["cached"], again["large"]["cached"]) == (False, True)
+    assert again["small"]["scores"] == first["small"]["scores"]
+    assert f"donor reference {small_file} unreadable" in caplog.text
+    assert json.loads(small_file.read_text())["scores"] == first["small"]["scores"]  # written whole again
