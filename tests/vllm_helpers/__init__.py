@@ -20,7 +20,8 @@ WORKER_SCRIPT = Path(__file__).with_name("engine_worker.py")
 #: switch: torch.compile traces the model with Dynamo but runs it eagerly (no Inductor build,
 #: which takes about a minute per engine here) and the warm-up pass is skipped. The workers of a
 #: TP/PP engine do not exit within vLLM's default 5 s grace period at shutdown here, so they get
-#: SIGTERM after 1 s (then SIGKILL after 4 s more, as vLLM does).
+#: SIGTERM after 1 s (then SIGKILL after 4 s more, as vLLM does). (SIGTERM at once, a 0 s grace
+#: period, made their shutdown slower: 4 to 5.6 s against 2.7 s.)
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_CPU_CI_ENV": "1",
@@ -158,7 +159,7 @@ class OpenAIServer:
             if time.monotonic() > deadline:
                 self.close()
                 raise RuntimeError(f"server not healthy after {startup_timeout_s} s; log tail:\n{self.log_tail()}")
-            time.sleep(1.0)
+            time.sleep(0.2)
 
     @property
     def url(self) -> str:
