@@ -75,16 +75,10 @@ def test_run_py_scores_match_the_lm_eval_cli_on_the_exported_model(run_py: RunPy
     header = Path(trained["paths"]["metrics_csv"]).read_text().splitlines()[0].split(",")
     assert f"harness/{TASK}/acc" in header and f"harness_large/{TASK}/acc" in header
 
-    # run.py task=eval on the exported model: the same scores; the donors' come from the cache
+    # the lm_eval command line on the exported model (trust_remote_code: the saved modeling code), started now: it
+    # scores in its own process while run.py task=eval scores the same export in this one (its output goes to files:
+    # a pipe nobody reads meanwhile could fill and stop it)
     export = trained["paths"]["export_dir"]
-    eval_dir = tmp_path / "eval"
-    run_py.inline("task=eval", f"task.model_dir={export}", QUICK, *harness, f"hydra.run.dir={eval_dir}", cwd=tmp_path)
-    evaluated = read_results(eval_dir)
-    assert evaluated["metrics"]["harness"][TASK]["acc"] == pytest.approx(scores["acc"])
-    assert all(ref["cached"] for ref in evaluated["references"]["harness"].values())
-    assert evaluated["references"]["harness"]["large"]["scores"] == references["large"]["scores"]
-
-    # the lm_eval command line on the exported model (trust_remote_code: the saved modeling code)
     # the task folder this run used (the session's cache holds one per corpus: other tests' runs add theirs)
     used = re.search(rf"Task: {TASK} \((.+?)/{TASK}\.yaml\)", (train_dir / "run.log").read_text())
     assert used, "run.log names the task file lm-eval read"
@@ -94,8 +88,24 @@ def test_run_py_scores_match_the_lm_eval_cli_on_the_exported_model(run_py: RunPy
            f"pretrained={export},trust_remote_code=True,dtype=float32", "--tasks", TASK, "--include_path", str(include),
            "--limit", str(ITEMS), "--batch_size", "8", "--device", "cpu", "--log_samples", "--output_path", str(out)]
     env = fresh_process_environ(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cli, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(tmp_path / "cli.stdout", "w+") as cli_out, open(tmp_path / "cli.stderr", "w+") as cli_err:
+        proc = subprocess.Popen(cli, cwd=tmp_path, env=env, stdout=cli_out, stderr=cli_err, text=True)
+        try:
+            # run.py task=eval on the exported model: the same scores; the donors' come from the cache
+            eval_dir = tmp_path / "eval"
+            run_py.inline("task=eval", f"task.model_dir={export}", QUICK, *harness, f"hydra.run.dir={eval_dir}", cwd=tmp_path)
+            returncode = proc.wait(timeout=900)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        cli_err.seek(0)
+        assert returncode == 0, cli_err.read()[-4000:]
+    evaluated = read_results(eval_dir)
+    assert evaluated["metrics"]["harness"][TASK]["acc"] == pytest.approx(scores["acc"])
+    assert all(ref["cached"] for ref in evaluated["references"]["harness"].values())
+    assert evaluated["references"]["harness"]["large"]["scores"] == references["large"]["scores"]
+
     cli_items = _cli_items(out)
     _assert_close(_items(train_dir / "harness_samples" / f"{TASK}.jsonl"), cli_items)  # in memory, after training
     _assert_close(_items(eval_dir / "harness_samples" / f"{TASK}.jsonl"), cli_items)   # loaded by run.py task=eval
@@ -129,12 +139,21 @@ def test_missing_dataset_fails_naming_the_task(embedded_cache: Path, tmp_path: P
         prepare_tasks(HarnessSettings(tasks=(TASK,), limit=0), embedded_cache)
 
 
+@pytest.fixture(scope="module")
+def stdlib_functions() -> list:
+    """:func:`splitllama.eval_tasks.documented_functions` (the whole stdlib parsed: seconds), once for both corpora's cases:
+    the installed stdlib does not change between them."""
+    from splitllama.eval_tasks import documented_functions
+
+    return documented_functions()
+
+
 @pytest.mark.parametrize("corpus", ["stdlib_source", "stdlib_docstrings"])
-def test_own_task_items_are_held_out_and_well_formed(embedded_cache: Path, corpus: str) -> None:
+def test_own_task_items_are_held_out_and_well_formed(embedded_cache: Path, stdlib_functions: list, corpus: str) -> None:
     """Test items come from text the models never train on: held-out source files (the default
     donors' corpus) or held-out docstrings (the docstring corpus)."""
     from splitllama.data import in_validation
-    from splitllama.eval_tasks import NUM_CHOICES, OWN_TASKS, build_task_data, documented_functions, source_files_of_docstrings
+    from splitllama.eval_tasks import NUM_CHOICES, OWN_TASKS, build_task_data, source_files_of_docstrings
 
     folder = build_task_data(embedded_cache, corpus)
     assert build_task_data(embedded_cache, corpus) == folder  # made once
@@ -151,7 +170,7 @@ def test_own_task_items_are_held_out_and_well_formed(embedded_cache: Path, corpu
     leaks = [item["function"] for item in names if re.search(rf"\b{re.escape(item['function'].rsplit('.', 1)[1])}\b", item["docstring"])]
     assert not leaks, leaks[:5]
     assert any("___" in item["docstring"] for item in names)
-    functions = documented_functions()
+    functions = stdlib_functions
     if corpus == "stdlib_docstrings":
         held_out = {fn.qualname for fn in functions if in_validation(fn.docstring, 0.05)}
     else:  # every file holding the docstring is a held-out document of the source corpus

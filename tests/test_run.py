@@ -158,11 +158,12 @@ def test_exported_model_reproduces_the_validation_loss(default_run: Path, run_py
 def test_resume_reaches_the_uninterrupted_val_loss(default_run: Path, run_py: RunPy, tmp_path: Path) -> None:
     """Stopped before half the run (where the resumed sampler used to repeat batches) and resumed
     through run.py: the uninterrupted validation loss, exactly; the interrupted attempt is kept."""
-    run_py.inline(QUICK, "task.stop_after_steps=3", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    # no logger (the default run beside it logs to W&B): what a run logs to does not enter its training
+    run_py.inline(QUICK, "task.stop_after_steps=3", "logger=none", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     first = read_results(tmp_path)
     assert first["status"] == "interrupted" and first["metrics"]["steps"] == 3
     assert not (tmp_path / "hf_model").exists()  # an interrupted run is not exported
-    run_py.inline(QUICK, "ckpt_path=last", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    run_py.inline(QUICK, "ckpt_path=last", "logger=none", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     resumed, uninterrupted = read_results(tmp_path), read_results(default_run)
     assert resumed["status"] == "ok" and resumed["metrics"]["steps"] == 8
     assert resumed["metrics"]["val_loss"] == uninterrupted["metrics"]["val_loss"]
@@ -308,16 +309,21 @@ def test_ddp_on_two_cpu_processes(default_run: Path, run_py: RunPy, embedded_cac
     Rank r of 2 takes global samples 2j + r, so two ranks of batch 4 see together what one process
     of batch 8 sees in each step, and train the same model: the loss after training says each rank
     read its own half (two ranks reading the same batches train what one process of batch 4 does)."""
+    from tests.test_distributed import started
     from tests.test_training import quick_fit
 
-    # the default logger (W&B, offline): on rank 1 its experiment is Lightning's stand-in, which has no run dir
-    run_py(QUICK, "parallel=ddp", "parallel.devices=2", "parallel.accelerator=cpu",
-           f"hydra.run.dir={tmp_path}", cwd=tmp_path)
-    results, single = read_results(tmp_path), read_results(default_run)
+    # the default logger (W&B, offline): on rank 1 its experiment is Lightning's stand-in, which has no run dir.
+    # The one-process reference (batch 8, in this process) trains while the two ranks start and train.
+    ddp_dir = tmp_path / "ddp"
+    ddp_dir.mkdir()
+    with started(run_py, QUICK, "parallel=ddp", "parallel.devices=2", "parallel.accelerator=cpu",
+                 f"hydra.run.dir={ddp_dir}", cwd=ddp_dir, log=tmp_path / "ddp_output") as two_processes:
+        doubled, batches = quick_fit(embedded_cache, tmp_path / "batch8", "data.batch_size=8")
+        two_processes.wait()
+    results, single = read_results(ddp_dir), read_results(default_run)
     assert results["status"] == "ok" and results["metrics"]["steps"] == 8
     # the held-out split scored across two ranks gives the single-process value
     assert results["metrics"]["val_loss_before"] == pytest.approx(single["metrics"]["val_loss_before"], abs=1e-5)
-    doubled, batches = quick_fit(embedded_cache, tmp_path / "batch8", "data.batch_size=8")
     assert len(batches) == 8 and all(len(b) == 8 for b in batches)
     assert results["metrics"]["val_loss"] == pytest.approx(doubled, abs=2e-5)
     assert abs(results["metrics"]["val_loss"] - single["metrics"]["val_loss"]) > 1e-3
@@ -400,9 +406,12 @@ def test_generate_with_transformers(default_run: Path, hf_generations: dict[str,
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_generate_with_vllm_matches_transformers(default_run: Path, hf_generations: dict[str, str], run_py: RunPy, tmp_path: Path) -> None:
-    # VLLM_CPU_CI_ENV=1: vLLM's own CPU-CI switch (Dynamo traced, run eagerly: no Inductor build of a minute)
+    from tests.vllm_helpers import ENGINE_ENV
+
+    # the tests' engine environment: VLLM_CPU_CI_ENV=1, vLLM's own CPU-CI switch (Dynamo traced, run eagerly: no
+    # Inductor build of a minute), the engine in this process (no engine-core process), no usage-stats report
     run_py(QUICK, *GENERATE, "task.engine=vllm", f"task.model_dir={default_run / 'hf_model'}", f"hydra.run.dir={tmp_path}",
-           cwd=tmp_path, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_CI_ENV": "1"})
+           cwd=tmp_path, env=ENGINE_ENV)
     assert read_results(tmp_path)["generations"] == hf_generations  # greedy, float32, same weights
 
 
