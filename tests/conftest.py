@@ -6,7 +6,9 @@ both donors (the large one wider and deeper). ``odd_donor`` breaks that relation
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -295,6 +297,10 @@ class RunPy:
         return subprocess.Popen(self.command(*overrides), cwd=cwd, env=self.environment(env),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
+    def in_background(self, *overrides: str, cwd: Path, log: Path) -> "contextlib.AbstractContextManager[Background]":
+        """The same command started now, for the ``with`` block (:func:`in_background`); ``.wait()`` it in the block."""
+        return in_background(self.command(*overrides), cwd=cwd, env=self.environment(None), log=log)
+
     def inline(self, *overrides: str, cwd: Path, ok: bool = True, env: dict[str, str | None] | None = None) -> "InlineExit":
         """The same command run in this process (:func:`run_in_process`), with the session's donor cache.
 
@@ -345,6 +351,64 @@ def _run_bounded(cmd: list[str], *, cwd: Path, env: dict[str, str], timeout: flo
             out, err = proc.communicate()
         raise AssertionError(f"{' '.join(cmd[1:])} still running after {timeout:.0f} s; stacks:\n{out[-3000:]}\n{err[-12000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+class Background:
+    """A command started now in its own process group and waited for later, so this process works beside it (a
+    one-process reference trains while the ranks of the run it is compared with start). Its output goes to files
+    beside ``log`` (a pipe nobody reads meanwhile could fill and stop it). Past the timeout every process of the
+    group gets SIGABRT (run.py enables faulthandler: each rank prints its stacks), then SIGKILL, as
+    :func:`_run_bounded` does."""
+
+    def __init__(self, cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> None:
+        import subprocess
+
+        self.cmd = cmd
+        self.out, self.err = open(f"{log}.stdout", "w+"), open(f"{log}.stderr", "w+")
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self.out, stderr=self.err, text=True, start_new_session=True)
+
+    def output(self) -> str:
+        self.out.seek(0), self.err.seek(0)
+        return f"{self.out.read()[-3000:]}\n{self.err.read()[-12000:]}"
+
+    def stop(self) -> None:
+        import contextlib
+        import signal
+        import subprocess
+
+        for sig in (signal.SIGABRT, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=20)
+                break
+
+    def wait(self, timeout: float = 900) -> None:
+        """Until it ends; an exit status other than 0 (or a time-out) fails the test with its output."""
+        import subprocess
+
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"{' '.join(self.cmd[1:])} still running after {timeout:.0f} s; stacks:\n{self.output()}") from None
+        if code != 0:
+            raise AssertionError(f"{' '.join(self.cmd[1:])} exited {code}:\n{self.output()}")
+
+
+@contextlib.contextmanager
+def in_background(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> Iterator[Background]:
+    """:class:`Background` for the ``with`` block; a block that fails leaves none of its processes running."""
+    run = Background(cmd, cwd=cwd, env=env, log=log)
+    try:
+        yield run
+    finally:
+        if run.proc.poll() is None:
+            run.stop()
+        run.out.close()
+        run.err.close()
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,11 @@ order (tolerance 1e-5 nats).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,58 +32,6 @@ FSDP_CPU = ("parallel=fsdp", "parallel.accelerator=cpu", "parallel.devices=2", "
 TOL = 1e-5
 
 
-class Started:
-    """``run.py <overrides>`` started now in its own process group, as :meth:`RunPy.__call__` starts it (a user's command,
-    its ranks launched by Lightning), and waited for later: its ranks import, load and train while this process runs the
-    one-process reference beside it. Its output goes to files beside ``log`` (a pipe nobody reads while the reference
-    runs would fill and stop the ranks). Past the timeout every process of the group gets SIGABRT (run.py enables
-    faulthandler: each rank prints its stacks), then SIGKILL, as ``_run_bounded`` does."""
-
-    def __init__(self, run_py: RunPy, *overrides: str, cwd: Path, log: Path) -> None:
-        self.overrides = overrides
-        self.out, self.err = open(f"{log}.stdout", "w+"), open(f"{log}.stderr", "w+")
-        self.proc = subprocess.Popen(run_py.command(*overrides), cwd=cwd, env=run_py.environment(None), stdout=self.out,
-                                     stderr=self.err, text=True, start_new_session=True)
-
-    def output(self) -> str:
-        self.out.seek(0), self.err.seek(0)
-        return f"{self.out.read()[-3000:]}\n{self.err.read()[-12000:]}"
-
-    def stop(self) -> None:
-        for sig in (signal.SIGABRT, signal.SIGKILL):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=20)
-                break
-
-    def wait(self, timeout: float = 900) -> None:
-        """Until it ends; an exit status other than 0 (or a time-out) fails the test with its output."""
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            command = " ".join(self.overrides)
-            raise AssertionError(f"run.py {command} still running after {timeout:.0f} s; stacks:\n{self.output()}") from None
-        if code != 0:
-            raise AssertionError(f"run.py {' '.join(self.overrides)} exited {code}:\n{self.output()}")
-
-
-@contextlib.contextmanager
-def started(run_py: RunPy, *overrides: str, cwd: Path, log: Path) -> Iterator[Started]:
-    """:class:`Started` for the ``with`` block; a block that fails leaves no rank running."""
-    run = Started(run_py, *overrides, cwd=cwd, log=log)
-    try:
-        yield run
-    finally:
-        if run.proc.poll() is None:
-            run.stop()
-        run.out.close()
-        run.err.close()
-
-
 @pytest.fixture(scope="module")
 def last_runs(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """``finetune=last`` under FSDP on two processes (global batch 8: 4 per rank), and beside it, while its ranks start,
@@ -95,7 +39,7 @@ def last_runs(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     base = tmp_path_factory.mktemp("last")
     single, fsdp = base / "single", base / "fsdp"
     single.mkdir(), fsdp.mkdir()
-    with started(run_py, *QUICK, *FSDP_CPU, "finetune=last", "data.batch_size=4", f"hydra.run.dir={fsdp}", cwd=fsdp,
+    with run_py.in_background(*QUICK, *FSDP_CPU, "finetune=last", "data.batch_size=4", f"hydra.run.dir={fsdp}", cwd=fsdp,
                  log=base / "fsdp") as two_processes:
         run_py.inline(*QUICK, "finetune=last", "data.batch_size=8", f"hydra.run.dir={single}", cwd=single)
         two_processes.wait()
@@ -150,7 +94,7 @@ def test_fsdp_lora_resumes_exactly_and_exports_merged(run_py: RunPy, tmp_path: P
     single, parts = tmp_path / "single", tmp_path / "parts"
     args = (*QUICK, *FSDP_CPU, "finetune=lora", "data.batch_size=4")
     # the first part on two processes, and beside it, while its ranks start, the one-process reference
-    with started(run_py, *args, "task.stop_after_steps=4", f"hydra.run.dir={parts}", cwd=tmp_path, log=tmp_path / "part1") as part1:
+    with run_py.in_background(*args, "task.stop_after_steps=4", f"hydra.run.dir={parts}", cwd=tmp_path, log=tmp_path / "part1") as part1:
         run_py.inline(*QUICK, "finetune=lora", "data.batch_size=8", f"hydra.run.dir={single}", cwd=tmp_path)
         part1.wait()
     assert (parts / "checkpoints" / "last.ckpt" / "meta.pt").is_file()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from splitllama.results import read_results
 
-from tests.conftest import RunPy, fresh_process_environ, import_extra
+from tests.conftest import RunPy, fresh_process_environ, import_extra, in_background
 
 import_extra("lm_eval", "lm_eval", "eval")
 
@@ -77,7 +76,7 @@ def test_run_py_scores_match_the_lm_eval_cli_on_the_exported_model(run_py: RunPy
 
     # the lm_eval command line on the exported model (trust_remote_code: the saved modeling code), started now: it
     # scores in its own process while run.py task=eval scores the same export in this one (its output goes to files:
-    # a pipe nobody reads meanwhile could fill and stop it)
+    # tests.conftest.in_background)
     export = trained["paths"]["export_dir"]
     # the task folder this run used (the session's cache holds one per corpus: other tests' runs add theirs)
     used = re.search(rf"Task: {TASK} \((.+?)/{TASK}\.yaml\)", (train_dir / "run.log").read_text())
@@ -88,19 +87,11 @@ def test_run_py_scores_match_the_lm_eval_cli_on_the_exported_model(run_py: RunPy
            f"pretrained={export},trust_remote_code=True,dtype=float32", "--tasks", TASK, "--include_path", str(include),
            "--limit", str(ITEMS), "--batch_size", "8", "--device", "cpu", "--log_samples", "--output_path", str(out)]
     env = fresh_process_environ(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    with open(tmp_path / "cli.stdout", "w+") as cli_out, open(tmp_path / "cli.stderr", "w+") as cli_err:
-        proc = subprocess.Popen(cli, cwd=tmp_path, env=env, stdout=cli_out, stderr=cli_err, text=True)
-        try:
-            # run.py task=eval on the exported model: the same scores; the donors' come from the cache
-            eval_dir = tmp_path / "eval"
-            run_py.inline("task=eval", f"task.model_dir={export}", QUICK, *harness, f"hydra.run.dir={eval_dir}", cwd=tmp_path)
-            returncode = proc.wait(timeout=900)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        cli_err.seek(0)
-        assert returncode == 0, cli_err.read()[-4000:]
+    with in_background(cli, cwd=tmp_path, env=env, log=tmp_path / "cli") as lm_eval_cli:
+        # run.py task=eval on the exported model: the same scores; the donors' come from the cache
+        eval_dir = tmp_path / "eval"
+        run_py.inline("task=eval", f"task.model_dir={export}", QUICK, *harness, f"hydra.run.dir={eval_dir}", cwd=tmp_path)
+        lm_eval_cli.wait()
     evaluated = read_results(eval_dir)
     assert evaluated["metrics"]["harness"][TASK]["acc"] == pytest.approx(scores["acc"])
     assert all(ref["cached"] for ref in evaluated["references"]["harness"].values())

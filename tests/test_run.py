@@ -309,14 +309,13 @@ def test_ddp_on_two_cpu_processes(default_run: Path, run_py: RunPy, embedded_cac
     Rank r of 2 takes global samples 2j + r, so two ranks of batch 4 see together what one process
     of batch 8 sees in each step, and train the same model: the loss after training says each rank
     read its own half (two ranks reading the same batches train what one process of batch 4 does)."""
-    from tests.test_distributed import started
     from tests.test_training import quick_fit
 
     # the default logger (W&B, offline): on rank 1 its experiment is Lightning's stand-in, which has no run dir.
     # The one-process reference (batch 8, in this process) trains while the two ranks start and train.
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
-    with started(run_py, QUICK, "parallel=ddp", "parallel.devices=2", "parallel.accelerator=cpu",
+    with run_py.in_background(QUICK, "parallel=ddp", "parallel.devices=2", "parallel.accelerator=cpu",
                  f"hydra.run.dir={ddp_dir}", cwd=ddp_dir, log=tmp_path / "ddp_output") as two_processes:
         doubled, batches = quick_fit(embedded_cache, tmp_path / "batch8", "data.batch_size=8")
         two_processes.wait()

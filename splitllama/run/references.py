@@ -179,9 +179,8 @@ def train_alike(cfg: DictConfig, donor_path: str, lr: float, output_dir: Path, v
     unscored (``val_loss`` None): what such a check runs."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from ..training.callbacks import LossTrace
-
     from ..references import blocks_fingerprint
+    from ..training.callbacks import LossTrace
     from .checks import validate
     from .data import make_datamodule
     from .donors import Donors, load_tokenizer
