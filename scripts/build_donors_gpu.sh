@@ -16,7 +16,7 @@
 set -uo pipefail
 PACK=$1
 OUT=${OUT:-donor_build}; mkdir -p "$OUT/logs"
-GRID_LRS=${GRID_LRS:-"1.5e-3 6e-3"}
+GRID_LRS=${GRID_LRS-"1.5e-3 6e-3"}   # GRID_LRS="" builds without the grid
 export PYTHONUNBUFFERED=1 SPLITLLAMA_CACHE=${SPLITLLAMA_CACHE:-/tmp/splitllama-cache}
 PY=${PY:-python3}
 FAILED=()

@@ -11,8 +11,8 @@ in this repository's history; and the README's donor table is compared with the 
 
 Bugs injected into a copy and caught here: the manifest's small held-out loss 5e-3 off (inside the old
 0.01-nat tolerance), its large non-embedding parameter count changed, the README table's small loss changed.
-Two provenance checks fail on the shipped manifest and are marked ``xfail(strict=True)`` with the reason:
-its build commit is ``-dirty``, and that commit does not hold the build command.
+The provenance checks hold on the shipped manifest: the donors were rebuilt on one H100 from the clean commit
+7e1beb7 (every file's sha256 equal to the earlier build's from a ``-dirty`` checkout, whose commit had no build command).
 """
 
 from __future__ import annotations
@@ -184,9 +184,6 @@ def test_build_commit_is_in_history() -> None:
     assert git("merge-base", "--is-ancestor", commit, "HEAD").returncode == 0, f"build commit {commit} is not an ancestor of HEAD"
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped manifest's build commit 187937c has no build command: its splitllama/embedded.py "
-                                       "has no `build --ship` (the CLI that built the donors was uncommitted then, hence -dirty, and was "
-                                       "first committed in 955a3fb); rebuild the donors from a clean commit to fix")
 def test_build_commit_holds_the_build_code() -> None:
     """The build commit holds the code of its build command, ``python -m splitllama.embedded build --ship``."""
     commit = build_commit()
@@ -196,9 +193,6 @@ def test_build_commit_holds_the_build_code() -> None:
     assert '"--ship"' in code and '"build"' in code, f"build commit {commit}'s splitllama.embedded has no `build --ship` command"
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped manifest records build commit 187937c6b4f9105efd3e4bb9650e056adc5931ba-dirty: the donors "
-                                       "were built from a working tree with uncommitted changes, so no commit holds the code that built them "
-                                       "(rebuild with `python -m splitllama.embedded build --ship` from a clean checkout to fix)")
 def test_build_commit_is_clean() -> None:
     """A clean commit: the code that built the donors is the commit's, not uncommitted changes on top of it."""
     assert not MANIFEST["build"]["commit"].endswith("-dirty"), f"build commit {MANIFEST['build']['commit']}: built with uncommitted changes"
