@@ -277,11 +277,54 @@ def run_in_process(*overrides: str, cwd: Path | None = None, ok: bool = True, en
     return InlineExit(code, status if isinstance(status, str) else "")
 
 
-class RunPy:
-    """``python run.py <overrides>`` as a user types it, in a subprocess, with the session's donor cache."""
+class WarmServer:
+    """The warm run.py server of this test process (``tests/warm_run_py.py``): started at the first run that
+    needs it (its imports take a fresh interpreter's ~7 s once), stopped with the session."""
 
-    def __init__(self, cache: Path) -> None:
+    SCRIPT = Path(__file__).with_name("warm_run_py.py")
+
+    def __init__(self, env: dict[str, str], directory: Path) -> None:
+        self.env, self.directory = env, directory
+        self.proc: "subprocess.Popen[str] | None" = None
+
+    @property
+    def socket(self) -> str:
+        import subprocess
+        import sys
+
+        if self.proc is None:
+            path = self.directory / "warm.sock"
+            log = (self.directory / "warm_server.log").open("w")
+            self.proc = subprocess.Popen([sys.executable, str(self.SCRIPT), "serve", str(path)], env=self.env, cwd=self.directory,
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True)
+            ready = self.proc.stdout.readline() if self.proc.stdout else ""
+            if ready.strip() != "ready":
+                raise AssertionError(f"the warm run.py server did not start: {(self.directory / 'warm_server.log').read_text()[-3000:]}")
+            self.path = str(path)
+        return self.path
+
+    def client(self) -> list[str]:
+        """The command that stands in for ``python run.py`` (``-S``: the client needs the standard library only)."""
+        import sys
+
+        return [sys.executable, "-S", str(self.SCRIPT), "client", self.socket]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class RunPy:
+    """``python run.py <overrides>`` as a user types it, in a process of its own, with the session's donor cache.
+
+    By default the process is forked from this test process's warm server (:mod:`tests.warm_run_py`: run.py
+    run as ``__main__`` in a process that has its imports already; exit status, signals, stdio, process group and
+    the ranks it starts as for a fresh one). ``warm=False``: a fresh interpreter, for what start-up is about."""
+
+    def __init__(self, cache: Path, server: WarmServer | None = None) -> None:
         self.cache = cache
+        self.server = server
 
     def __call__(self, *overrides: str, cwd: Path, ok: bool = True, timeout: float = 900,
                  env: dict[str, str | None] | None = None) -> "subprocess.CompletedProcess[str]":
@@ -309,11 +352,15 @@ class RunPy:
         """
         return run_in_process(*overrides, cwd=cwd, ok=ok, environ=self.environment(env))
 
-    @staticmethod
-    def command(*overrides: str) -> list[str]:
+    def command(self, *overrides: str) -> list[str]:
         import sys
 
-        return [sys.executable, str(REPO / "run.py"), *overrides]
+        launcher = self.server.client() if self.server is not None else [sys.executable]
+        return [*launcher, str(REPO / "run.py"), *overrides]
+
+    def cold(self) -> "RunPy":
+        """The same runs in fresh interpreters (for what start-up is about)."""
+        return RunPy(self.cache)
 
     def environment(self, env: dict[str, str | None] | None) -> dict[str, str]:
         full_env = {**fresh_process_environ(), "SPLITLLAMA_CACHE": str(self.cache), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
@@ -412,8 +459,16 @@ def in_background(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path) 
 
 
 @pytest.fixture(scope="session")
-def run_py(embedded_cache: Path) -> RunPy:
-    return RunPy(embedded_cache)
+def run_py(embedded_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunPy]:
+    """RunPy with this test process's warm server; ``SPLITLLAMA_TESTS_COLD=1``: every run in a fresh interpreter
+    (to tell whether a failure comes from the fork)."""
+    cold = RunPy(embedded_cache)
+    if os.environ.get("SPLITLLAMA_TESTS_COLD") == "1":
+        yield cold
+        return
+    server = WarmServer(cold.environment(None), tmp_path_factory.mktemp("warm"))
+    yield RunPy(embedded_cache, server)
+    server.stop()
 
 
 # ---------------------------------------------------------------- no hidden skips in CI

@@ -1,0 +1,118 @@
+"""The warm run.py launcher the suite starts run.py with (:mod:`tests.warm_run_py`) ends, signals and sees its
+environment as ``python script.py`` does, so a test that passes with it would pass with a fresh interpreter.
+
+Each case runs a small script through the launcher's client (the server forks it as it forks run.py) and,
+where the answer is not obvious, through a fresh interpreter too, and compares.
+
+Bugs injected into a copy and caught here: the run's exit code replaced by 0 (``_run``'s ``os._exit(0)``);
+``sys.exit("message")`` ending 0 without the message; atexit hooks not run; SIGTERM not forwarded (the client
+exits on it, the run goes on); the run left alive when the client is killed; the environment of the server kept.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RunPy
+
+
+def launch(run_py: RunPy, script: Path, *args: str, env: dict[str, str] | None = None, cwd: Path,
+           warm: bool = True) -> "subprocess.Popen[str]":
+    if warm and run_py.server is None:
+        pytest.skip("SPLITLLAMA_TESTS_COLD=1: every run starts a fresh interpreter")
+    launcher = run_py.server.client() if warm else [sys.executable]
+    return subprocess.Popen([*launcher, str(script), *args], cwd=cwd, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def script(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+ENDINGS = {
+    "returns": ("print('out')", 0, "out", ""),
+    "sys.exit(3)": ("import sys; sys.exit(3)", 3, "", ""),
+    "sys.exit(message)": ("import sys; sys.exit('error: no such field')", 1, "", "error: no such field"),
+    "uncaught exception": ("raise ValueError('bad value')", 1, "", "ValueError: bad value"),
+    "atexit": ("import atexit; atexit.register(lambda: print('atexit ran', flush=True))", 0, "atexit ran", ""),
+}
+
+
+@pytest.mark.parametrize("ending", list(ENDINGS))
+def test_a_run_ends_as_a_fresh_interpreter_does(run_py: RunPy, tmp_path: Path, ending: str) -> None:
+    body, code, out, err = ENDINGS[ending]
+    path = script(tmp_path, body)
+    for warm in (True, False):
+        proc = launch(run_py, path, cwd=tmp_path, warm=warm)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == code, (warm, stdout, stderr)
+        assert out in stdout and err in stderr, (warm, stdout, stderr)
+        assert ("Traceback" in stderr) is (ending == "uncaught exception"), (warm, stderr)
+
+
+def test_a_run_has_its_argv_environment_directory_and_session(run_py: RunPy, tmp_path: Path) -> None:
+    path = script(tmp_path, """
+        import json, os, sys
+        print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "x": os.environ.get("SPLIT_X"),
+                          "leader": os.getsid(0) == os.getpid() == os.getpgid(0)}))
+    """)
+    (tmp_path / "elsewhere").mkdir()
+    proc = launch(run_py, path, "a=1", "b=two words", cwd=tmp_path / "elsewhere", env={"SPLIT_X": "42"})
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    import json
+
+    seen = json.loads(stdout)
+    assert seen == {"argv": [str(path), "a=1", "b=two words"], "cwd": str(tmp_path / "elsewhere"), "x": "42", "leader": True}
+
+
+def test_signals_reach_the_run_and_its_end_is_the_clients(run_py: RunPy, tmp_path: Path) -> None:
+    """SIGTERM sent to the client is the run's: handled, it ends as the handler says; not handled, the client
+    ends by the same signal (Popen's negative return code)."""
+    handled = script(tmp_path, """
+        import signal, sys, time
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    proc = launch(run_py, handled, cwd=tmp_path)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 7
+    plain = tmp_path / "plain.py"
+    plain.write_text("import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    proc = launch(run_py, plain, cwd=tmp_path)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM
+
+
+def test_killing_the_client_kills_the_run(run_py: RunPy, tmp_path: Path) -> None:
+    """A test's time-out ends with SIGKILL to the client's process group: the run (and its ranks) must not outlive it."""
+    path = script(tmp_path, """
+        import os, time
+        print(os.getpid(), flush=True)
+        time.sleep(120)
+    """)
+    proc = launch(run_py, path, cwd=tmp_path)
+    run_pid = int(proc.stdout.readline())
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(run_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"the run {run_pid} outlived its killed client")
