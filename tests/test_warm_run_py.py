@@ -17,18 +17,28 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunPy
+from tests.conftest import RunPy, WarmServer
 
 
-def launch(run_py: RunPy, script: Path, *args: str, env: dict[str, str] | None = None, cwd: Path,
+@pytest.fixture(scope="module")
+def server(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> "Iterator[WarmServer]":
+    """The test process's warm server, or one of this module's own where the runs start cold (SPLITLLAMA_TESTS_COLD=1)."""
+    if run_py.server is not None:
+        yield run_py.server
+        return
+    own = WarmServer(run_py.environment(None), tmp_path_factory.mktemp("warm"))
+    yield own
+    own.stop()
+
+
+def launch(server: WarmServer, script: Path, *args: str, env: dict[str, str] | None = None, cwd: Path,
            warm: bool = True) -> "subprocess.Popen[str]":
-    if warm and run_py.server is None:
-        pytest.skip("SPLITLLAMA_TESTS_COLD=1: every run starts a fresh interpreter")
-    launcher = run_py.server.client() if warm else [sys.executable]
+    launcher = server.client() if warm else [sys.executable]
     return subprocess.Popen([*launcher, str(script), *args], cwd=cwd, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -49,25 +59,25 @@ ENDINGS = {
 
 
 @pytest.mark.parametrize("ending", list(ENDINGS))
-def test_a_run_ends_as_a_fresh_interpreter_does(run_py: RunPy, tmp_path: Path, ending: str) -> None:
+def test_a_run_ends_as_a_fresh_interpreter_does(server: WarmServer, tmp_path: Path, ending: str) -> None:
     body, code, out, err = ENDINGS[ending]
     path = script(tmp_path, body)
     for warm in (True, False):
-        proc = launch(run_py, path, cwd=tmp_path, warm=warm)
+        proc = launch(server, path, cwd=tmp_path, warm=warm)
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == code, (warm, stdout, stderr)
         assert out in stdout and err in stderr, (warm, stdout, stderr)
         assert ("Traceback" in stderr) is (ending == "uncaught exception"), (warm, stderr)
 
 
-def test_a_run_has_its_argv_environment_directory_and_session(run_py: RunPy, tmp_path: Path) -> None:
+def test_a_run_has_its_argv_environment_directory_and_session(server: WarmServer, tmp_path: Path) -> None:
     path = script(tmp_path, """
         import json, os, sys
         print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "x": os.environ.get("SPLIT_X"),
                           "leader": os.getsid(0) == os.getpid() == os.getpgid(0)}))
     """)
     (tmp_path / "elsewhere").mkdir()
-    proc = launch(run_py, path, "a=1", "b=two words", cwd=tmp_path / "elsewhere", env={"SPLIT_X": "42"})
+    proc = launch(server, path, "a=1", "b=two words", cwd=tmp_path / "elsewhere", env={"SPLIT_X": "42"})
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     import json
@@ -76,7 +86,7 @@ def test_a_run_has_its_argv_environment_directory_and_session(run_py: RunPy, tmp
     assert seen == {"argv": [str(path), "a=1", "b=two words"], "cwd": str(tmp_path / "elsewhere"), "x": "42", "leader": True}
 
 
-def test_signals_reach_the_run_and_its_end_is_the_clients(run_py: RunPy, tmp_path: Path) -> None:
+def test_signals_reach_the_run_and_its_end_is_the_clients(server: WarmServer, tmp_path: Path) -> None:
     """SIGTERM sent to the client is the run's: handled, it ends as the handler says; not handled, the client
     ends by the same signal (Popen's negative return code)."""
     handled = script(tmp_path, """
@@ -85,26 +95,26 @@ def test_signals_reach_the_run_and_its_end_is_the_clients(run_py: RunPy, tmp_pat
         print("ready", flush=True)
         time.sleep(60)
     """)
-    proc = launch(run_py, handled, cwd=tmp_path)
+    proc = launch(server, handled, cwd=tmp_path)
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 7
     plain = tmp_path / "plain.py"
     plain.write_text("import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
-    proc = launch(run_py, plain, cwd=tmp_path)
+    proc = launch(server, plain, cwd=tmp_path)
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == -signal.SIGTERM
 
 
-def test_killing_the_client_kills_the_run(run_py: RunPy, tmp_path: Path) -> None:
+def test_killing_the_client_kills_the_run(server: WarmServer, tmp_path: Path) -> None:
     """A test's time-out ends with SIGKILL to the client's process group: the run (and its ranks) must not outlive it."""
     path = script(tmp_path, """
         import os, time
         print(os.getpid(), flush=True)
         time.sleep(120)
     """)
-    proc = launch(run_py, path, cwd=tmp_path)
+    proc = launch(server, path, cwd=tmp_path)
     run_pid = int(proc.stdout.readline())
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
