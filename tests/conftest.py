@@ -320,7 +320,7 @@ class RunPy:
 
     By default the process is forked from this test process's warm server (:mod:`tests.warm_run_py`: run.py
     run as ``__main__`` in a process that has its imports already; exit status, signals, stdio, process group and
-    the ranks it starts as for a fresh one). ``warm=False``: a fresh interpreter, for what start-up is about."""
+    the ranks it starts as for a fresh one). Without a server (``SPLITLLAMA_TESTS_COLD=1``): a fresh interpreter per run."""
 
     def __init__(self, cache: Path, server: WarmServer | None = None) -> None:
         self.cache = cache
@@ -357,10 +357,6 @@ class RunPy:
 
         launcher = self.server.client() if self.server is not None else [sys.executable]
         return [*launcher, str(REPO / "run.py"), *overrides]
-
-    def cold(self) -> "RunPy":
-        """The same runs in fresh interpreters (for what start-up is about)."""
-        return RunPy(self.cache)
 
     def environment(self, env: dict[str, str | None] | None) -> dict[str, str]:
         full_env = {**fresh_process_environ(), "SPLITLLAMA_CACHE": str(self.cache), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}

@@ -14,7 +14,7 @@ hooks (W&B's teardown) on the way out.
 What a fork cannot give: a module's import-time reading of the environment happens once, in the server,
 with the test process's environment. The server therefore imports only libraries, never run.py or
 splitllama's run modules' import-time state; tests that are about start-up itself (imports, the first run)
-start a fresh interpreter (``RunPy(..., warm=False)``, or their own command).
+start their own command (the README's, the first run), and ``SPLITLLAMA_TESTS_COLD=1`` starts every run fresh.
 
 The test holds a small client process (``python -S warm_run_py.py client``: standard library only, ~20 ms)
 in place of ``python run.py``: it hands its stdio to the server, forwards the signals a test or a
@@ -133,10 +133,7 @@ def serve(path: str) -> None:
                         os.dup2(fd, target)
                         os.close(fd)
                     client.close()
-                    for sig in FORWARDED:
-                        signal.signal(sig, signal.SIG_DFL)
-                    signal.signal(signal.SIGINT, signal.default_int_handler)
-                    _run(request)
+                    _run(request)  # the server never changes a signal's handler: the run's are a fresh interpreter's
                 for fd in fds:
                     os.close(fd)
                 _send(client, {"pid": pid})
@@ -199,12 +196,7 @@ def client(path: str, request: dict) -> None:
     for sig in FORWARDED:
         signal.signal(sig, forward)
     signal.signal(signal.SIGABRT, dump_stacks)
-    while True:
-        try:
-            reply = _receive(conn, buffer)
-            break
-        except InterruptedError:
-            continue
+    reply = _receive(conn, buffer)  # a forwarded signal interrupts recv, which Python retries (PEP 475)
     if reply is None:
         sys.exit("warm run.py: the server went away before the run ended")
     status = reply["status"]
