@@ -544,7 +544,7 @@ def test_a_full_disk_is_recorded_and_leaves_nothing_partial(embedded_cache: Path
     from splitllama.results import read_results
 
     run_dir = small_disk / "run"
-    # finetune=adapter: checkpoints of a few MB, so two of them fit the 64 MiB disk before it is filled on purpose
+    # finetune=adapter: checkpoints of a few MB, so they fit the 64 MiB disk before it is filled on purpose
     code = run_main("debug=quick", "finetune=adapter", "logger=none", "eval.references=false", f"paths.cache_dir={embedded_cache}",
                     f"hydra.run.dir={run_dir}", "+callbacks.extra.fill._target_=tests.test_fault_injection.FillDisk",
                     f"+callbacks.extra.fill.path={small_disk}", f"+callbacks.extra.fill.{fill}")
@@ -555,7 +555,7 @@ def test_a_full_disk_is_recorded_and_leaves_nothing_partial(embedded_cache: Path
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == [".hydra", ".run_claim"]
     assert not (run_dir / "hf_model").exists()
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert checkpoints == [f"epoch=0-step={last_step}.ckpt", "last.ckpt"]
+    assert checkpoints == ["last.ckpt"]  # no partial file beside it (the default keeps last.ckpt alone: save_top_k=0)
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == last_step
 
 

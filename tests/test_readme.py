@@ -177,14 +177,19 @@ def test_assemble_then_eval_and_generate_run_as_written(run_py, tmp_path: Path) 
     by appended overrides only (fewer validation blocks, a CSV log, one CPU thread, short generations): each ends ok.
     ``task=generate`` starts its vLLM engine (the default ``task.engine=vllm``) in the environment of every engine the tests
     start (:data:`tests.vllm_helpers.ENGINE_ENV`: vLLM's CPU-CI switch, Dynamo traced and run eagerly instead of a minute of
-    Inductor build; the engine core in the run's process)."""
+    Inductor build; the engine core in the run's process). ``.venv/bin/python run.py`` is the suite's warm launcher
+    (``run_py``: a fork of a process that has imported what run.py imports, 7 s of CPU less a command); the venv the
+    README names is what the design card's command runs with (:func:`test_the_cards_command_runs_as_written`)."""
     from tests.vllm_helpers import ENGINE_ENV
 
     placeholder = "outputs/<date>/<time>-<random>/hf_model"
     short = ("data.max_val_blocks=8", "logger=csv", "eval.harness.tasks=[]", "eval.tuned_references=false", ONE_THREAD)
+    readme_python = f"{VENV_PYTHON} run.py "
+    launcher = shlex.join(run_py.command()) + " "  # the warm client and run.py, or a fresh interpreter and run.py
 
     def run(command: str, run_dir: Path, *extra: str, env: dict[str, str] | None = None) -> dict:
-        line = " ".join([command, *short, *extra, f"hydra.run.dir={run_dir}"])
+        assert command.startswith(readme_python), command
+        line = " ".join([launcher + command.removeprefix(readme_python), *short, *extra, f"hydra.run.dir={run_dir}"])
         proc = _run_bounded(["bash", "-c", line], cwd=REPO, env=run_py.environment(env), timeout=600)
         assert proc.returncode == 0, f"{line} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         return json.loads((run_dir / "results.json").read_text())

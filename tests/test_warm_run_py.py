@@ -6,7 +6,8 @@ where the answer is not obvious, through a fresh interpreter too, and compares.
 
 Bugs injected into a copy and caught here: the run's exit code replaced by 0 (``_run``'s ``os._exit(0)``);
 ``sys.exit("message")`` ending 0 without the message; atexit hooks not run; SIGTERM not forwarded (the client
-exits on it, the run goes on); the run left alive when the client is killed; the environment of the server kept.
+exits on it, the run goes on); the run left alive when the client is killed; the environment of the server kept;
+a run's ``sys.executable`` left the real interpreter's (Lightning's ranks start cold).
 """
 
 from __future__ import annotations
@@ -126,3 +127,32 @@ def test_killing_the_client_kills_the_run(server: WarmServer, tmp_path: Path) ->
             return
         time.sleep(0.05)
     pytest.fail(f"the run {run_pid} outlived its killed client")
+
+
+def test_ranks_started_as_lightning_starts_them_are_warm_runs_and_other_commands_the_real_interpreter(
+        server: WarmServer, tmp_path: Path) -> None:
+    """Lightning starts the other ranks as ``[sys.executable, <abs>/run.py, *argv[1:]]`` with the rank in the
+    environment: under the launcher that is another fork of the server (torch already imported, its own session, the
+    environment it was given), a child of the run; ``sys.executable -c ...`` (pip, a harness CLI) is the real interpreter's."""
+    rank = tmp_path / "run.py"
+    rank.write_text(textwrap.dedent("""
+        import json, os, sys
+        print(json.dumps({"warm": "torch" in sys.modules, "argv": sys.argv[1:], "rank": os.environ.get("LOCAL_RANK"),
+                          "leader": os.getsid(0) == os.getpid()}))
+    """))
+    path = script(tmp_path, f"""
+        import json, os, subprocess, sys
+        child = subprocess.run([sys.executable, {str(rank)!r}, "a=1"], env={{**os.environ, "LOCAL_RANK": "1"}},
+                               capture_output=True, text=True, check=True)
+        plain = subprocess.run([sys.executable, "-c", "import sys; print('torch' in sys.modules, sys.executable)"],
+                               capture_output=True, text=True, check=True)
+        print(json.dumps({{"rank": json.loads(child.stdout), "plain": plain.stdout.split()}}))
+    """)
+    proc = launch(server, path, cwd=tmp_path)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    import json
+
+    seen = json.loads(stdout)
+    assert seen["rank"] == {"warm": True, "argv": ["a=1"], "rank": "1", "leader": True}
+    assert seen["plain"] == ["False", sys.executable]

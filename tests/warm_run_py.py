@@ -7,9 +7,12 @@ modules once. Each run is then a fork of the server: its own process, session an
 test's argv, environment and working directory, stdin/stdout/stderr as the test gave them, and run.py
 executed as ``__main__`` (``runpy``), so Hydra composes ``conf/`` next to it and parses the overrides as it
 parses a user's. What the process boundary is there for still holds: the exit status (``sys.exit``'s code,
-an uncaught exception's 1 with its traceback on stderr, a signal's), signals sent to the process, the
-ranks Lightning starts (fresh interpreters, as for a user, in the run's process group), and ``atexit``
-hooks (W&B's teardown) on the way out.
+an uncaught exception's 1 with its traceback on stderr, a signal's), signals sent to the process, and ``atexit``
+hooks (W&B's teardown) on the way out. The ranks Lightning starts (``[sys.executable, run.py, ...]``, with the
+rank in the environment) are runs of the same server: a run's ``sys.executable`` is a small shell script,
+:data:`RANK_PYTHON`, that hands ``<python> .../run.py ...`` to a client of this server (another fork: about
+7 s of imports less per rank) and anything else to the real interpreter. The rank's client is in the run's
+process group, so a run stopped or killed takes its ranks with it, as Lightning's own children would go.
 
 What a fork cannot give: a module's import-time reading of the environment happens once, in the server,
 with the test process's environment. The server therefore imports only libraries, never run.py or
@@ -28,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shlex
 import signal
 import socket
 import sys
@@ -39,6 +43,15 @@ PRELOAD = ("torch", "transformers", "lightning.pytorch", "hydra", "omegaconf", "
            "splitllama.run.references", "splitllama.run.resume", "splitllama.run.setup", "splitllama.run.trainer",
            "splitllama.run.export", "splitllama.run.downstream", "splitllama.training.callbacks")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+
+#: the ``sys.executable`` of every run: ``<it> <path>/run.py ARGS`` (how Lightning starts the other ranks) becomes a
+#: warm run of this server, any other command the real interpreter's. Written beside the socket by :func:`serve`.
+RANK_PYTHON = """#!/bin/sh
+case "$1" in
+  */run.py) exec {python} -S {script} client {socket} "$@" ;;
+esac
+exec {python} "$@"
+"""
 
 
 def _send(conn: socket.socket, message: dict) -> None:
@@ -59,9 +72,10 @@ def _receive(conn: socket.socket, buffer: bytearray) -> dict | None:
 # --------------------------------------------------------------------------------------------------- the run
 
 
-def _run(request: dict) -> None:
-    """In the forked child: become the run's process (session, stdio, cwd, environment, argv), run run.py as
-    ``__main__`` and end as the interpreter would; never returns."""
+def _run(request: dict, executable: str) -> None:
+    """In the forked child: become the run's process (session, stdio, cwd, environment, argv, ``sys.executable``
+    the :data:`RANK_PYTHON` script ``executable``), run run.py as ``__main__`` and end as the interpreter would;
+    never returns."""
     import atexit
     import runpy
     import threading
@@ -75,6 +89,7 @@ def _run(request: dict) -> None:
             os.environ.clear()
             os.environ.update(request["env"])
             sys.argv = list(request["argv"])
+            sys.executable = executable
             runpy.run_path(sys.argv[0], run_name="__main__")
             code = 0
         except SystemExit as exit_:
@@ -110,6 +125,11 @@ def serve(path: str) -> None:
         importlib.import_module(module)
     gc.collect()
     gc.freeze()  # the preloaded objects stay shared with every fork (no collector writes to their pages)
+    executable = os.path.join(os.path.dirname(os.path.abspath(path)), "rank_python")
+    with open(executable, "w") as f:
+        f.write(RANK_PYTHON.format(python=shlex.quote(sys.executable), script=shlex.quote(os.path.abspath(__file__)),
+                                   socket=shlex.quote(os.path.abspath(path))))
+    os.chmod(executable, 0o755)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
@@ -133,7 +153,7 @@ def serve(path: str) -> None:
                         os.dup2(fd, target)
                         os.close(fd)
                     client.close()
-                    _run(request)  # the server never changes a signal's handler: the run's are a fresh interpreter's
+                    _run(request, executable)  # the server never changes a signal's handler: the run's are a fresh interpreter's
                 for fd in fds:
                     os.close(fd)
                 _send(client, {"pid": pid})

@@ -399,7 +399,9 @@ class ModelCheckpointConfig:
     dirpath: str = II("paths.checkpoint_dir")
     every_n_train_steps: int = II("trainer.checkpoint_every_n_steps")
     save_last: bool = True
-    save_top_k: int = 1
+    #: 0: ``last.ckpt`` alone. Without a ``monitor`` Lightning's top-k 1 is the latest checkpoint, a copy of ``last.ckpt``
+    #: written beside it (twice the writes and the disk); set a monitor and k to keep the best ones too
+    save_top_k: int = 0
     #: false: a resumed run overwrites last.ckpt (with Lightning's counter it wrote last-v1.ckpt beside the
     #: interrupted attempt's, and the next ckpt_path=last resumed from that stale one)
     enable_version_counter: bool = False
