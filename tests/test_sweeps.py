@@ -30,7 +30,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def sweep(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """``python run.py -m layers.n8=1 layers.n70=1,2,99 adapter=linear,mlp``: n70=99 fails in 2 jobs (one n8: a
     second doubled the jobs, and what varies with a layer count is shown along n70). The donors
-    are trained alike (once for the whole sweep: the jobs share the budget, so the cache serves all but the first).
+    are trained alike (once for the whole sweep: the jobs share the budget, so the cache serves all but the first; one
+    learning rate: choosing the best of a grid is test_references.py's).
 
     Run in this process (:meth:`RunPy.inline`): Hydra's basic launcher runs every job in the process that
     runs run.py, so this is the user's multirun without a subprocess's imports. What run.py prints (the
@@ -45,7 +46,7 @@ def sweep(run_py: RunPy, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         run_py.inline("-m", QUICK, "trainer.max_steps=4", "layers.n8=1", "layers.n70=1,2,99", "adapter=linear,mlp",
-                      "finetune=adapter", "eval.tuned_references=true", f"hydra.sweep.dir={sweep_dir}",
+                      "finetune=adapter", "eval.tuned_references=true", "eval.tuned_lr_grid=[1e-3]", f"hydra.sweep.dir={sweep_dir}",
                       "eval.harness.tasks=[stdlib_docstring_name,stdlib_docstring_next]", "eval.harness.limit=4", cwd=sweep_dir.parent)
     return sweep_dir, stdout.getvalue()
 
@@ -271,14 +272,16 @@ def test_stitching_curve_study_spans_the_embedded_donors() -> None:
 
 @pytest.mark.slow
 def test_stitching_curve_study_runs_side_by_side_and_reads_as_a_curve(run_py: RunPy, tmp_path: Path) -> None:
-    """``experiment=stitching_curve``, reduced (n8=1, n70=1, 2 seeds; both objectives; 4 steps: 4 runs) through the
+    """``experiment=stitching_curve``, reduced (n8=1, n70=1, 2 seeds; both objectives; 4 steps: 4 runs; the
+    donors trained alike at one learning rate) through the
     joblib launcher, 2 jobs at a time with 1 torch thread each; then its table, figure and notebook. (A curve over
     several n70, with the donors at their cost: the hand-made runs of the next test.)"""
     import nbformat
     from nbclient import NotebookClient
 
     sweep_dir = tmp_path / "s"
-    run_py("-m", "experiment=stitching_curve", QUICK, "layers.n8=1", "layers.n70=1", "seed=0,1", "trainer.max_steps=4", "hydra/launcher=joblib",
+    run_py("-m", "experiment=stitching_curve", QUICK, "layers.n8=1", "layers.n70=1", "seed=0,1", "trainer.max_steps=4",
+           "eval.tuned_lr_grid=[1e-3]", "hydra/launcher=joblib",
            "hydra.launcher.n_jobs=2", "parallel.cpu_threads=1", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     df = load_sweep(sweep_dir)
     assert len(df) == 4 and (df["status"] == "ok").all(), summary_table(df)
