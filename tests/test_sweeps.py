@@ -215,6 +215,8 @@ def test_submitit_local_launcher_runs_each_job_in_its_own_process(run_py: RunPy,
     df = load_sweep(tmp_path / "s")
     assert sorted(df["n70"]) == [2, 3] and (df["status"] == "ok").all()
     assert list((tmp_path / "s" / ".submitit").glob("*/*_result.pkl"))
+    # the jobs run side by side: one torch thread each (experiment=submitit_local), not one per core each
+    assert {read_results(Path(d))["cpu_threads"] for d in df["run_dir"]} == {1}
 
 
 def test_slurm_launcher_composes() -> None:

@@ -7,7 +7,8 @@ where the answer is not obvious, through a fresh interpreter too, and compares.
 Bugs injected into a copy and caught here: the run's exit code replaced by 0 (``_run``'s ``os._exit(0)``);
 ``sys.exit("message")`` ending 0 without the message; atexit hooks not run; SIGTERM not forwarded (the client
 exits on it, the run goes on); the run left alive when the client is killed; the environment of the server kept;
-a run's ``sys.executable`` left the real interpreter's (Lightning's ranks start cold).
+a run's ``sys.executable`` left the real interpreter's (Lightning's ranks start cold); submitit's job command not
+handed to the server.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def test_ranks_started_as_lightning_starts_them_are_warm_runs_and_other_commands
         server: WarmServer, tmp_path: Path) -> None:
     """Lightning starts the other ranks as ``[sys.executable, <abs>/run.py, *argv[1:]]`` with the rank in the
     environment: under the launcher that is another fork of the server (torch already imported, its own session, the
-    environment it was given), a child of the run; ``sys.executable -c ...`` (pip, a harness CLI) is the real interpreter's."""
+    environment it was given), a child of the run; so is a submitit local job (``-u -m submitit.core._submit``);
+    ``sys.executable -c ...`` (pip, a harness CLI) is the real interpreter's."""
     rank = tmp_path / "run.py"
     rank.write_text(textwrap.dedent("""
         import json, os, sys
@@ -146,7 +148,14 @@ def test_ranks_started_as_lightning_starts_them_are_warm_runs_and_other_commands
                                capture_output=True, text=True, check=True)
         plain = subprocess.run([sys.executable, "-c", "import sys; print('torch' in sys.modules, sys.executable)"],
                                capture_output=True, text=True, check=True)
-        print(json.dumps({{"rank": json.loads(child.stdout), "plain": plain.stdout.split()}}))
+        import submitit
+
+        def imported():  # what the job's process had imported before it ran this
+            return "lightning.pytorch" in sys.modules, os.getpid()
+
+        job = submitit.LocalExecutor({str(tmp_path / "jobs")!r}).submit(imported)
+        print(json.dumps({{"rank": json.loads(child.stdout), "plain": plain.stdout.split(), "job": job.result(),
+                          "me": os.getpid()}}))
     """)
     proc = launch(server, path, cwd=tmp_path)
     stdout, stderr = proc.communicate(timeout=120)
@@ -156,3 +165,5 @@ def test_ranks_started_as_lightning_starts_them_are_warm_runs_and_other_commands
     seen = json.loads(stdout)
     assert seen["rank"] == {"warm": True, "argv": ["a=1"], "rank": "1", "leader": True}
     assert seen["plain"] == ["False", sys.executable]
+    warm, pid = seen["job"]  # a job of submitit's local executor (a sweep's with hydra/launcher=submitit_local) is a fork too
+    assert warm is True and pid != seen["me"]

@@ -44,11 +44,16 @@ PRELOAD = ("torch", "transformers", "lightning.pytorch", "hydra", "omegaconf", "
            "splitllama.run.export", "splitllama.run.downstream", "splitllama.training.callbacks")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 
-#: the ``sys.executable`` of every run: ``<it> <path>/run.py ARGS`` (how Lightning starts the other ranks) becomes a
-#: warm run of this server, any other command the real interpreter's. Written beside the socket by :func:`serve`.
+#: the ``sys.executable`` of every run: ``<it> <path>/run.py ARGS`` (how Lightning starts the other ranks) and
+#: ``<it> -u -m submitit.core._submit FOLDER`` (how submitit's local executor starts a sweep's job, which runs run.py's
+#: task) become warm runs of this server, any other command the real interpreter's. Written beside the socket by
+#: :func:`serve`.
 RANK_PYTHON = """#!/bin/sh
 case "$1" in
   */run.py) exec {python} -S {script} client {socket} "$@" ;;
+esac
+case "$1 $2 $3" in
+  "-u -m submitit.core._submit") exec {python} -S {script} client {socket} "$@" ;;
 esac
 exec {python} "$@"
 """
@@ -74,8 +79,8 @@ def _receive(conn: socket.socket, buffer: bytearray) -> dict | None:
 
 def _run(request: dict, executable: str) -> None:
     """In the forked child: become the run's process (session, stdio, cwd, environment, argv, ``sys.executable``
-    the :data:`RANK_PYTHON` script ``executable``), run run.py as ``__main__`` and end as the interpreter would;
-    never returns."""
+    the :data:`RANK_PYTHON` script ``executable``), run the script (run.py), or ``-m MODULE``, as ``__main__``
+    (``-u`` first: unbuffered output) and end as the interpreter would; never returns."""
     import atexit
     import runpy
     import threading
@@ -88,9 +93,18 @@ def _run(request: dict, executable: str) -> None:
             os.chdir(request["cwd"])
             os.environ.clear()
             os.environ.update(request["env"])
-            sys.argv = list(request["argv"])
+            argv = list(request["argv"])
             sys.executable = executable
-            runpy.run_path(sys.argv[0], run_name="__main__")
+            if argv[:1] == ["-u"]:  # python -u: stdout and stderr unbuffered
+                argv = argv[1:]
+                for stream in (sys.stdout, sys.stderr):
+                    stream.reconfigure(line_buffering=True, write_through=True)
+            if argv[:1] == ["-m"]:  # python -m MODULE ARGS: sys.argv[0] becomes the module's file, as runpy sets it
+                sys.argv = [argv[1], *argv[2:]]
+                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            else:
+                sys.argv = argv
+                runpy.run_path(sys.argv[0], run_name="__main__")
             code = 0
         except SystemExit as exit_:
             if exit_.code is None or isinstance(exit_.code, int):
@@ -233,4 +247,4 @@ if __name__ == "__main__":
     elif sys.argv[1] == "client":
         client(sys.argv[2], {"argv": sys.argv[3:], "env": dict(os.environ), "cwd": os.getcwd()})
     else:
-        sys.exit(f"usage: {sys.argv[0]} serve SOCKET | client SOCKET RUN_PY [OVERRIDE ...]")
+        sys.exit(f"usage: {sys.argv[0]} serve SOCKET | client SOCKET [-u] (SCRIPT | -m MODULE) [ARG ...]")
