@@ -44,8 +44,8 @@ HOW_TESTED: list[tuple[str, str]] = [
     (r"^\.venv/bin/python run\.py adapter=mlp layers\.n70=8$", "runs as written, shortened (test_the_cards_command_runs_as_written)"),
     (r"^\.venv/bin/python run\.py task=(assemble|eval task\.model_dir=outputs/<date>/<time>-<random>/hf_model|generate task\.model_dir="
      r"outputs/<date>/<time>-<random>/hf_model)$",
-     "runs as written, one after the other, the placeholder being the assembled model, shortened "
-     "(test_assemble_then_eval_and_generate_run_as_written)"),
+     "runs with its arguments as written (run.py through the suite's warm launcher), one after the other, the placeholder "
+     "being the assembled model, shortened (test_assemble_then_eval_and_generate_run_as_written)"),
     (r"^\.venv/bin/python run\.py debug=quick$", "runs as written (tests/test_run.py's default_run fixture: run.py debug=quick)"),
     (r"^\.venv/bin/python run\.py .*(" + "|".join(re.escape(m) for m in NEEDS_OUTSIDE) + ")",
      "needs a previous run, outside checkpoints, a GPU or a cluster: not run here (composes where it can)"),
