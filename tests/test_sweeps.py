@@ -274,10 +274,10 @@ def test_stitching_curve_study_spans_the_embedded_donors() -> None:
 
 @pytest.mark.slow
 def test_stitching_curve_study_runs_side_by_side_and_reads_as_a_curve(run_py: RunPy, tmp_path: Path) -> None:
-    """``experiment=stitching_curve``, reduced (n8=1, n70=1, 2 seeds; both objectives; 4 steps: 4 runs; the
-    donors trained alike at one learning rate) through the
-    joblib launcher, 2 jobs at a time with 1 torch thread each; then its table, figure and notebook. (A curve over
-    several n70, with the donors at their cost: the hand-made runs of the next test.)"""
+    """``experiment=stitching_curve``, reduced (n8=1, n70=1, 2 seeds; both objectives; 4 steps: 4 runs; the donors
+    trained alike at one learning rate) through the joblib launcher, 2 jobs at a time with 1 torch thread each; then
+    its table, figure and notebook. (A curve over several n70, with the donors at their cost: the hand-made runs of
+    the next test.)"""
     import nbformat
     from nbclient import NotebookClient
 

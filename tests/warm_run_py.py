@@ -11,8 +11,9 @@ an uncaught exception's 1 with its traceback on stderr, a signal's), signals sen
 hooks (W&B's teardown) on the way out. The ranks Lightning starts (``[sys.executable, run.py, ...]``, with the
 rank in the environment) are runs of the same server: a run's ``sys.executable`` is a small shell script,
 :data:`RANK_PYTHON`, that hands ``<python> .../run.py ...`` to a client of this server (another fork: about
-7 s of imports less per rank) and anything else to the real interpreter. The rank's client is in the run's
-process group, so a run stopped or killed takes its ranks with it, as Lightning's own children would go.
+7 s of imports less per rank), and so are submitit's local jobs (``-u -m submitit.core._submit``); anything else
+goes to the real interpreter. The rank's client is in the run's process group, so a run stopped or killed takes
+its ranks with it, as Lightning's own children would go.
 
 What a fork cannot give: a module's import-time reading of the environment happens once, in the server,
 with the test process's environment. The server therefore imports only libraries, never run.py or
